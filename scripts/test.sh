@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Full test suite: sets up .venv/ on a fresh machine, then runs pytest with
+# any arguments passed through (e.g. scripts/test.sh -k tree -x).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/setup_env.sh"
+source "$ROOT/scripts/cpu_env.sh"
+set +e
+"$ROOT/.venv/bin/python" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    # pytest's "no tests collected": a suite that runs nothing is a failure.
+    echo "[test] no tests were collected" >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,232 @@
+"""Tree construction under a node budget, batched over requests.
+
+The parallel draft head gives, for each depth ``d`` of the block, a
+distribution that does not depend on which tokens were drafted at shallower
+depths. A candidate node at depth ``d`` is therefore a path
+``(k_1, ..., k_d)`` of top-K indices with cumulative log-prob
+``sum_i logp[i, k_i]``; every algorithm below selects a prefix-closed set of
+such paths.
+
+Algorithms (``budget`` counts the root, so ``budget - 1`` draft nodes):
+
+- ``topb_prefix``: the ``budget - 1`` paths with the highest cumulative
+  log-prob (DDTree's construction) - the tree that maximises the expected
+  accepted length under the draft's own distribution.
+- ``accum_logp``: best-first on cumulative log-prob, where at each depth only
+  the ``width`` best nodes may have children (the per-depth frontier of
+  JetSpec and EAGLE-2); then the ``budget - 1`` best nodes overall. Equal to
+  ``topb_prefix`` whenever ``budget - 1 <= width``.
+- ``top2gap_fanout``: per-depth fanout ``b_d = max(1, round(K * sigmoid(
+  -beta * (g_d - gap0))))`` from the gap ``g_d`` (nats) between the top-1
+  and top-2 log-probs, i.e. fewer siblings where the head is confident; then
+  best-first (exact) over the allowed children.
+- ``chain``: width 1, the linear DFlash baseline: the top-1 token at each
+  depth, ``min(D, budget - 1)`` nodes.
+
+All of it is tensor code with a static number of steps (one ``topk`` per
+depth, one sort), so none of it synchronises with the device when the budget
+is a Python int.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .types import PAD, DraftTree
+
+TREE_ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
+MAX_BUDGET = 256
+
+# top2gap_fanout defaults: a gap of GAP0 nats halves the width; BETA sets how
+# sharply the fanout falls as the head grows confident.
+DEFAULT_BETA = 1.0
+DEFAULT_GAP0 = 2.0
+
+
+def top2gap_fanout(topk_logp: torch.Tensor, beta: float = DEFAULT_BETA,
+                   gap0: float = DEFAULT_GAP0) -> torch.Tensor:
+    """[R, D, K] sorted log-probs -> [R, D] int64 fanout per depth."""
+    K = topk_logp.shape[-1]
+    if K == 1:
+        return torch.ones(topk_logp.shape[:-1], dtype=torch.long,
+                          device=topk_logp.device)
+    gap = topk_logp[..., 0] - topk_logp[..., 1]
+    # A non-finite top-2 (one-token distribution) is a huge gap: fanout 1.
+    gap = gap.masked_fill(torch.isnan(gap), math.inf)
+    frac = torch.sigmoid(-beta * (gap - gap0))
+    return torch.round(K * frac).long().clamp(min=1, max=K)
+
+
+def build_tree(
+    topk_logp: torch.Tensor,
+    topk_ids: torch.Tensor,
+    anchor: torch.Tensor,
+    budget: int | torch.Tensor,
+    algo: str = "accum_logp",
+    width: int | None = None,
+    max_budget: int | None = None,
+    beta: float = DEFAULT_BETA,
+    gap0: float = DEFAULT_GAP0,
+) -> DraftTree:
+    """Build one tree per request.
+
+    Args:
+        topk_logp: [R, D, K] float, the head's top-K log-probs per depth.
+        topk_ids: [R, D, K] int64, their token ids (distinct within a depth).
+        anchor: [R] int64, the root token of each tree.
+        budget: nodes per tree including the root (1..256), an int or an
+            [R] int64 tensor of per-request budgets (e.g. clipped near
+            ``max_model_len``).
+        algo: one of ``TREE_ALGOS``.
+        width: use only the first ``width`` of the K candidates per depth
+            (default: all K). For ``accum_logp`` it is also the per-depth
+            frontier.
+        max_budget: slots per tree in the output (default: ``budget`` when an
+            int, else ``budget.max()``, which synchronises).
+        beta, gap0: ``top2gap_fanout`` parameters.
+
+    Non-finite log-probs (tokens the head gives no mass) never become nodes,
+    so a tree may hold fewer than ``budget`` nodes.
+    """
+    if algo not in TREE_ALGOS:
+        raise ValueError(f"unknown tree algorithm {algo!r}; "
+                         f"expected one of {TREE_ALGOS}")
+    if topk_logp.dim() != 3 or topk_ids.shape != topk_logp.shape:
+        raise ValueError("topk_logp and topk_ids must both be [R, D, K], got "
+                         f"{tuple(topk_logp.shape)} and "
+                         f"{tuple(topk_ids.shape)}")
+    R, D, K = topk_logp.shape
+    if anchor.shape != (R,):
+        raise ValueError(f"anchor must be [R]={R}, got {tuple(anchor.shape)}")
+    if width is not None:
+        if not 1 <= width <= K:
+            raise ValueError(f"width must be in [1, {K}], got {width}")
+        topk_logp, topk_ids = topk_logp[..., :width], topk_ids[..., :width]
+        K = width
+    if isinstance(budget, int):
+        n_slots = budget if max_budget is None else max_budget
+        if not 1 <= budget <= n_slots:
+            raise ValueError(f"budget must be in [1, {n_slots}], got {budget}")
+        budget_r = torch.full((R,), budget, dtype=torch.long,
+                              device=topk_logp.device)
+    else:
+        budget_r = budget.to(device=topk_logp.device, dtype=torch.long)
+        n_slots = int(budget_r.max()) if max_budget is None else max_budget
+    if not 1 <= n_slots <= MAX_BUDGET:
+        raise ValueError(f"tree budget must be in [1, {MAX_BUDGET}], "
+                         f"got {n_slots}")
+
+    # Sort each depth's candidates, best first (the head's top-K usually is).
+    logp, order = topk_logp.float().sort(dim=-1, descending=True)
+    ids = topk_ids.long().gather(-1, order)
+    logp = logp.masked_fill(torch.isnan(logp), -math.inf)
+
+    if algo == "chain":
+        logp = logp.masked_fill(
+            torch.arange(K, device=logp.device) >= 1, -math.inf)
+        frontier = 1
+    elif algo == "top2gap_fanout":
+        fan = top2gap_fanout(logp, beta, gap0)  # [R, D]
+        allowed = torch.arange(K, device=logp.device) < fan[..., None]
+        logp = logp.masked_fill(~allowed, -math.inf)
+        frontier = n_slots - 1
+    elif algo == "topb_prefix":
+        frontier = n_slots - 1
+    else:  # accum_logp
+        frontier = K
+    return _select_best_prefixes(logp, ids, anchor.long(), budget_r, n_slots,
+                                 max(1, frontier))
+
+
+def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
+                          anchor: torch.Tensor, budget_r: torch.Tensor,
+                          n_slots: int, frontier: int) -> DraftTree:
+    """The ``budget_r - 1`` best paths (cumulative log-prob) among those whose
+    every proper prefix is among the ``frontier`` best candidates of its
+    depth.
+
+    With ``frontier >= n_slots - 1`` this is the exact top-(B-1): a path in
+    the global top set has a prefix that is at least as good, so at most
+    B-2 other paths of the prefix's depth beat it.
+    Ties are broken by depth (shallower first) and then by candidate order,
+    which keeps the selection prefix-closed: a parent's key is never worse
+    than its child's (log-probs are <= 0 and float addition is monotone).
+    """
+    R, D, K = logp.shape
+    dev = logp.device
+    n_draft = n_slots - 1
+    n_beam = max(1, min(frontier, n_draft))
+
+    cand_cum, cand_parent, cand_tok, cand_depth = [], [], [], []
+    prev_cum = torch.zeros(R, 1, device=dev)
+    prev_gidx = torch.full((R, 1), PAD, dtype=torch.long, device=dev)
+    offset = 0
+    depth_limit = min(D, n_draft)
+    for d in range(depth_limit):
+        # Children of the frontier; the best n_draft of them are candidates
+        # (no more can be selected), the best n_beam of those the next
+        # frontier.
+        c = (prev_cum[:, :, None] + logp[:, d, None, :]).reshape(
+            R, prev_cum.shape[1] * K)
+        m = min(n_draft, c.shape[1])
+        top_cum, top_idx = c.topk(m, dim=1)
+        parent_local = top_idx // K
+        k = top_idx % K
+        cand_cum.append(top_cum)
+        cand_parent.append(prev_gidx.gather(1, parent_local))
+        cand_tok.append(ids[:, d, :].gather(1, k))
+        cand_depth.append(torch.full((R, m), d + 1, dtype=torch.long,
+                                     device=dev))
+        mb = min(n_beam, m)
+        prev_cum = top_cum[:, :mb]
+        prev_gidx = (offset + torch.arange(mb, device=dev)).expand(R, mb)
+        offset += m
+
+    tokens = torch.full((R, n_slots), PAD, dtype=torch.long, device=dev)
+    parents = torch.full_like(tokens, PAD)
+    depth = torch.full_like(tokens, PAD)
+    cum_out = torch.full((R, n_slots), -math.inf, device=dev)
+    tokens[:, 0] = anchor
+    depth[:, 0] = 0
+    cum_out[:, 0] = 0.0
+    if depth_limit == 0:
+        return DraftTree(tokens, parents, depth, cum_out,
+                         torch.ones(R, dtype=torch.long, device=dev), 0)
+
+    cum = torch.cat(cand_cum, 1)          # [R, C], laid out by depth
+    par_g = torch.cat(cand_parent, 1)     # [R, C] global candidate index
+    tok = torch.cat(cand_tok, 1)
+    dep = torch.cat(cand_depth, 1)
+    C = cum.shape[1]
+
+    # Global best-first order; the stable sort keeps shallower first on ties.
+    _, order = cum.sort(dim=1, descending=True, stable=True)
+    n_sel = min(n_draft, C)
+    sel = order[:, :n_sel]                                    # [R, n_sel]
+    rank = torch.arange(n_sel, device=dev)
+    sel_cum = cum.gather(1, sel)
+    keep = torch.isfinite(sel_cum) & (rank[None, :] < budget_r[:, None] - 1)
+
+    # Topological layout: by depth, then by rank; dropped ones go last.
+    sel_dep = dep.gather(1, sel)
+    key = torch.where(keep, sel_dep * n_sel + rank, (D + 2) * n_sel + rank)
+    perm = key.argsort(dim=1)
+    sel = sel.gather(1, perm)
+    keep = keep.gather(1, perm)
+
+    # Candidate -> node index map (dropped candidates go to a spare column).
+    node_of = torch.full((R, C + 1), PAD, dtype=torch.long, device=dev)
+    node_idx = (1 + rank).expand(R, n_sel)
+    node_of.scatter_(1, torch.where(keep, sel, C), node_idx)
+    p_g = par_g.gather(1, sel)
+    p_node = torch.where(p_g < 0, 0, node_of.gather(1, p_g.clamp(min=0)))
+
+    body = slice(1, 1 + n_sel)
+    tokens[:, body] = torch.where(keep, tok.gather(1, sel), PAD)
+    parents[:, body] = torch.where(keep, p_node, PAD)
+    depth[:, body] = torch.where(keep, dep.gather(1, sel), PAD)
+    cum_out[:, body] = torch.where(keep, cum.gather(1, sel), -math.inf)
+    num_nodes = 1 + keep.sum(1)
+    return DraftTree(tokens, parents, depth, cum_out, num_nodes, depth_limit)

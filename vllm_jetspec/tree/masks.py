@@ -1,0 +1,86 @@
+"""Verification inputs: positions and the tree-causal (ancestor) mask.
+
+In the verify forward every node attends to the whole cached prefix and to
+itself and its ancestors inside the tree; its position is
+``prefix_len + depth``. The mask comes in two forms:
+
+- dense ``[R, N, N]`` bool, ``mask[r, i, j]`` = node ``j`` is node ``i`` or
+  one of its ancestors (what a reference implementation reads);
+- packed ``[R, N, W]`` int64 with ``W = ceil(N / 64)``: bit ``j % 64`` of
+  word ``j // 64`` of row ``i`` is ``mask[r, i, j]`` (what a kernel reads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .types import DraftTree
+
+BITS = 64
+
+
+def positions(tree: DraftTree, prefix_len: torch.Tensor) -> torch.Tensor:
+    """[R, N] int64 positions of the nodes (padding: the root's position).
+
+    ``prefix_len`` [R] is the number of tokens before the anchor, i.e. the
+    anchor's own position."""
+    return prefix_len.long()[:, None] + tree.depth.clamp(min=0)
+
+
+def ancestor_mask(tree: DraftTree) -> torch.Tensor:
+    """[R, N, N] bool: row ``i`` marks node ``i`` and its ancestors.
+    Padding rows and columns are all False. ``max_depth`` gather steps."""
+    R, N = tree.tokens.shape
+    dev = tree.device
+    valid = tree.valid()
+    mask = torch.zeros(R, N, N + 1, dtype=torch.bool, device=dev)
+    cur = torch.where(valid, torch.arange(N, device=dev).expand(R, N), N)
+    rows = torch.ones(R, N, 1, dtype=torch.bool, device=dev)
+    parents = torch.cat([tree.parents, torch.full((R, 1), -1,
+                        dtype=torch.long, device=dev)], 1)
+    for _ in range(tree.max_depth + 1):
+        mask.scatter_(2, cur[:, :, None], rows)
+        nxt = parents.gather(1, cur)
+        cur = torch.where(nxt < 0, N, nxt)
+    return mask[:, :, :N]
+
+
+def pack_mask(dense: torch.Tensor) -> torch.Tensor:
+    """[..., N] bool -> [..., ceil(N/64)] int64 bit words."""
+    *lead, n = dense.shape
+    words = (n + BITS - 1) // BITS
+    padded = torch.zeros(*lead, words * BITS, dtype=torch.long,
+                         device=dense.device)
+    padded[..., :n] = dense.long()
+    shifts = torch.arange(BITS, device=dense.device, dtype=torch.long)
+    # Distinct bits never carry, so the sum is their OR (bit 63 wraps to the
+    # sign bit as intended).
+    return (padded.view(*lead, words, BITS) << shifts).sum(-1)
+
+
+def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ``pack_mask``: [..., W] int64 -> [..., n] bool."""
+    shifts = torch.arange(BITS, device=packed.device, dtype=torch.long)
+    bits = (packed[..., None] >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+def packed_ancestor_mask(tree: DraftTree) -> torch.Tensor:
+    """[R, N, ceil(N/64)] int64 packed form of ``ancestor_mask``, built
+    directly in words: a node's row is its parent's row plus its own bit,
+    filled one depth level at a time (O(max_depth * N * W), no N x N)."""
+    R, N = tree.tokens.shape
+    W = (N + BITS - 1) // BITS
+    dev = tree.device
+    ar = torch.arange(N, device=dev)
+    valid = tree.valid()
+    own = torch.zeros(R, N, W, dtype=torch.long, device=dev)
+    bit = torch.ones((), dtype=torch.long, device=dev) << (ar % BITS)
+    own.scatter_(2, (ar // BITS).expand(R, N)[:, :, None],
+                 torch.where(valid, bit, 0)[:, :, None])
+    words = own.clone()
+    par = tree.parents.clamp(min=0)[:, :, None].expand(R, N, W)
+    for d in range(1, tree.max_depth + 1):
+        level = (tree.depth == d)[:, :, None]
+        words = torch.where(level, own | words.gather(1, par), words)
+    return words
