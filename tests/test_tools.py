@@ -1,0 +1,91 @@
+"""The command-line tools on the default model (SmolLM2-135M-Instruct,
+built from PyPI by vllm_jetspec.assets)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_jetspec import assets
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return assets.default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def random_smollm2_head(smollm2, tmp_path_factory):
+    from vllm_jetspec.head import HeadConfig, random_head, save_head
+
+    hc = HeadConfig.for_target(smollm2, num_layers=1,
+                               target_layer_ids=[1, 15, 27], block_size=8)
+    d = tmp_path_factory.mktemp("head")
+    save_head(random_head(hc, seed=0), hc, d)
+    return d
+
+
+def test_eval_tau_cli(random_smollm2_head, tmp_path):
+    out = tmp_path / "tau.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.eval_tau", "--prompts", "gsm8k",
+         "--num-prompts", "2", "--max-new-tokens", "6", "--budgets", "1", "8",
+         "--algos", "chain", "accum_logp", "--head", str(random_smollm2_head),
+         "--device", "cpu", "--json", str(out), "--quiet"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["tau"]) == {"chain", "accum_logp"}
+    for algo in ("chain", "accum_logp"):
+        assert res["tau"][algo]["1"] == 1.0   # root only: one token a round
+        assert res["tau"][algo]["8"] >= 1.0
+        assert res["detail"][algo]["8"]["prompts"] == 2
+    assert "tau (tokens per verify forward" in proc.stdout
+
+
+def test_help_of_every_tool():
+    for mod in ("eval_tau", "train", "demo", "assets", "tree.bench"):
+        proc = subprocess.run([sys.executable, "-m", f"vllm_jetspec.{mod}",
+                               "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0, (mod, proc.stderr[-2000:])
+        assert "usage" in proc.stdout
+
+
+GEN_SCRIPT = """
+import json, sys
+if __name__ == "__main__":
+    from vllm_jetspec.train import generate_data
+    n = generate_data(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3],
+                      max_new_tokens=12, max_model_len=512, dtype="float32",
+                      gpu_memory_utilization=0.3, enforce_eager=True)
+    print("N", n)
+"""
+
+
+@pytest.mark.engine
+def test_training_data_is_the_targets_own_greedy_output(smollm2, tmp_path):
+    """`train data` generates with vLLM; in fp32 that is the target's own
+    greedy continuation (checked against transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_jetspec.reference import target_greedy
+
+    prompts = ["What is 7 times 8?", "Name a fruit."]
+    script = tmp_path / "gen.py"
+    script.write_text(GEN_SCRIPT)
+    out = tmp_path / "data.jsonl"
+    proc = subprocess.run([sys.executable, str(script), str(smollm2),
+                           json.dumps(prompts), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2
+    target = AutoModelForCausalLM.from_pretrained(
+        smollm2, dtype=torch.float32).eval()
+    for r in rows:
+        ref = target_greedy(target, r["prompt_ids"], 12)
+        assert r["response_ids"] == ref[:len(r["response_ids"])]
