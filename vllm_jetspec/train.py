@@ -257,6 +257,13 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
                disable=not progress)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
+    last: dict | None = None
+
+    def log(rec: dict) -> None:
+        history.append(rec)
+        with open(outp / "history.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     def checkpoint() -> None:
         save_head(head, hc, outp)
         torch.save(dict(opt=opt.state_dict(), sched=sched.state_dict(),
@@ -285,23 +292,23 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
             sched.step()
             step += 1
             tokens_seen += int(valid.sum())
+            last = dict(step=step, loss=loss.item(),
+                        lr=sched.get_last_lr()[0],
+                        agree=[round(float(a), 4) for a in agree],
+                        kl=[round(float(x), 4) for x in kl],
+                        tokens_seen=tokens_seen,
+                        seconds=round(time.perf_counter() - t0, 1))
             if step % cfg.log_every == 0 or step == end:
-                rec = dict(step=step, loss=loss.item(),
-                           lr=sched.get_last_lr()[0],
-                           agree=[round(float(a), 4) for a in agree],
-                           kl=[round(float(x), 4) for x in kl],
-                           tokens_seen=tokens_seen,
-                           seconds=round(time.perf_counter() - t0, 1))
-                history.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}",
-                                agree1=f"{rec['agree'][0]:.2f}")
-                with open(outp / "history.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                log(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                agree1=f"{last['agree'][0]:.2f}")
             if step % cfg.save_every == 0 or step == end:
                 checkpoint()
             bar.update(1)
     bar.close()
-    if step < end:  # stopped by the time limit: checkpoint where we are
+    if step < end:  # stopped by the time limit: log and checkpoint here
+        if last is not None and (not history or history[-1] is not last):
+            log(last)
         checkpoint()
     summary = dict(config=asdict(cfg), steps=step, done=step >= cfg.steps,
                    data=os.fspath(data),

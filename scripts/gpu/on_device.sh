@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# There (GPU machine), after `source .gpu/stage.sh env`:
+#   bash scripts/gpu/on_device.sh keep-a      # call 1: keep the first half
+#   bash scripts/gpu/on_device.sh setup       # call 2: assemble, convert, install
+#   bash scripts/gpu/on_device.sh data N T    # N ShareGPT prompts, T new tokens
+#   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
+#   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
+# Files persist under /tmp/jetspec while the machine stays warm; results go
+# to $OUT (the head as two halves: one file may be at most 16 MiB).
+set -euo pipefail
+W=/tmp/jetspec
+mkdir -p "$W"
+# The repository itself (cwd) and the carried GGUF readers.
+export VLLM_JETSPEC_CACHE=$W/cache PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
+step=$1; shift
+case $step in
+keep-a)
+    cp .gpu/jetspec/a/whl.part0 "$W/" && ls -la "$W" ;;
+setup)
+    name=$(cat .gpu/jetspec/b/wheel.name)
+    mkdir -p "$W/cache/wheels" "$W/prompts"
+    cat "$W/whl.part0" .gpu/jetspec/b/whl.part1 > "$W/cache/wheels/$name"
+    echo "$(cat .gpu/jetspec/b/wheel.sha256)  $W/cache/wheels/$name" | sha256sum -c
+    python3 -m pip install -q --no-index --no-deps --target /tmp/jsite .gpu/jetspec/b/wheels/*.whl
+    for f in .gpu/jetspec/b/prompts/*.jsonl.gz; do
+        gunzip -c "$f" > "$W/prompts/$(basename "$f" .gz)"; done
+    python3 -m vllm_jetspec.assets --only model --print-paths ;;
+data)
+    python3 -m vllm_jetspec.train data --prompts "$W/prompts/sharegpt.jsonl" \
+        --num-prompts "$1" --max-new-tokens "$2" --max-model-len 2048 \
+        --out "$W/data.jsonl" 2>&1 | tail -5
+    wc -l "$W/data.jsonl" ;;
+fit)
+    secs=$1; shift
+    resume=(); [ -f "$W/head/trainer.pt" ] && resume=(--resume)
+    python3 -m vllm_jetspec.train fit --data "$W/data.jsonl" --out "$W/head" \
+        --time-limit "$secs" "${resume[@]}" "$@" 2>&1 | tail -25
+    mkdir -p "$OUT/head"
+    cp "$W/head/config.json" "$W/head/history.jsonl" "$W/head/train.json" "$OUT/head/"
+    split -b 15M -d -a 1 "$W/head/model.safetensors" "$OUT/head/model.safetensors.part" ;;
+eval)
+    for s in gsm8k math500_subset311 humaneval mtbench; do
+        python3 -m vllm_jetspec.eval_tau --prompts "$W/prompts/$s.jsonl" \
+            --num-prompts "$1" --max-new-tokens "$2" --head "$W/head" \
+            --budgets 16 32 64 128 --algos chain accum_logp topb_prefix \
+            --json "$OUT/tau_$s.json" --quiet
+    done ;;
+*) echo "unknown step $step" >&2; exit 2 ;;
+esac
