@@ -1,0 +1,57 @@
+"""Which requests may verify a tree, and the per-node sampling settings.
+
+Tree verification draws one target token per node with vLLM's sampler
+semantics (temperature, top-k, top-p, seeded generators:
+``vllm_jetspec.tree.sample_target_tokens``). Anything else vLLM's sampler
+applies to logits depends on the request's output history or emits extra
+per-token data (penalties, min_p, logit bias, allowed/bad words, min_tokens,
+structured output, logprobs, custom logits processors); for such a request
+the tree path would emit tokens from a different distribution, so it gets
+no tree and decodes plainly (one token per step), with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tree.sampling import SAMPLING_EPS
+
+
+def tree_unsupported_reason(params) -> str | None:
+    """Why a request with these ``vllm.SamplingParams`` must not verify a
+    tree, or None when it may."""
+    checks = [
+        (params.presence_penalty != 0.0, "presence_penalty"),
+        (params.frequency_penalty != 0.0, "frequency_penalty"),
+        (params.repetition_penalty != 1.0, "repetition_penalty"),
+        (params.min_p > 0.0, "min_p"),
+        (bool(params.logit_bias), "logit_bias"),
+        (bool(params.allowed_token_ids), "allowed_token_ids"),
+        (bool(params.bad_words), "bad_words"),
+        (params.min_tokens > 0, "min_tokens"),
+        (params.structured_outputs is not None, "structured outputs"),
+        (params.logprobs is not None, "logprobs"),
+        (bool(params.logprob_token_ids), "logprob_token_ids"),
+        (params.thinking_token_budget is not None, "thinking_token_budget"),
+        (params.n > 1, "n > 1"),
+        (bool(params.extra_args), "extra_args (custom logits processors)"),
+    ]
+    bad = [name for hit, name in checks if hit]
+    return ", ".join(bad) if bad else None
+
+
+def node_sampling_inputs(metadata, num_reqs: int, device: torch.device):
+    """Per-request settings for ``sample_target_tokens`` from a batch's
+    ``vllm.v1.sample.metadata.SamplingMetadata`` (rows = requests).
+
+    Returns (temperature [R] float32 — 0 for greedy requests, top_k [R] or
+    None, top_p [R] or None, generators {row: torch.Generator})."""
+    if metadata.all_greedy or metadata.temperature is None:
+        temp = torch.zeros(num_reqs, device=device)
+    else:
+        temp = metadata.temperature[:num_reqs].float().to(device)
+        temp = torch.where(temp < SAMPLING_EPS, 0.0, temp)
+    top_k = None if metadata.top_k is None else metadata.top_k[:num_reqs]
+    top_p = None if metadata.top_p is None else metadata.top_p[:num_reqs]
+    gens = {i: g for i, g in metadata.generators.items() if i < num_reqs}
+    return temp, top_k, top_p, gens
