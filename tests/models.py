@@ -25,16 +25,19 @@ def make_tiny_qwen3(path: Path, seed: int = 0, vocab: int = 512,
 
 
 def tiny_qwen3_in_memory(vocab: int = 16, layers: int = 3, seed: int = 0,
-                         init: float = 0.3):
+                         init: float = 0.3, hidden: int = 64,
+                         head_dim: int = 16):
     """An fp32 Qwen3 with a tiny vocabulary and peaked logits (large init),
-    so that a random draft head gets tokens accepted by chance."""
+    so that a random draft head gets tokens accepted by chance. vLLM's
+    CPU_ATTN needs head_dim >= 32."""
     import torch
     import transformers
 
     cfg = transformers.Qwen3Config(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-        initializer_range=init)
+        num_key_value_heads=2, head_dim=head_dim,
+        max_position_embeddings=2048, initializer_range=init,
+        tie_word_embeddings=False)
     torch.manual_seed(seed)
     return transformers.Qwen3ForCausalLM(cfg).float().eval()

@@ -89,3 +89,15 @@ def test_training_data_is_the_targets_own_greedy_output(smollm2, tmp_path):
     for r in rows:
         ref = target_greedy(target, r["prompt_ids"], 12)
         assert r["response_ids"] == ref[:len(r["response_ids"])]
+
+
+@pytest.mark.engine
+def test_demo_runs_jetspec_through_vllm(smollm2):
+    """`scripts/demo.sh`'s program: the shipped head through vLLM on the
+    default model, output identical to no-spec."""
+    proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.demo",
+                           "--num-prompts", "1", "--max-new-tokens", "24"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "identical to no-spec: True" in proc.stdout
+    assert "overall: tau" in proc.stdout

@@ -20,14 +20,16 @@ def register() -> None:
     import logging
     import os
 
+    import sys
+
     log = logging.getLogger("vllm.jetspec")
-    # Opt-in patches only: a plain install changes nothing in vLLM (and
-    # imports nothing from it here).
-    if any(k.startswith("JETSPEC_") for k in os.environ):
+    # Only inside vLLM (which has imported itself before calling us): the
+    # patches are inert for every method but jetspec.
+    if "vllm" in sys.modules:
         from .vllm_patches import apply
 
         for p in apply():
-            log.info("vllm-jetspec: %s -> %s", p.replaces, p.by)
+            log.debug("vllm-jetspec: %s -> %s", p.replaces, p.by)
     # vLLM's own logger hierarchy, so users control it with VLLM_LOGGING_*.
     log.debug("vllm-jetspec %s registered in pid %d", __version__,
               os.getpid())

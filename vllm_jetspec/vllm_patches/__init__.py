@@ -37,10 +37,45 @@ PATCHES = [
 ]
 
 
+PATCHES += [
+    Patch(replaces="vllm.engine.arg_utils:EngineArgs.create_speculative_config",
+          by="vllm_jetspec.vllm_patches.config:"
+             "patched_create_speculative_config",
+          why="SpeculativeConfig accepts neither method 'jetspec' nor the "
+              "tree keys; they are validated and removed, the rest runs as "
+              "'dflash' with the tree settings attached",
+          when="always (inert unless method is 'jetspec')"),
+    Patch(replaces="vllm.v1.worker.gpu_model_runner:DFlashProposer",
+          by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
+          why="per-depth top-K and a tree instead of the argmax chain",
+          when="always (a subclass that is DFlash unless jetspec)"),
+    Patch(replaces="vllm.v1.worker.gpu_model_runner:GPUModelRunner."
+                   "__init__ / _prepare_inputs / _sample / "
+                   "propose_draft_token_ids",
+          by="vllm_jetspec.vllm_patches.runner:wrap_*",
+          why="tree positions and masks, tree acceptance instead of the "
+              "linear rejection sampler, KV compaction, the accepted path "
+              "as the next draft's context; on CPU the torch attention "
+              "backend replaces CPU_ATTN for jetspec engines",
+          when="always (inert unless the engine's config is jetspec)"),
+]
+
+
 def apply(env: dict[str, str] | None = None) -> list[Patch]:
     """Apply the patches this process needs; idempotent. Returns them."""
     env = os.environ if env is None else env
-    applied = []
+    from vllm.engine.arg_utils import EngineArgs
+
+    from . import runner
+    from .config import patched_create_speculative_config
+
+    if not getattr(EngineArgs.create_speculative_config,
+                   "_jetspec_wrapped", False):
+        EngineArgs.create_speculative_config = \
+            patched_create_speculative_config(
+                EngineArgs.create_speculative_config)
+    runner.apply()
+    applied = list(PATCHES[1:])
     if env.get(TORCH_ATTENTION_ENV) == "1":
         from vllm.v1.attention.backends.registry import (
             AttentionBackendEnum, register_backend)

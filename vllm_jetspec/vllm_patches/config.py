@@ -1,0 +1,110 @@
+"""``"method": "jetspec"`` in ``speculative_config``.
+
+vLLM 0.26 validates ``SpeculativeConfig.method`` against a Literal and
+forbids unknown keys, and its DFlash plumbing (head model loading, aux
+hidden states of ``target_layer_ids``, the parallel draft pass) is keyed on
+``method == "dflash"``. So the jetspec keys are validated and removed here,
+before vLLM builds its config, the rest runs as ``dflash``, and the tree
+settings ride on the resulting ``SpeculativeConfig`` as the attribute
+``jetspec`` (read by the runner patches in every process).
+
+vLLM's ``num_speculative_tokens`` becomes ``tree_budget - 1``: the draft
+slots the scheduler reserves per request and step. The head's draft depth
+(the user's ``num_speculative_tokens``, default block size - 1) is kept in
+the tree settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..tree import MAX_BUDGET, TREE_ALGOS
+
+JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo")
+DEFAULT_BUDGET = 64
+DEFAULT_WIDTH = 7
+DEFAULT_ALGO = "accum_logp"
+
+
+@dataclass(frozen=True)
+class JetSpecSettings:
+    budget: int      # nodes per tree, root included
+    width: int       # top-K per depth
+    algo: str
+    depth: int       # draft depth = the head's mask slots used
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not lo <= value <= hi:
+        raise ValueError(f"jetspec: {name} must be an integer in "
+                         f"[{lo}, {hi}], got {value!r}")
+    return value
+
+
+def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
+    """Validate a jetspec ``speculative_config`` dict; return the dict vLLM
+    builds its (dflash) config from, and the tree settings. Raises
+    ``ValueError`` with one clear message on bad input."""
+    from ..head import HeadConfig
+
+    spec = dict(spec)
+    spec.pop("method")
+    budget = spec.pop("tree_budget", DEFAULT_BUDGET)
+    if budget == 1:
+        raise ValueError("jetspec: tree_budget 1 is the root alone, i.e. no "
+                         "speculation: run without speculative_config")
+    budget = _int_in("tree_budget", budget, 2, MAX_BUDGET)
+    width = _int_in("tree_width", spec.pop("tree_width", DEFAULT_WIDTH),
+                    1, 64)
+    algo = spec.pop("tree_algo", DEFAULT_ALGO)
+    if algo not in TREE_ALGOS:
+        raise ValueError(f"jetspec: tree_algo must be one of {TREE_ALGOS}, "
+                         f"got {algo!r}")
+    head_dir = spec.get("model")
+    if not head_dir:
+        raise ValueError("jetspec: 'model' (the head's directory) is "
+                         "required")
+    cfg_path = os.path.join(head_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"jetspec: no head config at {cfg_path}")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    if "DFlashDraftModel" not in (raw.get("architectures") or []):
+        raise ValueError(f"jetspec: {head_dir} is not a DFlash-format head "
+                         f"(architectures {raw.get('architectures')})")
+    head = HeadConfig.from_dict(raw)
+    head.check_target(target_hf_config)   # one ValueError naming the misfit
+    depth = spec.pop("num_speculative_tokens", None)
+    depth = head.block_size - 1 if depth is None else depth
+    depth = _int_in("num_speculative_tokens (draft depth)", depth, 1,
+                    head.block_size - 1)
+    spec.update(method="dflash", num_speculative_tokens=budget - 1)
+    return spec, JetSpecSettings(budget=budget, width=width, algo=algo,
+                                 depth=depth)
+
+
+def settings_of(speculative_config) -> JetSpecSettings | None:
+    """The tree settings of an engine's speculative config, if jetspec."""
+    return getattr(speculative_config, "jetspec", None)
+
+
+def patched_create_speculative_config(orig):
+    """Wraps ``EngineArgs.create_speculative_config``."""
+
+    def create_speculative_config(self, target_model_config,
+                                  target_parallel_config):
+        spec = self.speculative_config
+        if not (isinstance(spec, dict) and spec.get("method") == "jetspec"):
+            return orig(self, target_model_config, target_parallel_config)
+        self.speculative_config, settings = parse(
+            spec, target_model_config.hf_config)
+        cfg = orig(self, target_model_config, target_parallel_config)
+        # A plain attribute: pickled with the config into every process.
+        object.__setattr__(cfg, "jetspec", settings)
+        return cfg
+
+    create_speculative_config._jetspec_wrapped = True
+    return create_speculative_config

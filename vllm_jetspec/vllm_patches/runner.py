@@ -1,0 +1,289 @@
+"""Tree drafting and verification inside vLLM 0.26's V1 model runner.
+
+The tree travels through the scheduler as ordinary draft tokens: node 0
+(the root) is the token the scheduler calls the request's new token, nodes
+1..n-1 (sorted by depth) are its draft tokens. Any prefix of that list is a
+valid tree, so the scheduler may truncate it. Per step:
+
+1. ``propose_draft_token_ids`` (wrapped): before the draft pass, reorder
+   the previous verify step's tokens so each request's accepted path comes
+   first (its KV was compacted to those slots), then the DFlash head runs
+   (``JetSpecProposer``: per-depth top-K instead of argmax), a tree is built
+   per request and its nodes 1.. are returned as the request's drafts.
+2. ``_prepare_inputs`` (wrapped): positions of tree tokens become
+   ``prefix + depth`` (slots stay ``prefix + node``: the slot mapping was
+   computed before), and the packed ancestor rows go to ``tree_state`` for
+   the attention backend.
+3. ``_sample`` (wrapped): one target token per node (vLLM's sampling
+   semantics), ``tree.accept``, output in the rejection sampler's format so
+   the scheduler's suffix rollback and the spec-decode metrics work as for
+   a chain; then each request's KV is compacted (``compaction_plan``).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.spec_decode.dflash import DFlashProposer
+
+from ..tree import (DraftTree, accept, build_tree, compaction_plan,
+                    packed_ancestor_mask, sample_target_tokens)
+from . import tree_state
+from .config import settings_of
+from .sampling import node_sampling_inputs, tree_unsupported_reason
+
+logger = init_logger("vllm.jetspec.runner")
+
+
+class JetSpecProposer(DFlashProposer):
+    """vLLM's DFlash proposer, drafting per-depth top-K for a tree when the
+    engine runs jetspec (otherwise exactly DFlash)."""
+
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner)
+        self.jetspec = settings_of(vllm_config.speculative_config)
+        self._topk: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_tree: DraftTree | None = None
+
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        if self.jetspec is None:
+            return super()._sample_draft_tokens(hidden_states,
+                                                sampling_metadata)
+        logp = self.model.compute_logits(hidden_states).float().log_softmax(-1)
+        v, i = logp.topk(min(self.jetspec.width, logp.shape[-1]), dim=-1)
+        self._topk = (v, i)
+        return i[:, 0], None
+
+    def propose(self, num_speculative_tokens, *args, **kwargs):
+        if self.jetspec is None:
+            return super().propose(num_speculative_tokens, *args, **kwargs)
+        s = self.jetspec
+        super().propose(s.depth, *args, **kwargs)
+        v, i = self._topk
+        anchor = kwargs["next_token_ids"]
+        R = anchor.shape[0]
+        tree = build_tree(v.view(R, s.depth, -1), i.view(R, s.depth, -1),
+                          anchor.long(), s.budget, algo=s.algo)
+        self.last_tree = tree
+        return tree.tokens[:, 1:]
+
+
+class _Step:
+    """What the verify step of one batch needs between the runner hooks."""
+
+    def __init__(self, rows, starts, tree):
+        self.rows = rows          # batch rows that verify a tree
+        self.starts = starts      # their first token's index in the batch
+        self.tree = tree          # DraftTree over all batch rows
+        self.perm: dict[int, torch.Tensor] = {}   # row -> new order
+
+
+def _settings(runner):
+    return settings_of(runner.speculative_config) \
+        if runner.speculative_config is not None else None
+
+
+def wrap_init(orig):
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        s = settings_of(vllm_config.speculative_config) \
+            if vllm_config.speculative_config is not None else None
+        if s is not None and device.type != "cpu":
+            # No tree-masked attention on this platform yet: refuse rather
+            # than verify trees with causal attention (wrong tokens).
+            raise NotImplementedError(
+                f"jetspec on {device.type} needs the tree-attention kernel, "
+                "which this version of vllm-jetspec does not have yet; it "
+                "runs on vLLM's CPU platform only")
+        if s is not None:
+            from vllm.v1.attention.backends.registry import (
+                AttentionBackendEnum, register_backend)
+            register_backend(AttentionBackendEnum.CPU_ATTN,
+                             "vllm_jetspec.vllm_patches.torch_attention."
+                             "TorchTreeAttentionBackend")
+        orig(self, vllm_config, device, *args, **kwargs)
+        self._jetspec_trees: dict[str, tuple] = {}
+        self._jetspec_step: _Step | None = None
+        if s is not None:
+            logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
+                        s.budget, s.width, s.algo, s.depth)
+    return __init__
+
+
+def wrap_propose(orig):
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids,
+                                sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states,
+                                *args, **kwargs):
+        if _settings(self) is None:
+            return orig(self, scheduler_output, sampled_token_ids,
+                        sampling_metadata, hidden_states,
+                        sample_hidden_states, aux_hidden_states, *args,
+                        **kwargs)
+        step = self._jetspec_step
+        if step is not None and step.perm:
+            # The accepted path first, so the drafter's context (the first
+            # num_scheduled - num_rejected tokens) is the kept sequence.
+            for row, perm in step.perm.items():
+                s = step.starts[row]
+                sl = slice(s, s + perm.numel())
+                self.input_ids.gpu[sl] = self.input_ids.gpu[sl][perm]
+                for h in aux_hidden_states or ():
+                    h[sl] = h[sl][perm]
+                # Linear positions, as after a chain: the kept path gets
+                # prefix + 0..a, the rejected nodes the positions after it.
+                # DFlash writes every scheduled token's context K/V at its
+                # position's slot; a rejected sibling sharing a depth would
+                # overwrite the kept node's.
+                self.positions[sl] = self.positions[s] + torch.arange(
+                    perm.numel(), device=self.positions.device)
+        drafts = orig(self, scheduler_output, sampled_token_ids,
+                      sampling_metadata, hidden_states, sample_hidden_states,
+                      aux_hidden_states, *args, **kwargs)
+        tree = self.drafter.last_tree
+        if tree is None or not torch.is_tensor(drafts) \
+                or drafts.shape[0] != tree.batch_size:
+            return drafts
+        self.drafter.last_tree = None
+        req_ids = self.input_batch.req_ids
+        out: list[list[int]] = []
+        self._jetspec_trees = {}
+        for r, rid in enumerate(req_ids[:tree.batch_size]):
+            n = int(tree.num_nodes[r])
+            params = self.requests[rid].sampling_params
+            why = tree_unsupported_reason(params) if params else None
+            if why:
+                logger.warning_once("jetspec: requests with %s decode "
+                                    "without a tree", why)
+                n = 1
+            self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
+                                        tree.parents[r, :n].clone(),
+                                        tree.depth[r, :n].clone())
+            out.append(tree.tokens[r, 1:n].tolist())
+        return out
+    return propose_draft_token_ids
+
+
+def wrap_prepare_inputs(orig):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        logits_indices, sdm = orig(self, scheduler_output,
+                                   num_scheduled_tokens)
+        self._jetspec_step = None
+        tree_state.clear()
+        if _settings(self) is None or sdm is None:
+            return logits_indices, sdm
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        starts = [0]
+        for n in num_scheduled_tokens[:num_reqs]:
+            starts.append(starts[-1] + int(n))
+        dev = self.positions.device
+        n_nodes = [d + 1 for d in sdm.num_draft_tokens]
+        N = max(n_nodes)
+        tokens = torch.full((num_reqs, N), -1, dtype=torch.long, device=dev)
+        parents = torch.full_like(tokens, -1)
+        depth = torch.full_like(tokens, -1)
+        depth[:, 0] = 0
+        rows, masks = [], {}
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        for r, rid in enumerate(req_ids):
+            n = n_nodes[r]
+            # The request's sampled rows begin n tokens before its end.
+            first = starts[r + 1] - n
+            tokens[r, :n] = self.input_ids.gpu[first:first + n]
+            if n == 1:
+                continue
+            stored = self._jetspec_trees.get(rid)
+            if stored is not None and len(stored[0]) >= n and torch.equal(
+                    stored[0][1:n].to(dev),
+                    torch.tensor(spec[rid], device=dev)):
+                parents[r, :n] = stored[1][:n]
+                depth[r, :n] = stored[2][:n]
+            else:
+                # Drafts not from a tree of ours (e.g. the zero drafts vLLM
+                # schedules when the drafter was skipped): a chain.
+                parents[r, :n] = torch.arange(-1, n - 1, device=dev)
+                depth[r, :n] = torch.arange(n, device=dev)
+            rows.append(r)
+            base = self.positions[first].clone()
+            self.positions[first:first + n] = base + depth[r, :n]
+        tree = DraftTree(tokens, parents, depth,
+                         torch.zeros(num_reqs, N, device=dev),
+                         torch.tensor(n_nodes, device=dev),
+                         max_depth=int(depth.max()))
+        if rows:
+            packed = packed_ancestor_mask(tree)
+            for r in rows:
+                masks[r] = packed[r, :n_nodes[r]]
+            tree_state.set_step_masks(masks)
+        self._jetspec_step = _Step(rows, [starts[r + 1] - n_nodes[r]
+                                          for r in range(num_reqs)], tree)
+        return logits_indices, sdm
+    return _prepare_inputs
+
+
+def wrap_sample(orig):
+    def _sample(self, logits, spec_decode_metadata):
+        # The target's verify forward is done: the masks must not reach the
+        # draft model's attention metadata.
+        tree_state.clear()
+        step = self._jetspec_step
+        if step is None or spec_decode_metadata is None:
+            return orig(self, logits, spec_decode_metadata)
+        tree = step.tree
+        R, N = tree.tokens.shape
+        V = logits.shape[-1]
+        cu = [0] + spec_decode_metadata.cu_num_sampled_tokens.tolist()
+        node_logits = logits.new_full((R, N, V), 0.0)
+        for r in range(R):
+            node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
+        md = self.input_batch.sampling_metadata
+        temp, top_k, top_p, gens = node_sampling_inputs(md, R, logits.device)
+        tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
+        acc = accept(tree, tgt)
+        out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
+        compact(self, step, acc)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+    return _sample
+
+
+def compact(self, step: _Step, acc) -> None:
+    """Move each tree request's kept K/V to consecutive slots after its
+    prefix, in every attention layer's cache, and remember the token order
+    for the next draft pass."""
+    plan = compaction_plan(acc)
+    slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
+    for r in step.rows:
+        n = int(step.tree.num_nodes[r])
+        keep = int(plan.num_kept[r])
+        path = acc.path_nodes[r, :keep]
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[path.cpu()] = False
+        step.perm[r] = torch.cat([path, torch.arange(
+            n, device=path.device)[rest.to(path.device)]])
+        moving = plan.src[r] >= 0
+        if not moving.any():
+            continue
+        s0 = step.starts[r]
+        src = slot_mapping[s0 + plan.src[r][moving]].long()
+        dst = slot_mapping[s0 + plan.dst[r][moving]].long()
+        for kv in self.kv_caches:
+            # Our torch backend's layout: [blocks, 2, block_size, H, D].
+            bs = kv.shape[2]
+            kv[dst // bs, :, dst % bs] = kv[src // bs, :, src % bs]
+
+
+def apply() -> None:
+    """Install the runner patches (idempotent). Inert for engines whose
+    speculative config is not jetspec."""
+    from vllm.v1.worker import gpu_model_runner as gmr
+
+    R = gmr.GPUModelRunner
+    if getattr(R, "_jetspec_patched", False):
+        return
+    gmr.DFlashProposer = JetSpecProposer
+    R.__init__ = wrap_init(R.__init__)
+    R._prepare_inputs = wrap_prepare_inputs(R._prepare_inputs)
+    R._sample = wrap_sample(R._sample)
+    R.propose_draft_token_ids = wrap_propose(R.propose_draft_token_ids)
+    R._jetspec_patched = True
