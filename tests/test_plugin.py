@@ -74,3 +74,23 @@ def test_plugin_loads_in_every_engine_process(tmp_path):
     assert len(pids) >= 3, log[-4000:]
     tokens = re.search(r"TOKENS \[(.*)\]", log).group(1).split(",")
     assert len(tokens) == 8
+
+
+@pytest.mark.engine
+def test_ngram_is_unchanged_by_the_plugin(tmp_path):
+    """The plugin's patches are inert for other methods: ngram output with
+    the plugin loaded equals ngram output with vLLM's plugins disabled."""
+    model = make_tiny_qwen3(tmp_path / "tiny-qwen3")
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    runs = {}
+    for name, extra in (("with", {}), ("without", {"VLLM_PLUGINS": "none"})):
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG", **extra)
+        proc = subprocess.run([sys.executable, str(script), str(model)],
+                              capture_output=True, text=True, env=env,
+                              timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert ("registered in pid" in log) == (name == "with")
+        runs[name] = re.search(r"TOKENS \[(.*)\]", log).group(1)
+    assert runs["with"] == runs["without"]
