@@ -232,9 +232,10 @@ def test_collect_target_features(target):
 
 # ------------------------------------------- vLLM's model outside the engine
 def _vllm_per_layer_k_norm(self, all_k):
-    """Context keys with each layer's own k_norm (the CUDA math)."""
-    return torch.stack([layer.self_attn.k_norm(all_k[i])
-                        for i, layer in enumerate(self.layers)])
+    """Context keys with each layer's own k_norm (the CUDA math): the
+    plugin's CPU fix, checked here against our head's logits."""
+    from vllm_jetspec.vllm_patches.runner import per_layer_context_k_norm
+    return per_layer_context_k_norm(self, all_k)
 
 
 @pytest.fixture(scope="module")

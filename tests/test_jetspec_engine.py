@@ -48,8 +48,9 @@ PROMPTS = [[(7 * i + 3) % 30 for i in range(n)]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny fp32 target (vocab 32) and a head distilled from it here,
-    so that trees get long accepted branches."""
+    """A tiny fp32 target (vocab 32) and a two-layer head distilled from
+    it here, so that trees get accepted branches (and the per-layer context
+    k_norm of draft layer 1 matters)."""
     from vllm_jetspec.reference import target_greedy
     from vllm_jetspec.train import FitConfig, fit
 
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory):
             f.write(json.dumps(dict(prompt_ids=p, response_ids=target_greedy(
                 target, p, 48))) + "\n")
     fit(str(d / "target"), str(d / "data.jsonl"), str(d / "head"),
-        FitConfig(layers=1, target_layer_ids=(0, 2), block_size=8,
+        FitConfig(layers=2, target_layer_ids=(0, 2), block_size=8,
                   steps=400, batch_size=8, anchors_per_seq=8, max_len=64,
                   lr=3e-3, warmup=10, log_every=100, save_every=400),
         device="cpu", progress=False)

