@@ -97,7 +97,7 @@ class _Step:
 
     def __init__(self, rows, starts, tree):
         self.rows = rows          # batch rows that verify a tree
-        self.starts = starts      # their first token's index in the batch
+        self.starts = starts      # per batch row: index of its first sampled token
         self.tree = tree          # DraftTree over all batch rows
         self.perm: dict[int, torch.Tensor] = {}   # row -> new order
 
