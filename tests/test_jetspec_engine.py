@@ -184,3 +184,170 @@ def test_parse_maps_to_dflash(parse_env):
     assert spec == dict(method="dflash", model=head,
                         num_speculative_tokens=31)
     assert (s.budget, s.width, s.algo, s.depth) == (32, 5, "topb_prefix", 7)
+
+
+# --- serving conditions ---------------------------------------------------------
+# One engine per side (jetspec / no speculation) runs every scenario below with
+# a KV cache of 24 blocks of 32 tokens, so long prompts preempt each other.
+
+SCENARIOS = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        target, spec, cfg = sys.argv[1], json.loads(sys.argv[2]), \\
+            json.loads(sys.argv[3])
+        llm = LLM(target, skip_tokenizer_init=True, dtype="float32",
+                  enforce_eager=True, gpu_memory_utilization=0.3,
+                  max_model_len=512, max_num_batched_tokens=512,
+                  max_num_seqs=16, block_size=32, num_gpu_blocks_override=24,
+                  enable_prefix_caching=True, speculative_config=spec,
+                  disable_log_stats=False)
+        TP = lambda p: TokensPrompt(prompt_token_ids=p)
+        G = lambda **kw: SamplingParams(temperature=0, detokenize=False, **kw)
+        res = {}
+
+        # 1. Limits: max_tokens and stop tokens inside accepted branches,
+        #    prompts whose generation runs into max_model_len, preemption.
+        prompts, params = [], []
+        for i, p in enumerate(cfg["prompts"]):
+            prompts.append(TP(p))
+            params.append(G(max_tokens=cfg["max_tokens"][i],
+                            stop_token_ids=cfg["stop"][i] or None))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        res["limits"] = [(list(o.outputs[0].token_ids),
+                          o.outputs[0].finish_reason) for o in outs]
+
+        # 2. Requests jetspec cannot honour, batched with ones it can.
+        fb = [G(max_tokens=24), G(max_tokens=24, repetition_penalty=1.3),
+              G(max_tokens=24, logprobs=2), G(max_tokens=24)]
+        outs = llm.generate([TP(p) for p in cfg["prompts"][:4]], fb,
+                            use_tqdm=False)
+        res["fallback"] = [list(o.outputs[0].token_ids) for o in outs]
+        lp = outs[2].outputs[0].logprobs
+        res["logprobs"] = None if lp is None else [sorted(d) for d in lp]
+
+        # 3. Aborts while other requests run.
+        eng = llm.llm_engine
+        ids = [f"a{i}" for i in range(4)]
+        for i, p in zip(ids, cfg["prompts"][1:5]):
+            eng.add_request(i, TP(p), G(max_tokens=40))
+        for _ in range(3):
+            eng.step()
+        eng.abort_request([ids[1], ids[2]])
+        done = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = list(o.outputs[0].token_ids)
+        res["abort"] = [done.get(ids[0]), done.get(ids[3])]
+
+        # 4. Sampling: many seeded runs of one short prompt.
+        sp = [SamplingParams(temperature=0.8, seed=s, max_tokens=4,
+                             detokenize=False)
+              for s in range(cfg["samples"])]
+        outs = llm.generate([TP([1, 2, 3, 4, 5])] * len(sp), sp,
+                            use_tqdm=False)
+        res["samples"] = [list(o.outputs[0].token_ids) for o in outs]
+
+        res["metrics"] = {
+            x.name: getattr(x, "value", None) or getattr(x, "values", None)
+            for x in llm.get_metrics()
+            if x.name.startswith("vllm:spec_decode_num")
+            or "preempt" in x.name}
+        print("RESULT", json.dumps(res))
+""")
+
+SAMPLES = 1500
+
+
+@pytest.fixture(scope="module")
+def scenarios(tiny, no_spec, tmp_path_factory):
+    """The scenario script's results without speculation and with jetspec
+    (accum_logp, budget 16)."""
+    # Stop tokens that occur mid-output (so a stop falls inside a round).
+    stop = [[no_spec[0][9]], [], [], [no_spec[3][14]]] + [[]] * 6
+    near = [[(11 * i + 5) % 32 for i in range(n)] for n in (490, 505)]
+    cfg = dict(prompts=PROMPTS + near, stop=stop, samples=SAMPLES,
+               max_tokens=[64, 5, 13, 64, 31, 64, 64, 64, 64, 64])
+    out = {}
+    for name, spec in [("no_spec", None),
+                       ("jetspec", {"method": "jetspec", "model": str(tiny[1]),
+                                    "tree_budget": 16})]:
+        script = tmp_path_factory.mktemp(name) / "scenarios.py"
+        script.write_text(SCENARIOS)
+        proc = subprocess.run([sys.executable, str(script), str(tiny[0]),
+                               json.dumps(spec), json.dumps(cfg)],
+                              capture_output=True, text=True, timeout=900)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-6000:]
+        res = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
+        out[name] = json.loads(res[7:])
+        out[name]["log"] = log
+    return out
+
+
+@pytest.mark.engine
+def test_limits_stops_and_preemption_equal_no_spec(scenarios):
+    a, b = scenarios["jetspec"], scenarios["no_spec"]
+    assert a["limits"] == b["limits"]
+    reasons = [r for _, r in b["limits"]]
+    assert reasons[0] == "stop" and reasons[3] == "stop"
+    assert reasons[1] == "length" and len(b["limits"][1][0]) == 5
+    # The two long prompts end at max_model_len (512 tokens in all).
+    assert [len(t) for t, _ in b["limits"][-2:]] == [512 - 490, 512 - 505]
+    m = a["metrics"]
+    assert m["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert any(v for k, v in m.items() if "preempt" in k), \
+        "no preemption happened: the scenario would not test it"
+
+
+@pytest.mark.engine
+def test_unsupported_requests_fall_back(scenarios):
+    a, b = scenarios["jetspec"], scenarios["no_spec"]
+    assert a["fallback"] == b["fallback"]
+    assert a["logprobs"] is not None and a["logprobs"] == b["logprobs"]
+    assert "decode without trees (plain decoding)" in a["log"]
+
+
+@pytest.mark.engine
+def test_aborts_leave_other_requests_exact(scenarios):
+    a, b = scenarios["jetspec"], scenarios["no_spec"]
+    assert a["abort"] == b["abort"]
+    assert all(x is not None and len(x) == 40 for x in a["abort"])
+
+
+@pytest.mark.engine
+def test_sampling_distribution_equals_no_spec(scenarios):
+    """Temperature 0.8: per position (1-3, all produced by tree verification;
+    position 0 comes from the prefill) and for the pair (1, 2), jetspec's
+    token distribution over 1500 seeded runs is that of no-spec
+    (chi-square test of homogeneity, p > 1e-3)."""
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    a, b = scenarios["jetspec"]["samples"], scenarios["no_spec"]["samples"]
+    assert len(a) == len(b) == SAMPLES
+    assert all(len(x) == 4 for x in a + b)
+    m = scenarios["jetspec"]["metrics"]
+    assert m["vllm:spec_decode_num_accepted_tokens"] > 0
+
+    def table(ka, kb):
+        ca, cb = Counter(ka), Counter(kb)
+        keys = sorted(set(ca) | set(cb), key=str)
+        big = [k for k in keys if ca[k] + cb[k] >= 20]
+        rows = [[ca[k] for k in big], [cb[k] for k in big]]
+        rest = [len(ka) - sum(rows[0]), len(kb) - sum(rows[1])]
+        if sum(rest) >= 20:
+            rows[0].append(rest[0])
+            rows[1].append(rest[1])
+        return rows
+
+    checks = [([x[p] for x in a], [x[p] for x in b]) for p in (1, 2, 3)]
+    checks.append(([tuple(x[1:3]) for x in a], [tuple(x[1:3]) for x in b]))
+    for ka, kb in checks:
+        t = table(ka, kb)
+        assert len(t[0]) >= 3, "distribution too peaked for a useful test"
+        p = chi2_contingency(t).pvalue
+        assert p > 1e-3, (p, t)

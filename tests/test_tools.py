@@ -61,7 +61,8 @@ if __name__ == "__main__":
     from vllm_jetspec.train import generate_data
     n = generate_data(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3],
                       max_new_tokens=12, max_model_len=512, dtype="float32",
-                      gpu_memory_utilization=0.3, enforce_eager=True)
+                      gpu_memory_utilization=0.3, enforce_eager=True,
+                      chunk=1)
     print("N", n)
 """
 

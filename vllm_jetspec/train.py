@@ -54,9 +54,14 @@ logger = logging.getLogger("vllm.jetspec.train")
 def generate_data(target: str, prompts: list[str], out: str,
                   max_new_tokens: int, temperature: float = 0.0,
                   seed: int = 0, max_model_len: int = 2048,
+                  time_limit_s: float | None = None, chunk: int = 2048,
                   **llm_kwargs) -> int:
     """The target's responses to chat prompts, generated with vLLM, written
-    as JSONL rows ``{"prompt_ids": [...], "response_ids": [...]}``."""
+    as JSONL rows ``{"prompt_ids": [...], "response_ids": [...]}``.
+
+    Prompts go to the engine in chunks of ``chunk``; each chunk is written
+    as soon as it is done, and no new chunk starts once ``time_limit_s``
+    seconds have passed (for machines that allow only short jobs)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -67,18 +72,28 @@ def generate_data(target: str, prompts: list[str], out: str,
     ids = [enc for enc in encode_prompts([{"prompt": p} for p in prompts],
                                          tok, chat=True)
            if len(enc) + 8 <= max_model_len - max_new_tokens]
+    t0 = time.perf_counter()
     llm = LLM(target, max_model_len=max_model_len, seed=seed, **llm_kwargs)
     sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
                         seed=seed, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], sp)
     n = 0
     with open(out, "w") as f:
-        for x, o in zip(ids, outs):
-            resp = list(o.outputs[0].token_ids)
-            if len(resp) >= 2:
-                f.write(json.dumps(dict(prompt_ids=x, response_ids=resp))
-                        + "\n")
-                n += 1
+        for i in range(0, len(ids), chunk):
+            if (time_limit_s is not None
+                    and time.perf_counter() - t0 > time_limit_s):
+                logger.warning("time limit: stopped after %d of %d prompts",
+                               i, len(ids))
+                break
+            part = ids[i:i + chunk]
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=x) for x in part], sp)
+            for x, o in zip(part, outs):
+                resp = list(o.outputs[0].token_ids)
+                if len(resp) >= 2:
+                    f.write(json.dumps(dict(prompt_ids=x,
+                                            response_ids=resp)) + "\n")
+                    n += 1
+            f.flush()
     return n
 
 
@@ -334,6 +349,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--temperature", type=float, default=0.0)
     d.add_argument("--max-model-len", type=int, default=2048)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--time-limit", type=float, default=None,
+                   help="start no new chunk of prompts after this many "
+                   "seconds (what is done is kept)")
+    d.add_argument("--chunk", type=int, default=2048,
+                   help="prompts per engine call; each is written when done")
     d.add_argument("--out", required=True)
     f = sub.add_parser("fit", help="distil a head from the target")
     f.add_argument("--data", required=True)
@@ -368,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
             kw = dict(gpu_memory_utilization=0.3, dtype="float32")
         n = generate_data(target, [r["prompt"] for r in rows], args.out,
                           args.max_new_tokens, args.temperature, args.seed,
-                          args.max_model_len, **kw)
+                          args.max_model_len, args.time_limit, args.chunk,
+                          **kw)
         print(f"wrote {n} sequences to {args.out}")
         return
     cfg = FitConfig(**{k: (tuple(v) if isinstance(v, list) else v)

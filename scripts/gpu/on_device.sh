@@ -2,7 +2,8 @@
 # There (GPU machine), after `source .gpu/stage.sh env`:
 #   bash scripts/gpu/on_device.sh keep-a      # call 1: keep the first half
 #   bash scripts/gpu/on_device.sh setup       # call 2: assemble, convert, install
-#   bash scripts/gpu/on_device.sh data N T    # N ShareGPT prompts, T new tokens
+#   bash scripts/gpu/on_device.sh data N T [S] # N ShareGPT prompts, T new tokens
+#   bash scripts/gpu/on_device.sh plan S [fit args...]  # --steps for S seconds
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
 # Files persist under /tmp/jetspec while the machine stays warm; results go
@@ -11,7 +12,7 @@ set -euo pipefail
 W=/tmp/jetspec
 mkdir -p "$W"
 # The repository itself (cwd) and the carried GGUF readers.
-export JETSPEC_CACHE_DIR=$W/cache PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
+export JETSPEC_CACHE_DIR=${JETSPEC_CACHE_DIR:-$W/cache} PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
 step=$1; shift
 case $step in
 keep-a)
@@ -25,19 +26,37 @@ setup)
     for f in .gpu/jetspec/b/prompts/*.jsonl.gz; do
         gunzip -c "$f" > "$W/prompts/$(basename "$f" .gz)"; done
     python3 -m vllm_jetspec.assets --only model --print-paths ;;
-data)
+data)  # N prompts, T new tokens, [SECONDS: start no new chunk after]
     python3 -m vllm_jetspec.train data --prompts "$W/prompts/sharegpt.jsonl" \
         --num-prompts "$1" --max-new-tokens "$2" --max-model-len 2048 \
-        --out "$W/data.jsonl" 2>&1 | tail -5
+        ${3:+--time-limit "$3"} --out "$W/data.jsonl" 2>&1 | tail -5
     wc -l "$W/data.jsonl" ;;
+plan)  # FIT_SECONDS [fit args]: time 40 steps, choose --steps for the budget
+    secs=$1; shift
+    rm -rf "$W/probe"
+    python3 -m vllm_jetspec.train fit --data "$W/data.jsonl" --out "$W/probe" \
+        --stop-at 40 --log-every 10 --save-every 100000 "$@" 2>&1 | tail -3
+    python3 - "$W/probe/history.jsonl" "$secs" > "$W/steps" <<'PY'
+import json, sys
+h = [json.loads(x) for x in open(sys.argv[1])]
+a, b = h[1], h[-1]          # skip the first 10 steps (warm-up)
+per = (b["seconds"] - a["seconds"]) / (b["step"] - a["step"])
+print(int(float(sys.argv[2]) / per))
+PY
+    echo "planned steps: $(cat "$W/steps")" ;;
 fit)
     secs=$1; shift
     resume=(); [ -f "$W/head/trainer.pt" ] && resume=(--resume)
+    steps=(); [ -f "$W/steps" ] && steps=(--steps "$(cat "$W/steps")")
     python3 -m vllm_jetspec.train fit --data "$W/data.jsonl" --out "$W/head" \
-        --time-limit "$secs" "${resume[@]}" "$@" 2>&1 | tail -25
+        --time-limit "$secs" "${resume[@]}" "${steps[@]}" "$@" 2>&1 | tail -25
+    # Back as bf16 (the shipped form; fp32 master weights stay there).
+    python3 -c "import sys, torch; from vllm_jetspec.head.io import load_head, save_head
+h = load_head(sys.argv[1]); save_head(h, None, sys.argv[2], dtype=torch.bfloat16)" \
+        "$W/head" "$W/head16"
     mkdir -p "$OUT/head"
-    cp "$W/head/config.json" "$W/head/history.jsonl" "$W/head/train.json" "$OUT/head/"
-    split -b 15M -d -a 1 "$W/head/model.safetensors" "$OUT/head/model.safetensors.part" ;;
+    cp "$W/head16/config.json" "$W/head/history.jsonl" "$W/head/train.json" "$OUT/head/"
+    split -b 15M -d -a 1 "$W/head16/model.safetensors" "$OUT/head/model.safetensors.part" ;;
 eval)
     for s in gsm8k math500_subset311 humaneval mtbench; do
         python3 -m vllm_jetspec.eval_tau --prompts "$W/prompts/$s.jsonl" \

@@ -168,17 +168,23 @@ def wrap_propose(orig):
                 or drafts.shape[0] != tree.batch_size:
             return drafts
         self.drafter.last_tree = None
-        req_ids = self.input_batch.req_ids
-        out: list[list[int]] = []
+        req_ids = self.input_batch.req_ids[:tree.batch_size]
         self._jetspec_trees = {}
-        for r, rid in enumerate(req_ids[:tree.batch_size]):
-            n = int(tree.num_nodes[r])
+        for rid in req_ids:
             params = self.requests[rid].sampling_params
             why = tree_unsupported_reason(params) if params else None
             if why:
-                logger.warning_once("jetspec: requests with %s decode "
-                                    "without a tree", why)
-                n = 1
+                # The verify step samples every request of the batch with
+                # our per-node sampler, which cannot honour these settings:
+                # while such a request runs, the whole batch decodes plainly
+                # (no drafts: vLLM's own sampler does the step).
+                logger.warning_once(
+                    "jetspec: a request with %s is running; batches that "
+                    "contain it decode without trees (plain decoding)", why)
+                return [[] for _ in req_ids]
+        out: list[list[int]] = []
+        for r, rid in enumerate(req_ids):
+            n = int(tree.num_nodes[r])
             self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
                                         tree.parents[r, :n].clone(),
                                         tree.depth[r, :n].clone())

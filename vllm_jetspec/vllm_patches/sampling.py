@@ -5,9 +5,11 @@ semantics (temperature, top-k, top-p, seeded generators:
 ``vllm_jetspec.tree.sample_target_tokens``). Anything else vLLM's sampler
 applies to logits depends on the request's output history or emits extra
 per-token data (penalties, min_p, logit bias, allowed/bad words, min_tokens,
-structured output, logprobs, custom logits processors); for such a request
-the tree path would emit tokens from a different distribution, so it gets
-no tree and decodes plainly (one token per step), with a one-time warning.
+structured output, logprobs, custom logits processors); the tree path
+would emit tokens from a different distribution (or no logprobs). While such
+a request runs, every batch that contains it decodes plainly (no drafts, so
+vLLM's own sampler does the step), with a one-time warning; the other
+requests get trees again once it has finished.
 """
 
 from __future__ import annotations
