@@ -144,10 +144,9 @@ def parse_env(tiny):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (dict(tree_budget=0), "tree_budget must be an integer in [2, 256]"),
-    (dict(tree_budget=257), "tree_budget must be an integer in [2, 256]"),
+    (dict(tree_budget=0), "tree_budget must be an integer in [1, 256]"),
+    (dict(tree_budget=257), "tree_budget must be an integer in [1, 256]"),
     (dict(tree_budget="64"), "tree_budget must be an integer"),
-    (dict(tree_budget=1), "no speculation"),
     (dict(tree_width=0), "tree_width must be an integer"),
     (dict(tree_algo="beam"), "tree_algo must be one of"),
     (dict(num_speculative_tokens=8), "num_speculative_tokens (draft depth)"),
@@ -174,6 +173,22 @@ def test_missing_or_foreign_head(parse_env, tmp_path):
     save_head(random_head(hc), hc, tmp_path / "foreign")
     with pytest.raises(ValueError, match="does not fit the target"):
         parse(dict(method="jetspec", model=str(tmp_path / "foreign")), hf)
+
+
+def test_budget_one_is_plain_decoding(parse_env):
+    from vllm_jetspec.vllm_patches.config import parse
+    hf, head = parse_env
+    spec, s = parse(dict(method="jetspec", model=head, tree_budget=1), hf)
+    assert spec is None and s.budget == 1
+
+
+@pytest.mark.engine
+def test_budget_one_engine_equals_no_spec(tiny, no_spec, tmp_path):
+    target, head = tiny
+    tokens, m, log = run(tmp_path, target, {
+        "method": "jetspec", "model": str(head), "tree_budget": 1})
+    assert "decoding without speculation" in log
+    assert tokens == no_spec
 
 
 def test_parse_maps_to_dflash(parse_env):

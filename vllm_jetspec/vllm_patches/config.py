@@ -17,10 +17,13 @@ the tree settings.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 from ..tree import MAX_BUDGET, TREE_ALGOS
+
+logger = logging.getLogger("vllm.jetspec.config")
 
 JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo")
 DEFAULT_BUDGET = 64
@@ -47,16 +50,14 @@ def _int_in(name: str, value, lo: int, hi: int) -> int:
 def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     """Validate a jetspec ``speculative_config`` dict; return the dict vLLM
     builds its (dflash) config from, and the tree settings. Raises
-    ``ValueError`` with one clear message on bad input."""
+    ``ValueError`` with one clear message on bad input. ``tree_budget`` 1
+    (the root alone, no draft token) returns ``None``: plain decoding."""
     from ..head import HeadConfig
 
     spec = dict(spec)
     spec.pop("method")
-    budget = spec.pop("tree_budget", DEFAULT_BUDGET)
-    if budget == 1:
-        raise ValueError("jetspec: tree_budget 1 is the root alone, i.e. no "
-                         "speculation: run without speculative_config")
-    budget = _int_in("tree_budget", budget, 2, MAX_BUDGET)
+    budget = _int_in("tree_budget", spec.pop("tree_budget", DEFAULT_BUDGET),
+                     1, MAX_BUDGET)
     width = _int_in("tree_width", spec.pop("tree_width", DEFAULT_WIDTH),
                     1, 64)
     algo = spec.pop("tree_algo", DEFAULT_ALGO)
@@ -81,9 +82,13 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     depth = head.block_size - 1 if depth is None else depth
     depth = _int_in("num_speculative_tokens (draft depth)", depth, 1,
                     head.block_size - 1)
+    settings = JetSpecSettings(budget=budget, width=width, algo=algo,
+                               depth=depth)
+    if budget == 1:
+        # The root alone: no draft token to verify, i.e. plain decoding.
+        return None, settings
     spec.update(method="dflash", num_speculative_tokens=budget - 1)
-    return spec, JetSpecSettings(budget=budget, width=width, algo=algo,
-                                 depth=depth)
+    return spec, settings
 
 
 def settings_of(speculative_config) -> JetSpecSettings | None:
@@ -101,6 +106,10 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
+        if self.speculative_config is None:
+            logger.info("jetspec: tree_budget 1 is the root alone (no draft "
+                        "token): decoding without speculation")
+            return None
         cfg = orig(self, target_model_config, target_parallel_config)
         # A plain attribute: pickled with the config into every process.
         object.__setattr__(cfg, "jetspec", settings)

@@ -1,0 +1,109 @@
+"""Time the Triton tree-attention kernel against the bytes it must read.
+
+    python -m vllm_jetspec.kernels.bench_tree_attention [--json out.json]
+
+Qwen3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16,
+block size 16, scattered pages; per (batch, prefix, budget): kernel time
+(CUDA events, median of repeats) and achieved bandwidth = K/V bytes of the
+prefixes and trees / time (the floor of a memory-bound kernel). On CPU it
+runs a tiny shape in Triton's interpreter (a smoke run, no timing claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.kernels."
+                                 "bench_tree_attention", description=__doc__,
+                                 formatter_class=argparse.
+                                 RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prefix", type=int, nargs="+",
+                    default=[512, 4096, 8192])
+    ap.add_argument("--budget", type=int, nargs="+", default=[16, 128, 256])
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .tree_attention import tree_attention
+
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    hq, hkv, D, bs = (32, 8, 128, 16) if cuda else (4, 2, 32, 16)
+    if not cuda:
+        args.batch, args.prefix, args.budget, args.repeats = [1], [64], [8], 1
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for B in args.batch:
+        for P in args.prefix:
+            for N in args.budget:
+                L = P + N
+                nblk = (L + bs - 1) // bs
+                num_blocks = B * nblk
+                perm = torch.randperm(num_blocks, generator=g)
+                bt = perm.view(B, nblk).int().to(dev)
+                k = torch.randn(num_blocks, bs, hkv, D, dtype=dtype,
+                                device=dev)
+                v = torch.randn_like(k)
+                q = torch.randn(B * N, hq, D, dtype=dtype, device=dev)
+                prefix = torch.full((B,), P, dtype=torch.int32, device=dev)
+                qsl = (torch.arange(B + 1, device=dev) * N).int()
+                # A chain-shaped mask (node i sees 0..i): the same work as
+                # any tree of N nodes for this kernel.
+                W = (N + 63) // 64
+                mask = torch.zeros(N, W, dtype=torch.long)
+                for i in range(N):
+                    for w in range(W):
+                        lo, hi = 64 * w, min(64 * w + 64, i + 1)
+                        if hi > lo:
+                            bits = (1 << (hi - lo)) - 1
+                            mask[i, w] = bits - (1 << 64) if bits >= 1 << 63 \
+                                else bits
+                mask = mask.expand(B, N, W).contiguous().to(dev)
+                out = torch.empty_like(q)
+                call = lambda: tree_attention(  # noqa: E731
+                    q, k, v, bt, prefix, qsl, mask, D ** -0.5,
+                    max_nodes=N, out=out)
+                call()
+                times = []
+                for _ in range(args.repeats):
+                    if cuda:
+                        s, e = (torch.cuda.Event(enable_timing=True),
+                                torch.cuda.Event(enable_timing=True))
+                        s.record()
+                        call()
+                        e.record()
+                        torch.cuda.synchronize()
+                        times.append(s.elapsed_time(e) / 1e3)
+                    else:
+                        t = time.perf_counter()
+                        call()
+                        times.append(time.perf_counter() - t)
+                t = statistics.median(times)
+                nbytes = 2 * B * L * hkv * D * k.element_size() \
+                    + 2 * q.numel() * q.element_size()
+                row = dict(batch=B, prefix=P, budget=N, us=round(t * 1e6, 1),
+                           gbps=round(nbytes / t / 1e9, 1))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    info = dict(device=torch.cuda.get_device_name() if cuda else "cpu "
+                "(Triton interpreter; no timing claim)", dtype=str(dtype),
+                shape=dict(hq=hq, hkv=hkv, head_dim=D, block_size=bs),
+                rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

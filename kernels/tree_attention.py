@@ -1,0 +1,178 @@
+"""Triton paged tree attention for the verify forward of a tree round.
+
+Same semantics and arguments as ``tree_attention_ref`` (the torch reference
+beside this file): request ``r`` has ``prefix_lens[r]`` cached tokens and
+``n_r`` tree nodes whose K/V sit in the next ``n_r`` slots of its pages;
+node ``i`` attends to the whole prefix and to tree slot ``j`` iff bit ``j``
+of its packed ancestor-mask row is set.
+
+One program per (request, tile of nodes, KV head). The query heads that
+share a KV head (GQA) are packed into the rows of the tile, so every K/V
+tile is read once per group; scores and the online softmax are fp32. The
+caches may be strided views (e.g. ``kv[:, 0]`` of a ``[blocks, 2,
+block_size, H, D]`` cache). Under ``TRITON_INTERPRET=1`` the kernel runs on
+CPU tensors (how the tests check it without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tree_attn_kernel(
+    Q, K, V, O, BT, PREFIX, QSL, MASK,
+    scale,
+    s_qt, s_qh, s_qd,
+    s_kb, s_ks, s_kh, s_kd,
+    s_vb, s_vs, s_vh, s_vd,
+    s_ot, s_oh, s_od,
+    s_btr, s_btb,
+    s_mr, s_mn, s_mw,
+    BLOCK_SIZE: tl.constexpr,     # tokens per KV page
+    GROUP: tl.constexpr,          # query heads per KV head
+    NODES: tl.constexpr,          # tree nodes per program
+    ROWS: tl.constexpr,           # next power of two >= NODES * GROUP
+    D: tl.constexpr,              # head dim (power of two)
+    BLOCK_N: tl.constexpr,        # keys per step; divides 64
+    PREC: tl.constexpr,           # tl.dot input precision
+):
+    r = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q0 = tl.load(QSL + r)
+    n = tl.load(QSL + r + 1) - q0
+    node0 = tile * NODES
+    if node0 >= n:
+        return
+    prefix = tl.load(PREFIX + r)
+
+    rows = tl.arange(0, ROWS)
+    node = node0 + rows // GROUP                       # tree node of a row
+    head = kvh * GROUP + rows % GROUP                  # its query head
+    row_ok = (rows < NODES * GROUP) & (node < n)
+    d = tl.arange(0, D)
+    q = tl.load(Q + (q0 + node)[:, None] * s_qt + head[:, None] * s_qh
+                + d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    qk_scale = scale * 1.4426950408889634              # softmax in base 2
+
+    # The prefix: every node sees all of it.
+    for start in range(0, prefix, BLOCK_N):
+        pos = start + cols
+        ok = pos < prefix
+        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
+                       mask=ok, other=0)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
+                    + kvh * s_kh + d[:, None] * s_kd,
+                    mask=ok[None, :], other=0.0)       # [D, BLOCK_N]
+        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
+                   input_precision=PREC) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
+                    + kvh * s_vh + d[None, :] * s_vd,
+                    mask=ok[:, None], other=0.0)       # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                            out_dtype=tl.float32,
+                                            input_precision=PREC)
+        m_i = m_new
+
+    # The tree: slot j of the tree iff bit j of the node's mask row is set.
+    # Only tree slots up to the tile's last node can be ancestors.
+    last = tl.minimum(node0 + NODES, n)
+    for start in range(0, last, BLOCK_N):
+        t = start + cols
+        ok = t < n
+        word = tl.load(MASK + r * s_mr + node * s_mn + (start // 64) * s_mw,
+                       mask=row_ok, other=0)           # [ROWS] int64
+        bit = (word[:, None] >> (t % 64)[None, :].to(tl.int64)) & 1
+        allowed = (bit != 0) & ok[None, :] & row_ok[:, None]
+        pos = prefix + t
+        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
+                       mask=ok, other=0)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
+                    + kvh * s_kh + d[:, None] * s_kd,
+                    mask=ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
+                   input_precision=PREC) * qk_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing allowed so far keep m = -inf: avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
+                    + kvh * s_vh + d[None, :] * s_vd,
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                            out_dtype=tl.float32,
+                                            input_precision=PREC)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # 0: masked rows
+    tl.store(O + (q0 + node)[:, None] * s_ot + head[:, None] * s_oh
+             + d[None, :] * s_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+    max_nodes: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of ``tree_attention_ref`` (same arguments).
+
+    ``max_nodes`` bounds the nodes of any request (default: read from
+    ``query_start_loc``, which synchronises with the device); ``out`` may be
+    given to write in place. Returns ``[T, Hq, D]`` in ``q``'s dtype.
+    """
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads not a multiple of {Hkv} KV heads")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim {D}: a power of two >= 16 is supported")
+    group = Hq // Hkv
+    R = prefix_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if max_nodes is None:
+        max_nodes = int((query_start_loc[1:] - query_start_loc[:-1]).max()) \
+            if R else 0
+    if T == 0 or max_nodes == 0:
+        return out
+    # Rows of a program: nodes x group query heads, at least 16 (tl.dot).
+    nodes = max(1, 64 // group) if D <= 64 else max(1, 32 // group)
+    nodes = min(nodes, triton.next_power_of_2(max_nodes))
+    rows = max(16, triton.next_power_of_2(nodes * group))
+    block_n = 64 if D <= 64 else 32
+    grid = (R, triton.cdiv(max_nodes, nodes), Hkv)
+    _tree_attn_kernel[grid](
+        q, k_cache, v_cache, out, block_table, prefix_lens,
+        query_start_loc, tree_mask, scale,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *block_table.stride(), *tree_mask.stride(),
+        BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
+        D=D, BLOCK_N=block_n,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return out
