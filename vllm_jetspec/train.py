@@ -55,13 +55,15 @@ def generate_data(target: str, prompts: list[str], out: str,
                   max_new_tokens: int, temperature: float = 0.0,
                   seed: int = 0, max_model_len: int = 2048,
                   time_limit_s: float | None = None, chunk: int = 2048,
-                  **llm_kwargs) -> int:
+                  n: int = 1, **llm_kwargs) -> int:
     """The target's responses to chat prompts, generated with vLLM, written
     as JSONL rows ``{"prompt_ids": [...], "response_ids": [...]}``.
 
     Prompts go to the engine in chunks of ``chunk``; each chunk is written
     as soon as it is done, and no new chunk starts once ``time_limit_s``
-    seconds have passed (for machines that allow only short jobs)."""
+    seconds have passed (for machines that allow only short jobs). ``n``
+    responses per prompt (use a temperature > 0: more distinct sequences
+    from the same prompts)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -75,8 +77,8 @@ def generate_data(target: str, prompts: list[str], out: str,
     t0 = time.perf_counter()
     llm = LLM(target, max_model_len=max_model_len, seed=seed, **llm_kwargs)
     sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                        seed=seed, detokenize=False)
-    n = 0
+                        seed=seed, detokenize=False, n=n)
+    written = 0
     with open(out, "w") as f:
         for i in range(0, len(ids), chunk):
             if (time_limit_s is not None
@@ -88,13 +90,14 @@ def generate_data(target: str, prompts: list[str], out: str,
             outs = llm.generate(
                 [TokensPrompt(prompt_token_ids=x) for x in part], sp)
             for x, o in zip(part, outs):
-                resp = list(o.outputs[0].token_ids)
-                if len(resp) >= 2:
-                    f.write(json.dumps(dict(prompt_ids=x,
-                                            response_ids=resp)) + "\n")
-                    n += 1
+                for c in o.outputs:
+                    resp = list(c.token_ids)
+                    if len(resp) >= 2:
+                        f.write(json.dumps(dict(prompt_ids=x,
+                                                response_ids=resp)) + "\n")
+                        written += 1
             f.flush()
-    return n
+    return written
 
 
 def load_data(path: str, max_len: int) -> list[tuple[list[int], int]]:
@@ -354,6 +357,11 @@ def main(argv: list[str] | None = None) -> None:
                    "seconds (what is done is kept)")
     d.add_argument("--chunk", type=int, default=2048,
                    help="prompts per engine call; each is written when done")
+    d.add_argument("--n", type=int, default=1,
+                   help="responses per prompt (with --temperature > 0)")
+    d.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM's max_num_seqs (larger batches for small "
+                   "targets on a GPU)")
     d.add_argument("--out", required=True)
     f = sub.add_parser("fit", help="distil a head from the target")
     f.add_argument("--data", required=True)
@@ -383,13 +391,18 @@ def main(argv: list[str] | None = None) -> None:
     target = args.target or str(assets.default_model_dir())
     if args.cmd == "data":
         rows = assets.load_prompts(args.prompts, limit=args.num_prompts)
+        if args.n > 1 and args.temperature == 0:
+            ap.error("--n > 1 needs --temperature > 0 (greedy responses "
+                     "to one prompt are identical)")
         kw = {}
         if not torch.cuda.is_available():
             kw = dict(gpu_memory_utilization=0.3, dtype="float32")
+        if args.max_num_seqs:
+            kw["max_num_seqs"] = args.max_num_seqs
         n = generate_data(target, [r["prompt"] for r in rows], args.out,
                           args.max_new_tokens, args.temperature, args.seed,
                           args.max_model_len, args.time_limit, args.chunk,
-                          **kw)
+                          args.n, **kw)
         print(f"wrote {n} sequences to {args.out}")
         return
     cfg = FitConfig(**{k: (tuple(v) if isinstance(v, list) else v)

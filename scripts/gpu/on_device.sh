@@ -2,7 +2,7 @@
 # There (GPU machine), after `source .gpu/stage.sh env`:
 #   bash scripts/gpu/on_device.sh keep-a      # call 1: keep the first half
 #   bash scripts/gpu/on_device.sh setup       # call 2: assemble, convert, install
-#   bash scripts/gpu/on_device.sh data N T [S] # N ShareGPT prompts, T new tokens
+#   bash scripts/gpu/on_device.sh data N T S [args] # N ShareGPT prompts, T new tokens
 #   bash scripts/gpu/on_device.sh plan S [fit args...]  # --steps for S seconds
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
@@ -26,10 +26,11 @@ setup)
     for f in .gpu/jetspec/b/prompts/*.jsonl.gz; do
         gunzip -c "$f" > "$W/prompts/$(basename "$f" .gz)"; done
     python3 -m vllm_jetspec.assets --only model --print-paths ;;
-data)  # N prompts, T new tokens, [SECONDS: start no new chunk after]
+data)  # N prompts, T new tokens, SECONDS (start no new chunk after), [train data args]
+    n=$1 t=$2 secs=$3; shift 3
     python3 -m vllm_jetspec.train data --prompts "$W/prompts/sharegpt.jsonl" \
-        --num-prompts "$1" --max-new-tokens "$2" --max-model-len 2048 \
-        ${3:+--time-limit "$3"} --out "$W/data.jsonl" 2>&1 | tail -5
+        --num-prompts "$n" --max-new-tokens "$t" --max-model-len 2048 \
+        --time-limit "$secs" --out "$W/data.jsonl" "$@" 2>&1 | tail -5
     wc -l "$W/data.jsonl" ;;
 plan)  # FIT_SECONDS [fit args]: time 40 steps, choose --steps for the budget
     secs=$1; shift
