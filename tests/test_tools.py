@@ -48,7 +48,8 @@ def test_eval_tau_cli(random_smollm2_head, tmp_path):
 
 
 def test_help_of_every_tool():
-    for mod in ("eval_tau", "train", "demo", "assets", "tree.bench"):
+    for mod in ("eval_tau", "train", "demo", "assets", "tree.bench", "sweep",
+                "kernels.bench_tree_attention"):
         proc = subprocess.run([sys.executable, "-m", f"vllm_jetspec.{mod}",
                                "--help"], capture_output=True, text=True)
         assert proc.returncode == 0, (mod, proc.stderr[-2000:])
@@ -105,3 +106,34 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
     line = [x for x in proc.stdout.splitlines()
             if x.startswith("overall: tau")][-1]
     assert float(line.split()[2]) > 1.5, line
+
+
+@pytest.mark.engine
+def test_sweep_through_vllm(smollm2, tmp_path):
+    """`python -m vllm_jetspec.sweep`: AR, the linear (chain) baseline and
+    jetspec at a budget smaller than the head's depth (budget 8, depth 15),
+    at batch 1 and 2: every output equals AR's, τ does not depend on the
+    batch size (each request's rounds are its own), files are written."""
+    import csv
+
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.sweep", "--num-prompts", "2",
+         "--max-new-tokens", "16", "--budgets", "8", "--batch-sizes", "1",
+         "2", "--out", str(out)], capture_output=True, text=True,
+        timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    got = {(r["method"], int(r["budget"]), int(r["batch"])): r for r in rows}
+    assert set(got) == {(m, b, B) for m, b in [("ar", 0), ("chain", 16),
+                                                ("jetspec", 8)]
+                        for B in (1, 2)}
+    assert all(r["identical_to_ar"] == "True" for r in rows)
+    for m, b in [("chain", 16), ("jetspec", 8)]:
+        assert got[(m, b, 1)]["tau"] == got[(m, b, 2)]["tau"]
+        assert got[(m, b, 1)]["rounds"] == got[(m, b, 2)]["rounds"]
+        assert float(got[(m, b, 1)]["tau"]) > 1.0
+    meta = json.loads((out / "sweep.json").read_text())["meta"]
+    assert meta["num_prompts"] == 2 and meta["baseline"] == "chain"
+    for png in ("tau_vs_budget.png", "speedup_vs_budget.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -47,7 +47,10 @@ PATCHES += [
           when="always (inert unless method is 'jetspec')"),
     Patch(replaces="vllm.v1.worker.gpu_model_runner:DFlashProposer",
           by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
-          why="per-depth top-K and a tree instead of the argmax chain",
+          why="per-depth top-K and a tree instead of the argmax chain; "
+              "its buffers are sized for 1 + depth query slots per request "
+              "(vLLM sizes them from num_speculative_tokens = budget - 1, "
+              "too small when the budget is below the depth)",
           when="always (a subclass that is DFlash unless jetspec)"),
     Patch(replaces="vllm.model_executor.models.qwen3_dflash:"
                    "DFlashQwen3Model._normalize_context_k (per instance)",

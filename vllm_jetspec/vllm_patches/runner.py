@@ -51,8 +51,22 @@ class JetSpecProposer(DFlashProposer):
     engine runs jetspec (otherwise exactly DFlash)."""
 
     def __init__(self, vllm_config, device, runner=None):
-        super().__init__(vllm_config, device, runner)
-        self.jetspec = settings_of(vllm_config.speculative_config)
+        spec = vllm_config.speculative_config
+        s = settings_of(spec)
+        n_spec = spec.num_speculative_tokens
+        if s is not None and s.depth > n_spec:
+            # The draft pass runs 1 + depth query slots per request, but the
+            # proposer sizes its query buffers (positions, slot mapping, ...)
+            # from num_speculative_tokens = budget - 1. With budget <= depth
+            # those would be too small for batch > 1 (vLLM CPU's C++ input
+            # kernel then writes past them): size them for the depth.
+            object.__setattr__(spec, "num_speculative_tokens", s.depth)
+        try:
+            super().__init__(vllm_config, device, runner)
+        finally:
+            object.__setattr__(spec, "num_speculative_tokens", n_spec)
+        self.num_speculative_tokens = n_spec
+        self.jetspec = s
         self._topk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_tree: DraftTree | None = None
 

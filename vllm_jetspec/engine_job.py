@@ -1,0 +1,88 @@
+"""Run one vLLM engine on a batch plan in a fresh process; used by the
+sweep and the demo (each engine needs its own process: vLLM holds global
+state, and a plugin-patched engine must not share one with a plain one).
+
+    python -m vllm_jetspec.engine_job < job.json   # prints "JOB {...}"
+
+Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
+(token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
+(extra ``LLM`` kwargs). For each batch size B the prompts run in groups of
+B (one ``generate`` call per group, so B requests decode together); the
+result per B holds the output ids, generated tokens, wall seconds and the
+spec-decode counters of that part (drafts, accepted tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _spec_counters(llm) -> dict:
+    m = {}
+    for x in llm.get_metrics():
+        if x.name in ("vllm:spec_decode_num_drafts",
+                      "vllm:spec_decode_num_accepted_tokens"):
+            m[x.name.rsplit("_num_", 1)[1]] = x.value
+    return m
+
+
+def _run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=2048, disable_log_stats=False)
+    kw.update(job.get("engine") or {})
+    t0 = time.perf_counter()
+    llm = LLM(job["target"], speculative_config=job["spec"], **kw)
+    start_s = time.perf_counter() - t0
+    sp = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0,
+                        ignore_eos=job.get("ignore_eos", False))
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+    # One untimed request first: lazy initialisation stays out of timings.
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+    out = {}
+    for B in job["batch_sizes"]:
+        before = _spec_counters(llm)
+        ids, secs = [], 0.0
+        for i in range(0, len(prompts), B):
+            t = time.perf_counter()
+            res = llm.generate(prompts[i:i + B], sp, use_tqdm=False)
+            secs += time.perf_counter() - t
+            ids += [list(r.outputs[0].token_ids) for r in res]
+        after = _spec_counters(llm)
+        out[str(B)] = dict(
+            ids=ids, tokens=sum(len(x) for x in ids), seconds=secs,
+            drafts=after.get("drafts", 0) - before.get("drafts", 0),
+            accepted=(after.get("accepted_tokens", 0)
+                      - before.get("accepted_tokens", 0)))
+    return dict(start_seconds=start_s, batches=out)
+
+
+def run_job(job: dict, timeout: float | None = None) -> dict:
+    """Run ``job`` in a subprocess; returns its result or raises
+    ``RuntimeError`` with the end of the engine's log."""
+    proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.engine_job"],
+                          input=json.dumps(job), capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("JOB ")]
+    if proc.returncode or not lines:
+        fd, path = tempfile.mkstemp(prefix="jetspec_engine_job_",
+                                    suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        raise RuntimeError(f"engine job failed ({proc.returncode}); full log "
+                           f"in {path}; its end:\n"
+                           + (proc.stdout + proc.stderr)[-3000:])
+    res = json.loads(lines[-1][4:])
+    res["log"] = proc.stdout + proc.stderr
+    return res
+
+
+if __name__ == "__main__":
+    print("JOB " + json.dumps(_run(json.load(sys.stdin))), flush=True)
