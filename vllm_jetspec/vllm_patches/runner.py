@@ -277,6 +277,19 @@ def wrap_sample(orig):
         R, N = tree.tokens.shape
         V = logits.shape[-1]
         cu = [0] + spec_decode_metadata.cu_num_sampled_tokens.tolist()
+        if any(tree_unsupported_reason(self.requests[rid].sampling_params)
+               for rid in self.input_batch.req_ids[:R]
+               if self.requests[rid].sampling_params is not None):
+            # A request the tree sampler cannot honour joined a batch whose
+            # other requests already had drafts (e.g. its prefill ended this
+            # step). This step, every request keeps its root token only,
+            # sampled by vLLM's own sampler over the root rows (penalties,
+            # logprobs, ... for all); every draft counts as rejected, and
+            # the kept path (the root) needs no compaction.
+            for r in step.rows:
+                step.perm[r] = torch.arange(int(tree.num_nodes[r]),
+                                            device=logits.device)
+            return orig(self, logits[cu[:-1]], None)
         node_logits = logits.new_full((R, N, V), 0.0)
         for r in range(R):
             node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]

@@ -9,7 +9,9 @@ structured output, logprobs, custom logits processors); the tree path
 would emit tokens from a different distribution (or no logprobs). While such
 a request runs, every batch that contains it decodes plainly (no drafts, so
 vLLM's own sampler does the step), with a one-time warning; the other
-requests get trees again once it has finished.
+requests get trees again once it has finished. A step in which such a
+request meets drafts already scheduled for others keeps only each request's
+root token, sampled by vLLM's sampler (``runner.wrap_sample``).
 """
 
 from __future__ import annotations
