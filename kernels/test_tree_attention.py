@@ -15,8 +15,17 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before the kernel is defined (decorated).
-    os.environ["TRITON_INTERPRET"] = "1"
+    # Must be set before Triton is first imported: the repository's
+    # conftest.py does that for pytest runs; this covers direct imports.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(tl.max, InterpretedFunction):
+        raise RuntimeError(
+            "Triton was imported before TRITON_INTERPRET=1 was set, so its "
+            "standard library is compiled for a GPU and the kernel cannot "
+            "run on CPU; run pytest from the repository root (its "
+            "conftest.py sets the variable) or export TRITON_INTERPRET=1")
 
 from vllm_jetspec.kernels.tree_attention import tree_attention  # noqa: E402
 from vllm_jetspec.kernels.tree_attention_ref import (  # noqa: E402
