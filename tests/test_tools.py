@@ -49,7 +49,7 @@ def test_eval_tau_cli(random_smollm2_head, tmp_path):
 
 def test_help_of_every_tool():
     for mod in ("eval_tau", "train", "demo", "assets", "tree.bench", "sweep",
-                "kernels.bench_tree_attention"):
+                "bench", "kernels.bench_tree_attention"):
         proc = subprocess.run([sys.executable, "-m", f"vllm_jetspec.{mod}",
                                "--help"], capture_output=True, text=True)
         assert proc.returncode == 0, (mod, proc.stderr[-2000:])

@@ -6,10 +6,12 @@ state, and a plugin-patched engine must not share one with a plain one).
 
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 (token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
-(extra ``LLM`` kwargs). For each batch size B the prompts run in groups of
+(extra ``LLM`` kwargs), ``ignore_eos``, ``profile`` (measure the round-time
+split, see ``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
-spec-decode counters of that part (drafts, accepted tokens).
+spec-decode counters of that part (drafts, accepted tokens) and, with
+``profile``, the runner's step count and seconds per segment.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def _run(job: dict) -> dict:
     kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=2048, disable_log_stats=False)
     kw.update(job.get("engine") or {})
+    if job.get("profile"):
+        # Read by the runner hooks in this process and the engine core's.
+        os.environ["JETSPEC_PROFILE"] = "1"
+
+    def profile(reset):
+        if not job.get("profile"):
+            return None
+        return llm.collective_rpc("jetspec_profile",
+                                  kwargs=dict(reset=reset))[0]
+
     t0 = time.perf_counter()
     llm = LLM(job["target"], speculative_config=job["spec"], **kw)
     start_s = time.perf_counter() - t0
@@ -49,6 +61,7 @@ def _run(job: dict) -> dict:
     out = {}
     for B in job["batch_sizes"]:
         before = _spec_counters(llm)
+        profile(reset=True)
         ids, secs = [], 0.0
         for i in range(0, len(prompts), B):
             t = time.perf_counter()
@@ -56,7 +69,9 @@ def _run(job: dict) -> dict:
             secs += time.perf_counter() - t
             ids += [list(r.outputs[0].token_ids) for r in res]
         after = _spec_counters(llm)
+        prof = profile(reset=True)
         out[str(B)] = dict(
+            profile=prof,
             ids=ids, tokens=sum(len(x) for x in ids), seconds=secs,
             drafts=after.get("drafts", 0) - before.get("drafts", 0),
             accepted=(after.get("accepted_tokens", 0)

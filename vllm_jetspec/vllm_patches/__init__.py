@@ -68,6 +68,13 @@ PATCHES += [
               "as the next draft's context; on CPU the torch attention "
               "backend replaces CPU_ATTN for jetspec engines",
           when="always (inert unless the engine's config is jetspec)"),
+    Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
+                   "(added, replaces nothing)",
+          by="vllm_jetspec.vllm_patches.profile:worker_profile",
+          why="the bench reads the runner's round-time split (prepare/"
+              "verify/accept/draft/tree) through LLM.collective_rpc, which "
+              "calls worker methods by name",
+          when="always (returns an empty profile unless JETSPEC_PROFILE=1)"),
 ]
 
 

@@ -25,7 +25,7 @@ from ..tree import MAX_BUDGET, TREE_ALGOS
 
 logger = logging.getLogger("vllm.jetspec.config")
 
-JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo")
+JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo", "replay")
 DEFAULT_BUDGET = 64
 DEFAULT_WIDTH = 7
 DEFAULT_ALGO = "accum_logp"
@@ -37,6 +37,9 @@ class JetSpecSettings:
     width: int       # top-K per depth
     algo: str
     depth: int       # draft depth = the head's mask slots used
+    # Benchmark mode: a replay file (see ``vllm_jetspec.replay``) whose
+    # recorded continuations are put into every tree as its top branch.
+    replay: str | None = None
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -82,8 +85,13 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     depth = head.block_size - 1 if depth is None else depth
     depth = _int_in("num_speculative_tokens (draft depth)", depth, 1,
                     head.block_size - 1)
+    replay = spec.pop("replay", None)
+    if replay is not None:
+        from ..replay import load_replay
+        load_replay(replay)      # one clear error now, not in the worker
+        replay = os.path.abspath(replay)
     settings = JetSpecSettings(budget=budget, width=width, algo=algo,
-                               depth=depth)
+                               depth=depth, replay=replay)
     if budget == 1:
         # The root alone: no draft token to verify, i.e. plain decoding.
         return None, settings

@@ -29,10 +29,12 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
+from ..replay import force_top1, load_replay, replay_window
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
 from . import tree_state
 from .config import settings_of
+from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
 
 logger = init_logger("vllm.jetspec.runner")
@@ -69,6 +71,13 @@ class JetSpecProposer(DFlashProposer):
         self.jetspec = s
         self._topk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_tree: DraftTree | None = None
+        self.prof = StepProfiler(enabled=False)   # the runner's, if any
+        self.tree_seconds = 0.0                    # of the last propose()
+        # Replay mode (benchmarks): prompt ids -> recorded sequence, and
+        # per step the recorded tokens at depths 1..depth, [R, depth].
+        self.replay = load_replay(s.replay) if s is not None and s.replay \
+            else None
+        self.replay_tokens: torch.Tensor | None = None
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -89,6 +98,9 @@ class JetSpecProposer(DFlashProposer):
                                                 sampling_metadata)
         logp = self.model.compute_logits(hidden_states).float().log_softmax(-1)
         v, i = logp.topk(min(self.jetspec.width, logp.shape[-1]), dim=-1)
+        rt, self.replay_tokens = self.replay_tokens, None
+        if rt is not None and rt.numel() == v.shape[0]:
+            v, i = force_top1(v, i, rt.reshape(-1))
         self._topk = (v, i)
         return i[:, 0], None
 
@@ -100,8 +112,10 @@ class JetSpecProposer(DFlashProposer):
         v, i = self._topk
         anchor = kwargs["next_token_ids"]
         R = anchor.shape[0]
+        t = self.prof.start()
         tree = build_tree(v.view(R, s.depth, -1), i.view(R, s.depth, -1),
                           anchor.long(), s.budget, algo=s.algo)
+        self.tree_seconds = (self.prof.now() - t) if t is not None else 0.0
         self.last_tree = tree
         return tree.tokens[:, 1:]
 
@@ -141,166 +155,259 @@ def wrap_init(orig):
         orig(self, vllm_config, device, *args, **kwargs)
         self._jetspec_trees: dict[str, tuple] = {}
         self._jetspec_step: _Step | None = None
+        self._jetspec_prof = StepProfiler()
+        self._jetspec_root_pos: list[int] | None = None
+        if isinstance(getattr(self, "drafter", None), JetSpecProposer):
+            self.drafter.prof = self._jetspec_prof
         if s is not None:
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
                         s.budget, s.width, s.algo, s.depth)
     return __init__
 
 
+def _valid_counts(sampled_token_ids, R: int) -> list[int]:
+    """Tokens each request emitted this step (accepted + bonus)."""
+    if torch.is_tensor(sampled_token_ids):
+        return (sampled_token_ids[:R] >= 0).sum(1).tolist()
+    return [len(x) for x in sampled_token_ids[:R]]
+
+
+def _set_replay_tokens(self, sampled_token_ids) -> None:
+    """Replay mode: hand the drafter the recorded tokens after each
+    request's new anchor (its index = the root's position + the tokens
+    emitted this step)."""
+    drafter, depth = self.drafter, self.drafter.jetspec.depth
+    R = self.input_batch.num_reqs
+    roots = self._jetspec_root_pos
+    if roots is None or len(roots) < R:
+        return
+    counts = _valid_counts(sampled_token_ids, R)
+    win = []
+    for r, rid in enumerate(self.input_batch.req_ids[:R]):
+        prompt = self.requests[rid].prompt_token_ids
+        seq = drafter.replay.get(tuple(prompt)) if prompt is not None \
+            else None
+        win.append(replay_window(seq, roots[r] + counts[r], depth))
+    drafter.replay_tokens = torch.tensor(win, dtype=torch.long,
+                                         device=self.positions.device)
+
+
 def wrap_propose(orig):
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids,
-                                sampling_metadata, hidden_states,
-                                sample_hidden_states, aux_hidden_states,
-                                *args, **kwargs):
-        if _settings(self) is None:
-            return orig(self, scheduler_output, sampled_token_ids,
-                        sampling_metadata, hidden_states,
-                        sample_hidden_states, aux_hidden_states, *args,
-                        **kwargs)
-        step = self._jetspec_step
-        if step is not None and step.perm:
-            # The accepted path first, so the drafter's context (the first
-            # num_scheduled - num_rejected tokens) is the kept sequence.
-            for row, perm in step.perm.items():
-                s = step.starts[row]
-                sl = slice(s, s + perm.numel())
-                self.input_ids.gpu[sl] = self.input_ids.gpu[sl][perm]
-                for h in aux_hidden_states or ():
-                    h[sl] = h[sl][perm]
-                # Linear positions, as after a chain: the kept path gets
-                # prefix + 0..a, the rejected nodes the positions after it.
-                # DFlash writes every scheduled token's context K/V at its
-                # position's slot; a rejected sibling sharing a depth would
-                # overwrite the kept node's.
-                self.positions[sl] = self.positions[s] + torch.arange(
-                    perm.numel(), device=self.positions.device)
-        drafts = orig(self, scheduler_output, sampled_token_ids,
-                      sampling_metadata, hidden_states, sample_hidden_states,
-                      aux_hidden_states, *args, **kwargs)
-        tree = self.drafter.last_tree
-        if tree is None or not torch.is_tensor(drafts) \
-                or drafts.shape[0] != tree.batch_size:
-            return drafts
-        self.drafter.last_tree = None
-        req_ids = self.input_batch.req_ids[:tree.batch_size]
-        self._jetspec_trees = {}
-        for rid in req_ids:
-            params = self.requests[rid].sampling_params
-            why = tree_unsupported_reason(params) if params else None
-            if why:
-                # The verify step samples every request of the batch with
-                # our per-node sampler, which cannot honour these settings:
-                # while such a request runs, the whole batch decodes plainly
-                # (no drafts: vLLM's own sampler does the step).
-                logger.warning_once(
-                    "jetspec: a request with %s is running; batches that "
-                    "contain it decode without trees (plain decoding)", why)
-                return [[] for _ in req_ids]
-        out: list[list[int]] = []
-        for r, rid in enumerate(req_ids):
-            n = int(tree.num_nodes[r])
-            self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
-                                        tree.parents[r, :n].clone(),
-                                        tree.depth[r, :n].clone())
-            out.append(tree.tokens[r, 1:n].tolist())
-        return out
+    def propose_draft_token_ids(self, *args, **kwargs):
+        prof = self._jetspec_prof
+        t0 = prof.start()
+        self._jetspec_tree_s = 0.0
+        try:
+            return _propose(self, orig, *args, **kwargs)
+        finally:
+            if t0 is not None:
+                prof.add("draft", t0)
+                prof.sub("draft", self._jetspec_tree_s)
+                prof.seconds["tree"] += self._jetspec_tree_s
     return propose_draft_token_ids
+
+
+def _propose(self, orig, scheduler_output, sampled_token_ids,
+             sampling_metadata, hidden_states, sample_hidden_states,
+             aux_hidden_states, *args, **kwargs):
+    if _settings(self) is None:
+        return orig(self, scheduler_output, sampled_token_ids,
+                    sampling_metadata, hidden_states,
+                    sample_hidden_states, aux_hidden_states, *args,
+                    **kwargs)
+    if self.drafter.replay is not None:
+        _set_replay_tokens(self, sampled_token_ids)
+    step = self._jetspec_step
+    if step is not None and step.perm:
+        # The accepted path first, so the drafter's context (the first
+        # num_scheduled - num_rejected tokens) is the kept sequence.
+        for row, perm in step.perm.items():
+            s = step.starts[row]
+            sl = slice(s, s + perm.numel())
+            self.input_ids.gpu[sl] = self.input_ids.gpu[sl][perm]
+            for h in aux_hidden_states or ():
+                h[sl] = h[sl][perm]
+            # Linear positions, as after a chain: the kept path gets
+            # prefix + 0..a, the rejected nodes the positions after it.
+            # DFlash writes every scheduled token's context K/V at its
+            # position's slot; a rejected sibling sharing a depth would
+            # overwrite the kept node's.
+            self.positions[sl] = self.positions[s] + torch.arange(
+                perm.numel(), device=self.positions.device)
+    drafts = orig(self, scheduler_output, sampled_token_ids,
+                  sampling_metadata, hidden_states, sample_hidden_states,
+                  aux_hidden_states, *args, **kwargs)
+    tree = self.drafter.last_tree
+    if tree is None or not torch.is_tensor(drafts) \
+            or drafts.shape[0] != tree.batch_size:
+        return drafts
+    t = self._jetspec_prof.start()
+    self._jetspec_tree_s = self.drafter.tree_seconds
+    try:
+        return _tree_drafts(self, tree)
+    finally:
+        if t is not None:
+            self._jetspec_tree_s += self._jetspec_prof.now() - t
+
+
+def _tree_drafts(self, tree: DraftTree):
+    """The drafts' lists the scheduler gets; the trees kept for the
+    verify step."""
+    self.drafter.last_tree = None
+    req_ids = self.input_batch.req_ids[:tree.batch_size]
+    self._jetspec_trees = {}
+    for rid in req_ids:
+        params = self.requests[rid].sampling_params
+        why = tree_unsupported_reason(params) if params else None
+        if why:
+            # The verify step samples every request of the batch with
+            # our per-node sampler, which cannot honour these settings:
+            # while such a request runs, the whole batch decodes plainly
+            # (no drafts: vLLM's own sampler does the step).
+            logger.warning_once(
+                "jetspec: a request with %s is running; batches that "
+                "contain it decode without trees (plain decoding)", why)
+            return [[] for _ in req_ids]
+    out: list[list[int]] = []
+    for r, rid in enumerate(req_ids):
+        n = int(tree.num_nodes[r])
+        self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
+                                    tree.parents[r, :n].clone(),
+                                    tree.depth[r, :n].clone())
+        out.append(tree.tokens[r, 1:n].tolist())
+    return out
+
+
+def _root_positions(self, num_scheduled_tokens, sdm) -> list[int]:
+    """Per request, the position of the token its sampled rows start at
+    (the last prompt token of a prefill, a tree's root)."""
+    R = self.input_batch.num_reqs
+    ends = torch.tensor(num_scheduled_tokens[:R], dtype=torch.long).cumsum(0)
+    n = torch.tensor(sdm.num_draft_tokens[:R]) + 1 if sdm is not None \
+        else torch.ones(R, dtype=torch.long)
+    return self.positions[(ends - n).to(self.positions.device)].tolist()
 
 
 def wrap_prepare_inputs(orig):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        logits_indices, sdm = orig(self, scheduler_output,
-                                   num_scheduled_tokens)
+        prof = self._jetspec_prof
+        t0 = prof.start()
+        out = orig(self, scheduler_output, num_scheduled_tokens)
+        t1 = prof.add("prepare", t0)
         self._jetspec_step = None
         tree_state.clear()
-        if _settings(self) is None or sdm is None:
-            return logits_indices, sdm
-        num_reqs = self.input_batch.num_reqs
-        req_ids = self.input_batch.req_ids[:num_reqs]
-        starts = [0]
-        for n in num_scheduled_tokens[:num_reqs]:
-            starts.append(starts[-1] + int(n))
-        dev = self.positions.device
-        n_nodes = [d + 1 for d in sdm.num_draft_tokens]
-        N = max(n_nodes)
-        tokens = torch.full((num_reqs, N), -1, dtype=torch.long, device=dev)
-        parents = torch.full_like(tokens, -1)
-        depth = torch.full_like(tokens, -1)
-        depth[:, 0] = 0
-        rows, masks = [], {}
-        spec = scheduler_output.scheduled_spec_decode_tokens
-        for r, rid in enumerate(req_ids):
-            n = n_nodes[r]
-            # The request's sampled rows begin n tokens before its end.
-            first = starts[r + 1] - n
-            tokens[r, :n] = self.input_ids.gpu[first:first + n]
-            if n == 1:
-                continue
-            stored = self._jetspec_trees.get(rid)
-            if stored is not None and len(stored[0]) >= n and torch.equal(
-                    stored[0][1:n].to(dev),
-                    torch.tensor(spec[rid], device=dev)):
-                parents[r, :n] = stored[1][:n]
-                depth[r, :n] = stored[2][:n]
-            else:
-                # Drafts not from a tree of ours (e.g. the zero drafts vLLM
-                # schedules when the drafter was skipped): a chain.
-                parents[r, :n] = torch.arange(-1, n - 1, device=dev)
-                depth[r, :n] = torch.arange(n, device=dev)
-            rows.append(r)
-            base = self.positions[first].clone()
-            self.positions[first:first + n] = base + depth[r, :n]
-        tree = DraftTree(tokens, parents, depth,
-                         torch.zeros(num_reqs, N, device=dev),
-                         torch.tensor(n_nodes, device=dev),
-                         max_depth=int(depth.max()))
-        if rows:
-            packed = packed_ancestor_mask(tree)
-            for r in rows:
-                masks[r] = packed[r, :n_nodes[r]]
-            tree_state.set_step_masks(masks)
-        self._jetspec_step = _Step(rows, [starts[r + 1] - n_nodes[r]
-                                          for r in range(num_reqs)], tree)
-        return logits_indices, sdm
+        s = _settings(self)
+        if s is not None and s.replay is not None:
+            self._jetspec_root_pos = _root_positions(
+                self, num_scheduled_tokens, out[1])
+        if s is not None and out[1] is not None:
+            _tree_inputs(self, scheduler_output, num_scheduled_tokens,
+                         out[1])
+        if t0 is not None:
+            prof.steps += 1
+            prof.add("tree", t1)
+            prof.mark(prof.now())
+        return out
     return _prepare_inputs
+
+
+def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
+                 sdm) -> None:
+    """Tree positions and ancestor masks for the verify forward; the
+    step's trees for ``_sample``."""
+    num_reqs = self.input_batch.num_reqs
+    req_ids = self.input_batch.req_ids[:num_reqs]
+    starts = [0]
+    for n in num_scheduled_tokens[:num_reqs]:
+        starts.append(starts[-1] + int(n))
+    dev = self.positions.device
+    n_nodes = [d + 1 for d in sdm.num_draft_tokens]
+    N = max(n_nodes)
+    tokens = torch.full((num_reqs, N), -1, dtype=torch.long, device=dev)
+    parents = torch.full_like(tokens, -1)
+    depth = torch.full_like(tokens, -1)
+    depth[:, 0] = 0
+    rows, masks = [], {}
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    for r, rid in enumerate(req_ids):
+        n = n_nodes[r]
+        # The request's sampled rows begin n tokens before its end.
+        first = starts[r + 1] - n
+        tokens[r, :n] = self.input_ids.gpu[first:first + n]
+        if n == 1:
+            continue
+        stored = self._jetspec_trees.get(rid)
+        if stored is not None and len(stored[0]) >= n and torch.equal(
+                stored[0][1:n].to(dev),
+                torch.tensor(spec[rid], device=dev)):
+            parents[r, :n] = stored[1][:n]
+            depth[r, :n] = stored[2][:n]
+        else:
+            # Drafts not from a tree of ours (e.g. the zero drafts vLLM
+            # schedules when the drafter was skipped): a chain.
+            parents[r, :n] = torch.arange(-1, n - 1, device=dev)
+            depth[r, :n] = torch.arange(n, device=dev)
+        rows.append(r)
+        base = self.positions[first].clone()
+        self.positions[first:first + n] = base + depth[r, :n]
+    tree = DraftTree(tokens, parents, depth,
+                     torch.zeros(num_reqs, N, device=dev),
+                     torch.tensor(n_nodes, device=dev),
+                     max_depth=int(depth.max()))
+    if rows:
+        packed = packed_ancestor_mask(tree)
+        for r in rows:
+            masks[r] = packed[r, :n_nodes[r]]
+        tree_state.set_step_masks(masks)
+    self._jetspec_step = _Step(rows, [starts[r + 1] - n_nodes[r]
+                                      for r in range(num_reqs)], tree)
 
 
 def wrap_sample(orig):
     def _sample(self, logits, spec_decode_metadata):
-        # The target's verify forward is done: the masks must not reach the
-        # draft model's attention metadata.
-        tree_state.clear()
-        step = self._jetspec_step
-        if step is None or spec_decode_metadata is None:
-            return orig(self, logits, spec_decode_metadata)
-        tree = step.tree
-        R, N = tree.tokens.shape
-        V = logits.shape[-1]
-        cu = [0] + spec_decode_metadata.cu_num_sampled_tokens.tolist()
-        if any(tree_unsupported_reason(self.requests[rid].sampling_params)
-               for rid in self.input_batch.req_ids[:R]
-               if self.requests[rid].sampling_params is not None):
-            # A request the tree sampler cannot honour joined a batch whose
-            # other requests already had drafts (e.g. its prefill ended this
-            # step). This step, every request keeps its root token only,
-            # sampled by vLLM's own sampler over the root rows (penalties,
-            # logprobs, ... for all); every draft counts as rejected, and
-            # the kept path (the root) needs no compaction.
-            for r in step.rows:
-                step.perm[r] = torch.arange(int(tree.num_nodes[r]),
-                                            device=logits.device)
-            return orig(self, logits[cu[:-1]], None)
-        node_logits = logits.new_full((R, N, V), 0.0)
-        for r in range(R):
-            node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
-        md = self.input_batch.sampling_metadata
-        temp, top_k, top_p, gens = node_sampling_inputs(md, R, logits.device)
-        tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
-        acc = accept(tree, tgt)
-        out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
-        compact(self, step, acc)
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        prof = self._jetspec_prof
+        t = prof.add("verify", prof.take_mark())
+        try:
+            return _tree_sample(self, orig, logits, spec_decode_metadata)
+        finally:
+            prof.add("accept", t)
     return _sample
+
+
+def _tree_sample(self, orig, logits, spec_decode_metadata):
+    # The target's verify forward is done: the masks must not reach the
+    # draft model's attention metadata.
+    tree_state.clear()
+    step = self._jetspec_step
+    if step is None or spec_decode_metadata is None:
+        return orig(self, logits, spec_decode_metadata)
+    tree = step.tree
+    R, N = tree.tokens.shape
+    V = logits.shape[-1]
+    cu = [0] + spec_decode_metadata.cu_num_sampled_tokens.tolist()
+    if any(tree_unsupported_reason(self.requests[rid].sampling_params)
+           for rid in self.input_batch.req_ids[:R]
+           if self.requests[rid].sampling_params is not None):
+        # A request the tree sampler cannot honour joined a batch whose
+        # other requests already had drafts (e.g. its prefill ended this
+        # step). This step, every request keeps its root token only,
+        # sampled by vLLM's own sampler over the root rows (penalties,
+        # logprobs, ... for all); every draft counts as rejected, and
+        # the kept path (the root) needs no compaction.
+        for r in step.rows:
+            step.perm[r] = torch.arange(int(tree.num_nodes[r]),
+                                        device=logits.device)
+        return orig(self, logits[cu[:-1]], None)
+    node_logits = logits.new_full((R, N, V), 0.0)
+    for r in range(R):
+        node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
+    md = self.input_batch.sampling_metadata
+    temp, top_k, top_p, gens = node_sampling_inputs(md, R, logits.device)
+    tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
+    acc = accept(tree, tgt)
+    out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
+    compact(self, step, acc)
+    return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
 
 def compact(self, step: _Step, acc) -> None:
@@ -343,3 +450,7 @@ def apply() -> None:
     R._sample = wrap_sample(R._sample)
     R.propose_draft_token_ids = wrap_propose(R.propose_draft_token_ids)
     R._jetspec_patched = True
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from .profile import worker_profile
+    WorkerBase.jetspec_profile = worker_profile

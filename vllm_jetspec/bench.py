@@ -1,0 +1,305 @@
+"""Round cost and throughput of stock AR, linear DFlash and jetspec, in one
+run of one command.
+
+    python -m vllm_jetspec.bench --budgets 16 64 --batch-sizes 1 4
+    python -m vllm_jetspec.bench --replay --target DIR --head DIR \\
+        --load-format dummy --dtype bfloat16 --prompt-len 512 \\
+        --max-new-tokens 256 --budgets 16 32 64 128 256 --batch-sizes 1 8 32
+
+Engines, one after the other, each in its own process (vLLM keeps global
+state per process; see ``engine_job``): plain decoding (AR: the reference
+for speed-up and tokens), the linear baseline with the same head, then
+jetspec at each budget. Every engine decodes the same prompts greedily for
+``--max-new-tokens`` tokens (EOS ignored, so every request has the same
+length) at every batch size. Per (method, budget, batch): tok/s, speed-up
+over AR, τ (vLLM's spec-decode metrics; tokens per target forward, bonus
+included), whether the tokens equal AR's, and the round time split
+measured inside the model runner (``vllm_patches/profile.py``): prepare,
+verify (the target's forward), accept (sampling, acceptance, KV
+compaction), draft (the head's forward), tree (construction and masks),
+other (scheduler, output processing: the rest of the wall time per step).
+
+``--replay``: the AR engine's outputs are written to ``replay.json`` and the
+drafters of the speculative engines put the target's recorded continuation
+first in their top-K (``vllm_jetspec.replay``), so τ is min(budget, depth + 1)
+wherever the target reproduces its own tokens: round cost can be measured
+on dummy weights, where real acceptance means nothing. vLLM's own dflash
+method has no replay, so the linear baseline is then jetspec's ``chain``
+(one branch of the head's depth) through the same runner.
+
+Writes ``bench.json`` (settings, rows, per-engine start-up seconds),
+``bench.csv`` and ``bench.png`` to ``--out``. Exit status 1 if a
+speculative output differs from AR's (not with ``--load-format dummy``,
+where near-tied logits of random weights may legitimately flip under a
+different batch shape; the mismatches are still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+
+from .engine_job import run_job
+
+SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
+FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
+          "identical_to_ar", "steps", "round_ms"] + \
+    [f"{s}_ms" for s in SEGMENTS] + ["tokens", "seconds"]
+
+
+def rows_of(method: str, budget: int, replay: bool, res: dict,
+            ar: dict) -> list[dict]:
+    """One row per batch size of an engine's result."""
+    rows = []
+    for B, r in res["batches"].items():
+        base = ar["batches"][B]
+        tok_s = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
+        ar_s = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
+        prof = r.get("profile") or {}
+        steps = prof.get("steps") or 0
+        row = dict(
+            method=method, budget=budget, batch=int(B), replay=replay,
+            tau=(1 + r["accepted"] / r["drafts"]) if r["drafts"] else 1.0,
+            tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
+            identical_to_ar=r["ids"] == base["ids"], steps=steps,
+            round_ms=1e3 * r["seconds"] / steps if steps else 0.0,
+            tokens=r["tokens"], seconds=r["seconds"])
+        secs = prof.get("seconds") or {}
+        for s in SEGMENTS[:-1]:
+            row[f"{s}_ms"] = 1e3 * secs.get(s, 0.0) / steps if steps else 0.0
+        row["other_ms"] = max(0.0, row["round_ms"] - sum(
+            row[f"{s}_ms"] for s in SEGMENTS[:-1]))
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> str | None:
+    """tok/s vs budget (one line per batch size, AR and baseline dashed) and
+    the round-time split of every engine and batch size, as one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib is not installed, no plot "
+              "(pip install 'vllm-jetspec[plots]')")
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5),
+                               gridspec_kw=dict(width_ratios=[1, 1.6]))
+    js = [r for r in rows if r["method"] == "jetspec"]
+    for B in sorted({r["batch"] for r in rows}):
+        pts = sorted((r["budget"], r["tok_s"]) for r in js if r["batch"] == B)
+        line = a.plot(*zip(*pts), marker="o", label=f"jetspec, batch {B}") \
+            if pts else a.plot([], [])
+        for r in rows:
+            if r["batch"] == B and r["method"] != "jetspec":
+                a.axhline(r["tok_s"], color=line[0].get_color(),
+                          ls="--" if r["method"] == "ar" else ":", lw=1,
+                          label=f"{r['method']}, batch {B}")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("tree budget (nodes)")
+    a.set_ylabel("output tok/s")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    labels = [f"{r['method']}{r['budget'] or ''}\nB{r['batch']}"
+              for r in rows]
+    bottom = [0.0] * len(rows)
+    for s in SEGMENTS:
+        vals = [r[f"{s}_ms"] for r in rows]
+        b.bar(range(len(rows)), vals, bottom=bottom, label=s)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_xticks(range(len(rows)), labels, fontsize=6)
+    b.set_ylabel("ms per engine step (round)")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def synthetic_prompts(n: int, length: int, vocab: int,
+                      seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids (for dummy weights,
+    where only lengths matter); ids avoid the first and last 10% of the
+    vocabulary (special tokens usually live there)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = vocab // 10, vocab - vocab // 10
+    return torch.randint(lo, hi, (n, length), generator=g).tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.bench",
+                                 description=__doc__,
+                                 formatter_class=argparse.
+                                 RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=None,
+                    help="HF model dir (default: the SmolLM2 asset)")
+    ap.add_argument("--head", default=None,
+                    help="head dir (default: the shipped SmolLM2 head)")
+    ap.add_argument("--load-format", default="auto",
+                    help="'dummy': random weights for target and head "
+                         "(timing only)")
+    ap.add_argument("--dtype", default="float32")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default="gsm8k",
+                     choices=["gsm8k", "math", "humaneval", "mtbench"])
+    src.add_argument("--prompts", help="JSONL with a 'prompt' field")
+    src.add_argument("--prompt-len", type=int,
+                     help="synthetic prompts of this many random tokens")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="default: the largest batch size")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    ap.add_argument("--tree-algo", default="accum_logp")
+    ap.add_argument("--replay", action="store_true",
+                    help="drafters replay the target's recorded output")
+    ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
+                    default="dflash")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--no-split", action="store_true",
+                    help="no round-time split (no device syncs)")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="dataset prompts without the chat template")
+    ap.add_argument("--out", default="bench")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from . import assets
+    from .head import HeadConfig
+    from .heads import shipped_head_dir
+    from .replay import save_replay
+    from .sweep import DATASETS
+
+    target = args.target or str(assets.default_model_dir())
+    head = args.head or str(shipped_head_dir())
+    depth = HeadConfig.from_json(os.path.join(head, "config.json")) \
+        .block_size - 1
+    maxB = max(args.batch_sizes)
+    n = args.num_prompts or maxB
+    if args.prompt_len:
+        vocab = AutoConfig.from_pretrained(target).vocab_size
+        prompts = synthetic_prompts(n, args.prompt_len, vocab)
+        source = f"synthetic, {args.prompt_len} tokens"
+    else:
+        from transformers import AutoTokenizer
+
+        from .eval_tau import encode_prompts
+        source = args.prompts or DATASETS[args.dataset]
+        prompts = encode_prompts(assets.load_prompts(source, limit=n),
+                                 AutoTokenizer.from_pretrained(target),
+                                 chat=not args.no_chat)
+    os.makedirs(args.out, exist_ok=True)
+    replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
+    dummy = args.load_format == "dummy"
+
+    def job(spec, budget):
+        engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
+                      max_num_seqs=maxB, load_format=args.load_format,
+                      max_num_batched_tokens=max(2048, maxB * (budget + 1)))
+        if args.gpu_memory_utilization is not None:
+            engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+        return dict(target=target, spec=spec, prompts=prompts,
+                    batch_sizes=args.batch_sizes, ignore_eos=True,
+                    max_new_tokens=args.max_new_tokens, engine=engine,
+                    profile=not args.no_split)
+
+    def jetspec(budget, algo):
+        spec = {"method": "jetspec", "model": head, "tree_budget": budget,
+                "tree_algo": algo}
+        if args.replay:
+            spec["replay"] = replay_path
+        return spec
+
+    plan = [("ar", 0, None)]
+    baseline = args.baseline
+    if args.replay and baseline == "dflash":
+        baseline = "chain"       # vLLM's dflash method cannot replay
+    if baseline == "chain":
+        plan.append(("chain", depth + 1, jetspec(depth + 1, "chain")))
+    elif baseline == "dflash":
+        plan.append(("dflash", depth + 1, {
+            "method": "dflash", "model": head,
+            "num_speculative_tokens": depth}))
+    plan += [("jetspec", b, jetspec(b, args.tree_algo))
+             for b in args.budgets]
+    rows, ar, starts = [], None, {}
+    t0 = time.perf_counter()
+    bar = tqdm(plan, desc="bench engines")
+    for method, budget, spec in bar:
+        bar.set_postfix(method=method, budget=budget)
+        res = run_job(job(spec, budget))
+        starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)
+        if method == "ar":
+            ar = res
+            if args.replay:
+                first = ar["batches"][str(args.batch_sizes[0])]["ids"]
+                save_replay(replay_path, prompts, first)
+        rows += rows_of(method, budget, args.replay and method != "ar",
+                        res, ar)
+    bar.close()
+
+    with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in r.items()})
+    import vllm
+    meta = dict(target=target, head=head, load_format=args.load_format,
+                dtype=args.dtype, prompts=source, num_prompts=len(prompts),
+                prompt_tokens=[len(p) for p in prompts],
+                max_new_tokens=args.max_new_tokens, tree_algo=args.tree_algo,
+                depth=depth, replay=args.replay, baseline=baseline,
+                split=not args.no_split, vllm=vllm.__version__,
+                device=_device(), date=time.strftime("%Y-%m-%d"),
+                engine_start_seconds=starts,
+                wall_seconds=round(time.perf_counter() - t0, 1))
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    png = plot(rows, os.path.join(args.out, "bench.png"), title=(
+        f"{os.path.basename(target.rstrip('/'))} ({args.load_format}, "
+        f"{args.dtype}), {source}, {args.max_new_tokens} new tokens, "
+        f"{'replay, ' if args.replay else ''}{args.tree_algo}, "
+        f"{meta['device']}, {meta['date']}"))
+
+    print(f"{'method':8} {'budget':>6} {'batch':>5} {'tau':>6} {'tok/s':>8} "
+          f"{'speedup':>7} {'round':>8} " + " ".join(
+              f"{s:>7}" for s in SEGMENTS) + "  same-as-AR   (ms per step)")
+    for r in rows:
+        print(f"{r['method']:8} {r['budget']:6d} {r['batch']:5d} "
+              f"{r['tau']:6.2f} {r['tok_s']:8.1f} {r['speedup']:7.2f} "
+              f"{r['round_ms']:8.2f} " + " ".join(
+                  f"{r[f'{s}_ms']:7.2f}" for s in SEGMENTS)
+              + f"  {r['identical_to_ar']}")
+    print(f"wrote {args.out}/bench.csv, bench.json"
+          + (", bench.png" if png else ""))
+    same = all(r["identical_to_ar"] for r in rows)
+    if not same:
+        print("bench: some outputs differ from AR's"
+              + (" (dummy weights: near-tied logits)" if dummy else ""))
+    return 0 if same or dummy else 1
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Where a round's time goes, measured inside the model runner.
+
+Enabled per process by ``JETSPEC_PROFILE=1`` (the bench sets it for its
+engines); otherwise every hook is a no-op. Segments of one engine step, as
+seen by the runner hooks in ``runner.py`` (any engine: AR, dflash, jetspec):
+
+- ``prepare``: the runner's ``_prepare_inputs`` (+ our tree positions and
+  masks, which are also counted in ``tree``);
+- ``verify``: from the end of ``_prepare_inputs`` to the start of
+  ``_sample``: attention metadata, the target's forward and its logits;
+- ``accept``: ``_sample``: vLLM's sampler or rejection sampler, or for
+  jetspec the per-node target sampling, tree acceptance and KV compaction;
+- ``draft``: ``propose_draft_token_ids`` (the head's forward and its
+  top-K), without the tree;
+- ``tree``: tree construction and bookkeeping (``build_tree``, the packed
+  ancestor masks, the drafts' lists).
+
+On CUDA every boundary synchronises the device, so the segments are real
+GPU time and the run is a little slower than unprofiled. The step count is
+the number of ``_prepare_inputs`` calls (engine steps that ran a forward).
+Read and reset through the worker RPC ``jetspec_profile`` (``LLM.
+collective_rpc("jetspec_profile")``), added to vLLM's ``WorkerBase``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+PROFILE_ENV = "JETSPEC_PROFILE"
+SEGMENTS = ("prepare", "verify", "accept", "draft", "tree")
+
+
+class StepProfiler:
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = (os.environ.get(PROFILE_ENV) == "1"
+                        if enabled is None else enabled)
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(SEGMENTS, 0.0)
+        self.steps = 0
+        self._mark: float | None = None
+
+    def now(self) -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> float | None:
+        """A timestamp (None when disabled)."""
+        return self.now() if self.enabled else None
+
+    def add(self, segment: str, since: float | None) -> float | None:
+        """Add the time since ``since`` to ``segment``; returns now."""
+        if since is None:
+            return None
+        t = self.now()
+        self.seconds[segment] += t - since
+        return t
+
+    def sub(self, segment: str, seconds: float) -> None:
+        if self.enabled:
+            self.seconds[segment] -= seconds
+
+    def mark(self, t: float | None) -> None:
+        """Remember the end of ``_prepare_inputs`` (start of ``verify``)."""
+        self._mark = t
+
+    def take_mark(self) -> float | None:
+        t, self._mark = self._mark, None
+        return t
+
+    def snapshot(self, reset: bool = False) -> dict:
+        out = dict(enabled=self.enabled, steps=self.steps,
+                   seconds=dict(self.seconds))
+        if reset:
+            self.reset()
+        return out
+
+
+def worker_profile(worker, reset: bool = True) -> dict:
+    """``WorkerBase.jetspec_profile``: the model runner's profile."""
+    prof = getattr(getattr(worker, "model_runner", None), "_jetspec_prof",
+                   None)
+    if prof is None:
+        return dict(enabled=False, steps=0, seconds={})
+    return prof.snapshot(reset=reset)
