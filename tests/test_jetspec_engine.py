@@ -72,13 +72,13 @@ def tiny(tmp_path_factory):
     return d / "target", d / "head"
 
 
-def run(tmp_path, target, spec):
+def run(tmp_path, target, spec, env=None):
     script = tmp_path / "run.py"
     script.write_text(RUN)
     proc = subprocess.run([sys.executable, str(script), str(target),
                            json.dumps(spec), json.dumps(PROMPTS)],
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ))
+                          env=dict(os.environ, **(env or {})))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     res = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
@@ -133,6 +133,25 @@ def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget):
     assert list(per_depth) == [sum(a > d for a in acc)
                                for d in range(len(per_depth))]
     assert sum(acc) > 0, "no draft was accepted: the test would be vacuous"
+
+
+@pytest.mark.engine
+def test_triton_backend_equals_no_spec(tiny, no_spec, tmp_path):
+    """The Triton tree-attention backend (the CUDA path's kernel, run here in
+    Triton's interpreter, JETSPEC_ATTENTION=triton) for every attention of
+    the engine (prefill, chunked prefill, tree verify, the draft pass):
+    tokens equal no-spec and the rounds equal the oracle's."""
+    target, head = tiny
+    tokens, m, log = run(tmp_path, target, {
+        "method": "jetspec", "model": str(head), "tree_budget": 16,
+        "tree_algo": "accum_logp"}, env={"JETSPEC_ATTENTION": "triton",
+                                         "TRITON_INTERPRET": "1"})
+    assert "jetspec Triton tree-attention backend in use" in log
+    assert tokens == no_spec
+    acc = reference_stats(target, head, "accum_logp", 16)
+    assert m["vllm:spec_decode_num_drafts"] == len(acc)
+    assert m["vllm:spec_decode_num_accepted_tokens"] == sum(acc)
+    assert sum(acc) > 0
 
 
 # --- start-up errors (in-process, no engine) ----------------------------------

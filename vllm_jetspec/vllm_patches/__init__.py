@@ -68,6 +68,16 @@ PATCHES += [
               "as the next draft's context; on CPU the torch attention "
               "backend replaces CPU_ATTN for jetspec engines",
           when="always (inert unless the engine's config is jetspec)"),
+    Patch(replaces="vllm.v1.attention.backends.registry:"
+                   "AttentionBackendEnum.CUSTOM (CUDA) / CPU_ATTN (CPU)",
+          by="vllm_jetspec.vllm_patches.triton_attention:"
+             "TritonTreeAttentionBackend / TritonTreeAttentionBackendCPU",
+          why="the Triton tree-attention kernel as the engine's attention "
+              "backend; on CUDA selected through attention_config.backend "
+              "= CUSTOM (vLLM's CUDA backends know no tree masks)",
+          when="jetspec engines: on CUDA with JETSPEC_CUDA=1 (not yet "
+               "verified on a GPU), on CPU with JETSPEC_ATTENTION=triton "
+               "(Triton's interpreter: a test of the integration)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",
           by="vllm_jetspec.vllm_patches.profile:worker_profile",

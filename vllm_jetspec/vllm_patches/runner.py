@@ -22,6 +22,7 @@ valid tree, so the scheduler may truncate it. Per step:
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -135,23 +136,49 @@ def _settings(runner):
         if runner.speculative_config is not None else None
 
 
+ATTENTION_ENV = "JETSPEC_ATTENTION"   # CPU: "torch" (default) or "triton"
+CUDA_ENV = "JETSPEC_CUDA"             # "1": the unverified CUDA path
+
+
+def _select_attention(vllm_config, device) -> None:
+    """A jetspec engine's attention backend: tree masks need ours. CPU:
+    the torch reference over ``CPU_ATTN`` (or, ``JETSPEC_ATTENTION=triton``,
+    the Triton kernel in Triton's interpreter); CUDA: the Triton backend as
+    ``CUSTOM``, only with ``JETSPEC_CUDA=1`` until it has been checked on a
+    GPU. Elsewhere: refuse rather than verify trees causally."""
+    from vllm.v1.attention.backends.registry import (AttentionBackendEnum,
+                                                     register_backend)
+    pkg = "vllm_jetspec.vllm_patches."
+    if device.type == "cpu":
+        choice = os.environ.get(ATTENTION_ENV, "torch")
+        if choice not in ("torch", "triton"):
+            raise ValueError(f"jetspec: {ATTENTION_ENV} must be 'torch' or "
+                             f"'triton', got {choice!r}")
+        register_backend(AttentionBackendEnum.CPU_ATTN, pkg + (
+            "torch_attention.TorchTreeAttentionBackend" if choice == "torch"
+            else "triton_attention.TritonTreeAttentionBackendCPU"))
+        return
+    if device.type == "cuda" and os.environ.get(CUDA_ENV) == "1":
+        logger.warning("jetspec: %s=1: the Triton tree-attention backend on "
+                       "CUDA has not been verified on a GPU by this version;"
+                       " check its tokens against plain decoding", CUDA_ENV)
+        register_backend(AttentionBackendEnum.CUSTOM,
+                         pkg + "triton_attention.TritonTreeAttentionBackend")
+        vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
+        return
+    raise NotImplementedError(
+        f"jetspec on {device.type}: its Triton tree-attention backend has "
+        "not been verified on a GPU by this version of vllm-jetspec (set "
+        f"{CUDA_ENV}=1 to try it on CUDA); jetspec runs on vLLM's CPU "
+        "platform")
+
+
 def wrap_init(orig):
     def __init__(self, vllm_config, device, *args, **kwargs):
         s = settings_of(vllm_config.speculative_config) \
             if vllm_config.speculative_config is not None else None
-        if s is not None and device.type != "cpu":
-            # No tree-masked attention on this platform yet: refuse rather
-            # than verify trees with causal attention (wrong tokens).
-            raise NotImplementedError(
-                f"jetspec on {device.type} needs the tree-attention kernel, "
-                "which this version of vllm-jetspec does not have yet; it "
-                "runs on vLLM's CPU platform only")
         if s is not None:
-            from vllm.v1.attention.backends.registry import (
-                AttentionBackendEnum, register_backend)
-            register_backend(AttentionBackendEnum.CPU_ATTN,
-                             "vllm_jetspec.vllm_patches.torch_attention."
-                             "TorchTreeAttentionBackend")
+            _select_attention(vllm_config, device)
         orig(self, vllm_config, device, *args, **kwargs)
         self._jetspec_trees: dict[str, tuple] = {}
         self._jetspec_step: _Step | None = None

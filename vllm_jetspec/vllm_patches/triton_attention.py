@@ -1,0 +1,155 @@
+"""The tree-attention backend on the Triton kernel (``kernels/``).
+
+Same paged layout and semantics as ``torch_attention`` (its reference),
+but every request of a step goes through one launch of
+``vllm_jetspec.kernels.tree_attention`` per layer: a request verifying a
+tree uses its packed ancestor rows from ``tree_state``; every other request
+(prefill, chunked prefill, plain decode, the draft pass) is a chain, i.e.
+the causal mask in the same packed form (all of a request's new tokens
+when the metadata is not causal). The masks are built once per step by the
+metadata builder, shared by all layers.
+
+Registered as ``AttentionBackendEnum.CUSTOM`` for jetspec engines on CUDA
+(``TritonTreeAttentionBackend``), and, to test it without a GPU, in place
+of ``CPU_ATTN`` on vLLM's CPU platform when ``JETSPEC_ATTENTION=triton``
+(``TritonTreeAttentionBackendCPU``; the kernel then runs in Triton's
+interpreter, so ``TRITON_INTERPRET=1`` must be set before Triton is first
+imported). Prefill through a tree kernel is O(n^2) in masked tiles: right,
+not fast; long-prompt prefill would want a causal varlen kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from . import tree_state
+from .torch_attention import (TorchTreeAttentionBackend,
+                              TorchTreeAttentionImpl,
+                              TorchTreeAttentionMetadataBuilder)
+
+logger = init_logger("vllm.jetspec.triton_attention")
+
+BITS = 64
+
+
+def chain_words(n: int, words: int, device) -> torch.Tensor:
+    """[n, words] int64 packed causal rows: row i has bits 0..i set."""
+    i = torch.arange(n, device=device)[:, None]
+    w = torch.arange(words, device=device)[None, :]
+    b = (i - BITS * w + 1).clamp(0, BITS)
+    one = torch.ones((), dtype=torch.long, device=device)
+    # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1.
+    return torch.where(b == BITS, -one, (one << b.clamp(max=BITS - 1)) - 1)
+
+
+def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
+               trees: dict[int, torch.Tensor], device) -> torch.Tensor:
+    """[R, N, W] int64 packed masks of one step: tree rows where given,
+    else causal chains (or, not causal, every new token for every row)."""
+    n = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    R, N = len(n), max(n, default=0)
+    W = max(1, (N + BITS - 1) // BITS)
+    chain = chain_words(max(N, 1), W, device)
+    masks = chain[None].repeat(R, 1, 1)
+    for r, nr in enumerate(n):
+        if r in trees:
+            t = trees[r].to(device)
+            masks[r] = 0
+            masks[r, :t.shape[0], :t.shape[1]] = t
+        elif not causal and nr:
+            masks[r] = chain[nr - 1]
+    return masks
+
+
+@dataclass
+class TritonTreeAttentionMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor      # [R + 1] int32, device
+    prefix_lens: torch.Tensor          # [R] int32, device
+    block_table: torch.Tensor          # [R, max_blocks] int32
+    slot_mapping: torch.Tensor         # [num_tokens] int64
+    masks: torch.Tensor                # [R, N, W] int64
+    max_nodes: int                     # new tokens of the longest request
+
+
+class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
+
+    def build(self, common_prefix_len: int,
+              common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TritonTreeAttentionMetadata:
+        m = common_attn_metadata
+        causal = m.causal if isinstance(m.causal, bool) else True
+        qsl_cpu = m.query_start_loc_cpu[:m.num_reqs + 1]
+        dev = m.query_start_loc.device
+        n = (qsl_cpu[1:] - qsl_cpu[:-1])
+        trees = tree_state.masks_for_step(m.num_reqs) if causal else {}
+        return TritonTreeAttentionMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc[:m.num_reqs + 1],
+            prefix_lens=(m.seq_lens[:m.num_reqs]
+                         - n.to(m.seq_lens.device)).to(torch.int32),
+            block_table=m.block_table_tensor[:m.num_reqs],
+            slot_mapping=m.slot_mapping,
+            masks=step_masks(qsl_cpu, causal, trees, dev),
+            max_nodes=int(n.max()) if len(n) else 0)
+
+
+class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: TritonTreeAttentionMetadata | None,
+                output: torch.Tensor, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        from ..kernels.tree_attention import tree_attention
+
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        logger.info_once("jetspec Triton tree-attention backend in use")
+        m = attn_metadata
+        n_tok = m.num_actual_tokens
+        if (self.kv_sharing_target_layer_name is None and key is not None
+                and value is not None):
+            self.do_kv_cache_update(layer, key, value, kv_cache,
+                                    m.slot_mapping[:n_tok])
+        q = query.view(-1, self.num_heads, self.head_size)[:n_tok]
+        out = output.view(-1, self.num_heads, self.head_size)[:n_tok]
+        tree_attention(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
+                       m.prefix_lens, m.query_start_loc, m.masks,
+                       self.scale, max_nodes=m.max_nodes, out=out)
+        return output
+
+
+class TritonTreeAttentionBackend(TorchTreeAttentionBackend):
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[TritonTreeAttentionImpl]:
+        return TritonTreeAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TritonTreeAttentionMetadataBuilder]:
+        return TritonTreeAttentionMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [16, 32, 64, 128, 256]   # the kernel needs a power of two
+
+
+class TritonTreeAttentionBackendCPU(TritonTreeAttentionBackend):
+    """The same, registered over ``CPU_ATTN`` (vLLM maps the name back to
+    the registry entry) to run the kernel in Triton's interpreter."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
