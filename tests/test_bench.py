@@ -1,6 +1,7 @@
 """`python -m vllm_jetspec.bench` on a tiny random model (CPU, fp32), replay
 mode: every engine's tokens equal AR's, τ is exactly min(budget, depth + 1)
-(every replayed draft accepted), and the round-time split is measured."""
+(every replayed draft accepted), the round-time split is measured, and
+tree_budget "auto" runs on the cost model the same run wrote."""
 
 from __future__ import annotations
 
@@ -28,14 +29,22 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
          "--head", str(tmp_path / "head"), "--prompt-len", "20",
          "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
          "2", "--num-prompts", "2", "--replay", "--baseline", "chain",
+         "--auto",
          "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 6
+    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 8
     res = json.loads((out / "bench.json").read_text())
     got = {(r["method"], r["budget"], r["batch"]): r for r in res["rows"]}
     assert set(got) == {(m, b, B) for m, b in [("ar", 0), ("chain", 8),
-                                                ("jetspec", 4)]
+                                                ("jetspec", 4), ("auto", 4)]
                         for B in (1, 2)}
+    for B in (1, 2):
+        auto = got.pop(("auto", 4, B))
+        assert auto["identical_to_ar"] is True
+        # Its choices: budget 4 (the only one measured) or plain decoding.
+        assert set(auto["auto_budgets"]) <= {"1", "4"}
+        assert sum(auto["auto_budgets"].values()) > 0
+        assert auto["auto_calibration"] > 0
     segs = ["prepare", "verify", "accept", "draft", "tree"]
     for (m, b, B), r in got.items():
         assert r["identical_to_ar"] is True
@@ -47,5 +56,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
         assert (r["draft_ms"] > 0) == (m != "ar")
     meta = res["meta"]
     assert meta["replay"] and meta["depth"] == 7
+    cost = json.loads((out / "cost_model.json").read_text())
+    assert set(cost["round_ms"]) == {"4"} and set(cost["ar_ms"]) == {"1", "2"}
     assert json.loads((out / "replay.json").read_text())["sequences"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -196,6 +196,34 @@ def test_missing_or_foreign_head(parse_env, tmp_path):
         parse(dict(method="jetspec", model=str(tmp_path / "foreign")), hf)
 
 
+def test_auto_budget_and_replay_settings(parse_env, tmp_path):
+    from vllm_jetspec.autobudget import CostModel
+    from vllm_jetspec.vllm_patches.config import parse
+    hf, head = parse_env
+    path = str(tmp_path / "cost.json")
+    CostModel({1: 5.0}, {4: {1: 6.0}, 16: {1: 8.0}}).save(path)
+    base = dict(method="jetspec", model=head)
+    for extra, msg in [
+            (dict(tree_budget="auto"), "needs 'cost_model'"),
+            (dict(tree_budget="auto", cost_model=str(tmp_path / "no")),
+             "does not exist"),
+            (dict(tree_budget="auto", cost_model=path, tree_budget_max=3),
+             "no budget in [2, 3]"),
+            (dict(tree_budget="auto", cost_model=path, tree_algo="chain"),
+             "needs tree_algo in"),
+            (dict(tree_budget=16, cost_model=path),
+             "go with tree_budget 'auto'"),
+            (dict(replay=str(tmp_path / "none.json")), "replay file")]:
+        with pytest.raises(ValueError) as e:
+            parse(dict(base, **extra), hf)
+        assert msg in str(e.value), (extra, str(e.value))
+    spec, s = parse(dict(base, tree_budget="auto", cost_model=path), hf)
+    assert s.auto and s.budget == 16 and spec["num_speculative_tokens"] == 15
+    spec, s = parse(dict(base, tree_budget="auto", cost_model=path,
+                         tree_budget_max=8), hf)
+    assert s.budget == 8 and spec["num_speculative_tokens"] == 7
+
+
 def test_budget_one_is_plain_decoding(parse_env):
     from vllm_jetspec.vllm_patches.config import parse
     hf, head = parse_env
@@ -210,6 +238,20 @@ def test_budget_one_engine_equals_no_spec(tiny, no_spec, tmp_path):
         "method": "jetspec", "model": str(head), "tree_budget": 1})
     assert "decoding without speculation" in log
     assert tokens == no_spec
+
+
+def test_jetspec_selects_the_v1_runner():
+    """vLLM 0.26 defaults to its V2 runner on CUDA, which our patches do not
+    touch: jetspec selects V1, and refuses an explicit V2."""
+    from vllm_jetspec.vllm_patches.config import require_v1_runner
+
+    env = {}
+    require_v1_runner(env)
+    assert env == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    require_v1_runner(env)
+    for v in ("1", "true"):
+        with pytest.raises(ValueError, match="V1 model runner"):
+            require_v1_runner({"VLLM_USE_V2_MODEL_RUNNER": v})
 
 
 def test_parse_maps_to_dflash(parse_env):

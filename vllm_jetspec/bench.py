@@ -27,8 +27,14 @@ on dummy weights, where real acceptance means nothing. vLLM's own dflash
 method has no replay, so the linear baseline is then jetspec's ``chain``
 (one branch of the head's depth) through the same runner.
 
+``--auto``: after the static budgets, one more engine with
+``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
+this run's own measurements; its row shows which budgets it chose.
+
 Writes ``bench.json`` (settings, rows, per-engine start-up seconds),
-``bench.csv`` and ``bench.png`` to ``--out``. Exit status 1 if a
+``bench.csv``, ``bench.png`` and ``cost_model.json`` (AR and jetspec round
+times per budget and batch size: the input of ``tree_budget: "auto"``) to
+``--out``. Exit status 1 if a
 speculative output differs from AR's (not with ``--load-format dummy``,
 where near-tied logits of random weights may legitimately flip under a
 different batch shape; the mismatches are still reported).
@@ -72,6 +78,11 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
             row[f"{s}_ms"] = 1e3 * secs.get(s, 0.0) / steps if steps else 0.0
         row["other_ms"] = max(0.0, row["round_ms"] - sum(
             row[f"{s}_ms"] for s in SEGMENTS[:-1]))
+        if "budgets" in prof:
+            row["auto_budgets"] = {int(k): v for k, v in
+                                   sorted(prof["budgets"].items(),
+                                          key=lambda kv: int(kv[0]))}
+            row["auto_calibration"] = prof.get("calibration")
         rows.append(row)
     return rows
 
@@ -122,6 +133,11 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
     return path
 
 
+def _cost_model(rows: list[dict], meta: dict):
+    from .autobudget import CostModel
+    return CostModel.from_bench_rows(rows, meta)
+
+
 def synthetic_prompts(n: int, length: int, vocab: int,
                       seed: int = 0) -> list[list[int]]:
     """``n`` prompts of ``length`` random token ids (for dummy weights,
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree-algo", default="accum_logp")
     ap.add_argument("--replay", action="store_true",
                     help="drafters replay the target's recorded output")
+    ap.add_argument("--auto", action="store_true",
+                    help="also run tree_budget 'auto' on this run's costs")
     ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
                     default="dflash")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -212,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return dict(target=target, spec=spec, prompts=prompts,
                     batch_sizes=args.batch_sizes, ignore_eos=True,
                     max_new_tokens=args.max_new_tokens, engine=engine,
-                    profile=not args.no_split)
+                    profile=not args.no_split,
+                    # Synthetic prompts need no tokenizer (dummy shapes
+                    # may come as a config.json alone).
+                    skip_tokenizer=bool(args.prompt_len))
 
     def jetspec(budget, algo):
         spec = {"method": "jetspec", "model": head, "tree_budget": budget,
@@ -233,11 +254,27 @@ def main(argv: list[str] | None = None) -> int:
             "num_speculative_tokens": depth}))
     plan += [("jetspec", b, jetspec(b, args.tree_algo))
              for b in args.budgets]
+    cost_path = os.path.abspath(os.path.join(args.out, "cost_model.json"))
+    if args.auto:
+        auto = jetspec(max(args.budgets), args.tree_algo)
+        auto.update(tree_budget="auto", cost_model=cost_path)
+        plan.append(("auto", max(args.budgets), auto))
     rows, ar, starts = [], None, {}
+
+    def meta_now():
+        return dict(target=target, head=head, dtype=args.dtype,
+                    load_format=args.load_format, device=_device(),
+                    prompt_tokens=sum(map(len, prompts)) / len(prompts),
+                    max_new_tokens=args.max_new_tokens,
+                    tree_algo=args.tree_algo, replay=args.replay,
+                    date=time.strftime("%Y-%m-%d"))
+
     t0 = time.perf_counter()
     bar = tqdm(plan, desc="bench engines")
     for method, budget, spec in bar:
         bar.set_postfix(method=method, budget=budget)
+        if method == "auto":
+            _cost_model(rows, meta_now()).save(cost_path)
         res = run_job(job(spec, budget))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)
         if method == "ar":
@@ -248,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_of(method, budget, args.replay and method != "ar",
                         res, ar)
     bar.close()
+    _cost_model(rows, meta_now()).save(cost_path)
 
     with open(os.path.join(args.out, "bench.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
@@ -282,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['round_ms']:8.2f} " + " ".join(
                   f"{r[f'{s}_ms']:7.2f}" for s in SEGMENTS)
               + f"  {r['identical_to_ar']}")
-    print(f"wrote {args.out}/bench.csv, bench.json"
+    for r in rows:
+        if r.get("auto_budgets"):
+            print(f"auto, batch {r['batch']}: steps per budget "
+                  f"{r['auto_budgets']} (1 = plain decoding), head "
+                  f"calibration {r['auto_calibration']:.2f}")
+    print(f"wrote {args.out}/bench.csv, bench.json, cost_model.json"
           + (", bench.png" if png else ""))
     same = all(r["identical_to_ar"] for r in rows)
     if not same:

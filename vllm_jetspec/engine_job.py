@@ -6,7 +6,8 @@ state, and a plugin-patched engine must not share one with a plain one).
 
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 (token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
-(extra ``LLM`` kwargs), ``ignore_eos``, ``profile`` (measure the round-time
+(extra ``LLM`` kwargs), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
+token ids in and out), ``profile`` (measure the round-time
 split, see ``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
@@ -40,6 +41,9 @@ def _run(job: dict) -> dict:
     kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=2048, disable_log_stats=False)
     kw.update(job.get("engine") or {})
+    tok = not job.get("skip_tokenizer")
+    if not tok:
+        kw["skip_tokenizer_init"] = True
     if job.get("profile"):
         # Read by the runner hooks in this process and the engine core's.
         os.environ["JETSPEC_PROFILE"] = "1"
@@ -54,10 +58,12 @@ def _run(job: dict) -> dict:
     llm = LLM(job["target"], speculative_config=job["spec"], **kw)
     start_s = time.perf_counter() - t0
     sp = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0,
-                        ignore_eos=job.get("ignore_eos", False))
+                        ignore_eos=job.get("ignore_eos", False),
+                        detokenize=tok)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     # One untimed request first: lazy initialisation stays out of timings.
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, detokenize=tok),
+                 use_tqdm=False)
     out = {}
     for B in job["batch_sizes"]:
         before = _spec_counters(llm)

@@ -6,6 +6,8 @@
 #   bash scripts/gpu/on_device.sh plan S [fit args...]  # --steps for S seconds
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
+#   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
+#   bash scripts/gpu/on_device.sh bench8b 16 64 128   # replay round cost, 8B shape
 # Files persist under /tmp/jetspec while the machine stays warm; results go
 # to $OUT (the head as two halves: one file may be at most 16 MiB).
 set -euo pipefail
@@ -65,5 +67,17 @@ eval)
             --budgets 16 32 64 128 --algos chain accum_logp topb_prefix \
             --json "$OUT/tau_$s.json" --quiet
     done ;;
+cuda-check)  # jetspec on CUDA (JETSPEC_CUDA=1), SmolLM2 fp32: tokens vs AR, tau, split
+    JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --dtype float32 \
+        --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
+        --budgets 16 64 --batch-sizes 1 4 --gpu-memory-utilization 0.5 \
+        --out "$OUT/bench_smollm2" 2>&1 | tail -20 ;;
+bench8b)  # BUDGETS...: replay round cost on the Qwen3-8B shape (dummy, bf16)
+    python3 scripts/gpu/shapes.py "$W/shapes"
+    JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
+        --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
+        --prompt-len 512 --max-new-tokens 256 --replay --batch-sizes 1 8 \
+        --budgets "$@" --max-model-len 2048 --gpu-memory-utilization 0.85 \
+        --out "$OUT/bench_8b" 2>&1 | tail -30 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

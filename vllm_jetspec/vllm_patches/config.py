@@ -25,7 +25,8 @@ from ..tree import MAX_BUDGET, TREE_ALGOS
 
 logger = logging.getLogger("vllm.jetspec.config")
 
-JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo", "replay")
+JETSPEC_KEYS = ("tree_budget", "tree_width", "tree_algo", "replay",
+                "cost_model", "tree_budget_max")
 DEFAULT_BUDGET = 64
 DEFAULT_WIDTH = 7
 DEFAULT_ALGO = "accum_logp"
@@ -40,6 +41,34 @@ class JetSpecSettings:
     # Benchmark mode: a replay file (see ``vllm_jetspec.replay``) whose
     # recorded continuations are put into every tree as its top branch.
     replay: str | None = None
+    # tree_budget "auto": the cost-model file; ``budget`` is then the
+    # largest budget the policy may pick (vllm_jetspec.autobudget).
+    cost_model: str | None = None
+
+    @property
+    def auto(self) -> bool:
+        return self.cost_model is not None
+
+
+AUTO_ALGOS = ("accum_logp", "topb_prefix")
+
+
+def _auto_budget(cost_model, budget_max) -> tuple[int, str]:
+    """Validate ``tree_budget: "auto"``; the largest budget and the cost
+    model's absolute path."""
+    from ..autobudget import BudgetPolicy, CostModel
+
+    if not cost_model:
+        raise ValueError("jetspec: tree_budget 'auto' needs 'cost_model', a "
+                         "file written by python -m vllm_jetspec.bench "
+                         "(cost_model.json) on this device and model")
+    cost = CostModel.load(cost_model)
+    top = max(cost.budgets)
+    budget_max = _int_in("tree_budget_max",
+                         top if budget_max is None else budget_max,
+                         2, MAX_BUDGET)
+    BudgetPolicy(cost, budget_max)        # it must have a candidate
+    return budget_max, os.path.abspath(cost_model)
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -59,14 +88,26 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
 
     spec = dict(spec)
     spec.pop("method")
-    budget = _int_in("tree_budget", spec.pop("tree_budget", DEFAULT_BUDGET),
-                     1, MAX_BUDGET)
+    budget = spec.pop("tree_budget", DEFAULT_BUDGET)
+    cost_model = spec.pop("cost_model", None)
+    budget_max = spec.pop("tree_budget_max", None)
+    if budget == "auto":
+        budget, cost_model = _auto_budget(cost_model, budget_max)
+    else:
+        if cost_model is not None or budget_max is not None:
+            raise ValueError("jetspec: 'cost_model' and 'tree_budget_max' "
+                             "go with tree_budget 'auto'")
+        budget = _int_in("tree_budget", budget, 1, MAX_BUDGET)
     width = _int_in("tree_width", spec.pop("tree_width", DEFAULT_WIDTH),
                     1, 64)
     algo = spec.pop("tree_algo", DEFAULT_ALGO)
     if algo not in TREE_ALGOS:
         raise ValueError(f"jetspec: tree_algo must be one of {TREE_ALGOS}, "
                          f"got {algo!r}")
+    if cost_model is not None and algo not in AUTO_ALGOS:
+        raise ValueError(f"jetspec: tree_budget 'auto' needs tree_algo in "
+                         f"{AUTO_ALGOS} (a smaller budget's tree is then the "
+                         f"most probable nodes of the larger), got {algo!r}")
     head_dir = spec.get("model")
     if not head_dir:
         raise ValueError("jetspec: 'model' (the head's directory) is "
@@ -91,7 +132,8 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
         load_replay(replay)      # one clear error now, not in the worker
         replay = os.path.abspath(replay)
     settings = JetSpecSettings(budget=budget, width=width, algo=algo,
-                               depth=depth, replay=replay)
+                               depth=depth, replay=replay,
+                               cost_model=cost_model)
     if budget == 1:
         # The root alone: no draft token to verify, i.e. plain decoding.
         return None, settings
@@ -104,6 +146,22 @@ def settings_of(speculative_config) -> JetSpecSettings | None:
     return getattr(speculative_config, "jetspec", None)
 
 
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def require_v1_runner(env: dict | None = None) -> None:
+    """jetspec's runner patches are on the V1 ``GPUModelRunner``; vLLM 0.26
+    defaults to its V2 runner on CUDA, where a jetspec config would run as
+    plain linear dflash. Select V1 (in this process, inherited by the
+    workers it starts), or refuse if the user asked for V2."""
+    env = os.environ if env is None else env
+    v = env.get(V2_RUNNER_ENV)
+    if v is not None and v.strip().lower() in ("1", "true", "yes"):
+        raise ValueError(f"jetspec runs on vLLM's V1 model runner; unset "
+                         f"{V2_RUNNER_ENV} (it is {v!r})")
+    env[V2_RUNNER_ENV] = "0"
+
+
 def patched_create_speculative_config(orig):
     """Wraps ``EngineArgs.create_speculative_config``."""
 
@@ -114,6 +172,7 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
+        require_v1_runner()
         if self.speculative_config is None:
             logger.info("jetspec: tree_budget 1 is the root alone (no draft "
                         "token): decoding without speculation")

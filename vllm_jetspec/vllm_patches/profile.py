@@ -83,8 +83,17 @@ class StepProfiler:
 
 def worker_profile(worker, reset: bool = True) -> dict:
     """``WorkerBase.jetspec_profile``: the model runner's profile."""
-    prof = getattr(getattr(worker, "model_runner", None), "_jetspec_prof",
-                   None)
+    runner = getattr(worker, "model_runner", None)
+    prof = getattr(runner, "_jetspec_prof", None)
     if prof is None:
         return dict(enabled=False, steps=0, seconds={})
-    return prof.snapshot(reset=reset)
+    out = prof.snapshot(reset=reset)
+    policy = getattr(getattr(runner, "drafter", None), "policy", None)
+    if policy is not None:
+        # tree_budget "auto": steps per chosen budget (1: plain decoding)
+        # since the last reset, and the head's calibration factor.
+        out["budgets"] = dict(policy.choices)
+        out["calibration"] = policy.calibration
+        if reset:
+            policy.choices.clear()
+    return out

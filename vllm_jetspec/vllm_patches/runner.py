@@ -30,6 +30,7 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
+from ..autobudget import BudgetPolicy, CostModel
 from ..replay import force_top1, load_replay, replay_window
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
@@ -79,6 +80,9 @@ class JetSpecProposer(DFlashProposer):
         self.replay = load_replay(s.replay) if s is not None and s.replay \
             else None
         self.replay_tokens: torch.Tensor | None = None
+        # tree_budget "auto": picks each step's budget (<= s.budget).
+        self.policy = BudgetPolicy(CostModel.load(s.cost_model), s.budget) \
+            if s is not None and s.auto else None
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -114,8 +118,12 @@ class JetSpecProposer(DFlashProposer):
         anchor = kwargs["next_token_ids"]
         R = anchor.shape[0]
         t = self.prof.start()
-        tree = build_tree(v.view(R, s.depth, -1), i.view(R, s.depth, -1),
-                          anchor.long(), s.budget, algo=s.algo)
+        v, i = v.view(R, s.depth, -1), i.view(R, s.depth, -1)
+        tree = build_tree(v, i, anchor.long(), s.budget, algo=s.algo)
+        if self.policy is not None:
+            b = self.policy.choose(tree.cum_logp, R)
+            if b != s.budget:
+                tree = build_tree(v, i, anchor.long(), b, algo=s.algo)
         self.tree_seconds = (self.prof.now() - t) if t is not None else 0.0
         self.last_tree = tree
         return tree.tokens[:, 1:]
@@ -129,6 +137,8 @@ class _Step:
         self.starts = starts      # per batch row: index of its first sampled token
         self.tree = tree          # DraftTree over all batch rows
         self.perm: dict[int, torch.Tensor] = {}   # row -> new order
+        # row -> the head's estimate of its accepted drafts (auto budget)
+        self.est: dict[int, float] = {}
 
 
 def _settings(runner):
@@ -296,11 +306,17 @@ def _tree_drafts(self, tree: DraftTree):
                 "contain it decode without trees (plain decoding)", why)
             return [[] for _ in req_ids]
     out: list[list[int]] = []
+    est = [0.0] * len(req_ids)
+    if self.drafter.policy is not None:
+        # The head's estimate of the accepted drafts: the verified nodes'
+        # path probabilities (for the policy's calibration).
+        est = (tree.cum_logp[:, 1:].exp() * tree.valid()[:, 1:]).sum(1) \
+            .tolist()
     for r, rid in enumerate(req_ids):
         n = int(tree.num_nodes[r])
         self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
                                     tree.parents[r, :n].clone(),
-                                    tree.depth[r, :n].clone())
+                                    tree.depth[r, :n].clone(), est[r])
         out.append(tree.tokens[r, 1:n].tolist())
     return out
 
@@ -355,6 +371,7 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     depth = torch.full_like(tokens, -1)
     depth[:, 0] = 0
     rows, masks = [], {}
+    est: dict[int, float] = {}
     spec = scheduler_output.scheduled_spec_decode_tokens
     for r, rid in enumerate(req_ids):
         n = n_nodes[r]
@@ -369,6 +386,8 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
                 torch.tensor(spec[rid], device=dev)):
             parents[r, :n] = stored[1][:n]
             depth[r, :n] = stored[2][:n]
+            if len(stored[0]) == n:       # the whole tree is verified
+                est[r] = stored[3]
         else:
             # Drafts not from a tree of ours (e.g. the zero drafts vLLM
             # schedules when the drafter was skipped): a chain.
@@ -388,6 +407,7 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
         tree_state.set_step_masks(masks)
     self._jetspec_step = _Step(rows, [starts[r + 1] - n_nodes[r]
                                       for r in range(num_reqs)], tree)
+    self._jetspec_step.est = est
 
 
 def wrap_sample(orig):
@@ -425,13 +445,29 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
             step.perm[r] = torch.arange(int(tree.num_nodes[r]),
                                         device=logits.device)
         return orig(self, logits[cu[:-1]], None)
-    node_logits = logits.new_full((R, N, V), 0.0)
-    for r in range(R):
-        node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
     md = self.input_batch.sampling_metadata
-    temp, top_k, top_p, gens = node_sampling_inputs(md, R, logits.device)
-    tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
+    if md.all_greedy:
+        # vLLM's greedy sampling is the argmax: no [R, N, V] copy, softmax
+        # or noise (most of the step's sampling time at large budgets).
+        tgt = torch.zeros(R, N, dtype=torch.long, device=logits.device)
+        rows = torch.repeat_interleave(torch.arange(R), torch.tensor(
+            [cu[r + 1] - cu[r] for r in range(R)]))
+        cols = torch.cat([torch.arange(cu[r + 1] - cu[r]) for r in range(R)])
+        tgt[rows.to(logits.device), cols.to(logits.device)] = \
+            logits[:cu[-1]].argmax(dim=-1)
+    else:
+        node_logits = logits.new_full((R, N, V), 0.0)
+        for r in range(R):
+            node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
+        temp, top_k, top_p, gens = node_sampling_inputs(md, R,
+                                                        logits.device)
+        tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
     acc = accept(tree, tgt)
+    policy = getattr(self.drafter, "policy", None)
+    if policy is not None and step.est:
+        rows = list(step.est)
+        policy.observe(float(acc.num_accepted[rows].sum()),
+                       sum(step.est.values()))
     out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
     compact(self, step, acc)
     return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)

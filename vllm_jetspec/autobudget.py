@@ -1,0 +1,184 @@
+"""``"tree_budget": "auto"``: choose each step's tree budget from the load.
+
+Per step, for the current batch size ``B`` and every candidate budget ``b``
+(the budgets the cost model has, up to ``tree_budget_max``), the policy
+estimates
+
+    rate(b) = E[tokens per request per round | b] / T(b, B)
+
+and picks the best, or plain decoding (no drafts) when
+``1 / (T_AR(B) + T_draft(B))`` is higher: a plain step of a jetspec engine
+still runs the head (its draft pass writes the head's context K/V of the
+step's tokens, which later trees need, and gives the next step's
+estimate). Pure python/torch, no vLLM import.
+
+- ``T(b, B)``: round time of jetspec at budget ``b`` and of plain decoding
+  at batch size ``B``, from a cost-model file that
+  ``python -m vllm_jetspec.bench`` writes (``cost_model.json``: measured on
+  the device and model it will serve), linearly interpolated in ``B``
+  between measured batch sizes (and extrapolated from the last two).
+- ``E[tokens | b]``: 1 (the bonus token) plus the expected accepted drafts.
+  The head's own estimate of the probability that a node is accepted is
+  its path probability ``exp(cum_logp)``; with an accum_logp tree, the
+  tree of budget ``b`` is the ``b - 1`` most probable nodes of the largest
+  one, so the estimate is ``sum of the top b - 1 path probabilities``
+  (averaged over the batch's requests). Heads are miscalibrated, so the
+  estimate is scaled by a running calibration factor: accepted drafts
+  divided by the estimate for the nodes that were actually verified
+  (exponential moving average over rounds; starts at 1).
+
+Lossless whatever it picks: every budget is verified as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+COST_FORMAT = "jetspec-cost-v1"
+
+
+@dataclass
+class CostModel:
+    ar_ms: dict[int, float]                  # batch -> ms per step
+    round_ms: dict[int, dict[int, float]]    # budget -> batch -> ms
+    meta: dict = field(default_factory=dict)
+    # batch -> ms of the head's draft pass (+ tree) per step; 0 if unknown
+    draft_ms: dict[int, float] = field(default_factory=dict)
+
+    @staticmethod
+    def _interp(points: dict[int, float], B: int) -> float:
+        xs = sorted(points)
+        if B in points:
+            return points[B]
+        if len(xs) == 1:
+            return points[xs[0]] * max(1.0, B / xs[0])
+        if B < xs[0]:
+            lo, hi = xs[0], xs[1]
+        elif B > xs[-1]:
+            lo, hi = xs[-2], xs[-1]
+        else:
+            hi = next(x for x in xs if x > B)
+            lo = max(x for x in xs if x < B)
+        y = points[lo] + (points[hi] - points[lo]) * (B - lo) / (hi - lo)
+        return max(y, 1e-9)
+
+    def ar(self, B: int) -> float:
+        return self._interp(self.ar_ms, B)
+
+    def plain(self, B: int) -> float:
+        """A plain step of a jetspec engine: AR + the draft pass."""
+        return self.ar(B) + (self._interp(self.draft_ms, B)
+                             if self.draft_ms else 0.0)
+
+    def round(self, budget: int, B: int) -> float:
+        return self._interp(self.round_ms[budget], B)
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted(self.round_ms)
+
+    def to_dict(self) -> dict:
+        return dict(format=COST_FORMAT, meta=self.meta,
+                    ar_ms={str(k): v for k, v in self.ar_ms.items()},
+                    draft_ms={str(k): v for k, v in self.draft_ms.items()},
+                    round_ms={str(b): {str(k): v for k, v in d.items()}
+                              for b, d in self.round_ms.items()})
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "CostModel":
+        """Raises ``ValueError`` with one clear message on a bad file."""
+        if not os.path.isfile(path):
+            raise ValueError(f"jetspec: cost model {path!r} does not exist "
+                             "(python -m vllm_jetspec.bench writes one)")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            if raw.get("format") != COST_FORMAT:
+                raise ValueError("format")
+            ar = {int(k): float(v) for k, v in raw["ar_ms"].items()}
+            rounds = {int(b): {int(k): float(v) for k, v in d.items()}
+                      for b, d in raw["round_ms"].items()}
+            draft = {int(k): float(v)
+                     for k, v in (raw.get("draft_ms") or {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) \
+                as e:
+            raise ValueError(f"jetspec: {path!r} is not a {COST_FORMAT} "
+                             f"cost model ({e})") from None
+        if not ar or not rounds or any(not d for d in rounds.values()) or \
+                any(v <= 0 for v in ar.values()) or any(
+                    v <= 0 for d in rounds.values() for v in d.values()):
+            raise ValueError(f"jetspec: cost model {path!r} needs positive "
+                             "AR and round times for at least one budget")
+        if any(v < 0 for v in draft.values()):
+            raise ValueError(f"jetspec: cost model {path!r}: negative "
+                             "draft_ms")
+        return cls(ar, rounds, raw.get("meta") or {}, draft)
+
+    @classmethod
+    def from_bench_rows(cls, rows: list[dict], meta: dict | None = None
+                        ) -> "CostModel":
+        """From ``bench`` rows (method 'ar' and 'jetspec', not replayed)."""
+        ar = {r["batch"]: r["round_ms"] for r in rows
+              if r["method"] == "ar" and r["round_ms"] > 0}
+        rounds: dict[int, dict[int, float]] = {}
+        draft: dict[int, float] = {}
+        for r in sorted(rows, key=lambda r: -r["budget"]):
+            if r["method"] == "jetspec" and r["round_ms"] > 0:
+                rounds.setdefault(r["budget"], {})[r["batch"]] = r["round_ms"]
+                # The smallest budget's draft pass (it ends up last).
+                draft[r["batch"]] = r["draft_ms"] + r["tree_ms"]
+        return cls(ar, rounds, meta or {}, draft)
+
+
+class BudgetPolicy:
+    """Picks a budget per step; learns the head's calibration online."""
+
+    def __init__(self, cost: CostModel, max_budget: int,
+                 ema: float = 0.05):
+        self.cost = cost
+        self.candidates = [b for b in cost.budgets if 2 <= b <= max_budget]
+        if not self.candidates:
+            raise ValueError(
+                f"jetspec: the cost model has no budget in [2, {max_budget}]"
+                f" (it has {cost.budgets})")
+        self.ema = ema
+        self.calibration = 1.0
+        self.choices: dict[int, int] = {}     # budget -> steps (1 = AR)
+
+    def expected_tokens(self, cum_logp: torch.Tensor) -> dict[int, float]:
+        """``cum_logp`` [R, N]: path log-probs of the largest tree's nodes
+        (root at 0, padding -inf). Expected tokens per request per round
+        for every candidate budget."""
+        p = cum_logp[:, 1:].float().exp().nan_to_num(0.0)
+        p = p.sort(dim=1, descending=True).values.mean(0)
+        cum = torch.cat([p.new_zeros(1), p.cumsum(0)]).tolist()
+        return {b: 1.0 + self.calibration * cum[min(b - 1, len(cum) - 1)]
+                for b in self.candidates}
+
+    def choose(self, cum_logp: torch.Tensor, batch: int) -> int:
+        """The budget for this step (1: plain decoding)."""
+        best, best_rate = 1, 1.0 / self.cost.plain(batch)
+        for b, e in self.expected_tokens(cum_logp).items():
+            rate = e / self.cost.round(b, batch)
+            if rate > best_rate:
+                best, best_rate = b, rate
+        self.choices[best] = self.choices.get(best, 0) + 1
+        return best
+
+    def observe(self, accepted: float, estimated: float) -> None:
+        """After verification: drafts accepted and their estimate
+        (sum of path probabilities of the verified nodes), summed over the
+        step's requests."""
+        if estimated <= 0 or not math.isfinite(estimated):
+            return
+        ratio = accepted / estimated
+        self.calibration += self.ema * (ratio - self.calibration)
