@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in r.items()})
     import vllm
-    meta = dict(target=target, head=head, load_format=args.load_format,
+    import sys
+    meta = dict(command="python -m vllm_jetspec.bench " + " ".join(
+                    sys.argv[1:] if argv is None else argv),
+                target=target, head=head, load_format=args.load_format,
                 dtype=args.dtype, prompts=source, num_prompts=len(prompts),
                 prompt_tokens=[len(p) for p in prompts],
                 max_new_tokens=args.max_new_tokens, tree_algo=args.tree_algo,

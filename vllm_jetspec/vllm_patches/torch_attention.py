@@ -156,7 +156,7 @@ class TorchTreeAttentionImpl(AttentionImpl):
         blk, off = slots[ok] // bs, slots[ok] % bs
         k = key[:n][ok].reshape(-1, h * d)
         v = value[:n][ok].reshape(-1, h * d)
-        idx = (off[:, None] * h * d + torch.arange(h * d))
+        idx = off[:, None] * h * d + torch.arange(h * d, device=off.device)
         flat[blk[:, None], 0, idx] = k.to(kv_cache.dtype)
         flat[blk[:, None], 1, idx] = v.to(kv_cache.dtype)
 
