@@ -48,7 +48,7 @@ import json
 import os
 import time
 
-from .engine_job import run_job
+from .engine_job import result_rows, run_job
 
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
@@ -58,21 +58,13 @@ FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
 
 def rows_of(method: str, budget: int, replay: bool, res: dict,
             ar: dict) -> list[dict]:
-    """One row per batch size of an engine's result."""
-    rows = []
-    for B, r in res["batches"].items():
-        base = ar["batches"][B]
-        tok_s = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
-        ar_s = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
+    """``engine_job.result_rows`` plus the round-time split per step."""
+    rows = result_rows(method, budget, res, ar)
+    for row, r in zip(rows, res["batches"].values()):
         prof = r.get("profile") or {}
         steps = prof.get("steps") or 0
-        row = dict(
-            method=method, budget=budget, batch=int(B), replay=replay,
-            tau=(1 + r["accepted"] / r["drafts"]) if r["drafts"] else 1.0,
-            tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
-            identical_to_ar=r["ids"] == base["ids"], steps=steps,
-            round_ms=1e3 * r["seconds"] / steps if steps else 0.0,
-            tokens=r["tokens"], seconds=r["seconds"])
+        row.update(replay=replay, steps=steps,
+                   round_ms=1e3 * r["seconds"] / steps if steps else 0.0)
         secs = prof.get("seconds") or {}
         for s in SEGMENTS[:-1]:
             row[f"{s}_ms"] = 1e3 * secs.get(s, 0.0) / steps if steps else 0.0
@@ -83,7 +75,6 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
                                    sorted(prof["budgets"].items(),
                                           key=lambda kv: int(kv[0]))}
             row["auto_calibration"] = prof.get("calibration")
-        rows.append(row)
     return rows
 
 

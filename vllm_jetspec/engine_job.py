@@ -85,6 +85,25 @@ def _run(job: dict) -> dict:
     return dict(start_seconds=start_s, batches=out)
 
 
+def result_rows(method: str, budget: int, res: dict, ar: dict) -> list[dict]:
+    """One row per batch size of an engine's result, against the AR
+    engine's result of the same run: tau (vLLM's spec-decode metrics:
+    tokens per target forward, bonus included), output tok/s, speed-up over
+    AR, whether the token ids equal AR's, and the raw counts."""
+    rows = []
+    for B, r in res["batches"].items():
+        base = ar["batches"][B]
+        tok_s = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
+        ar_s = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
+        rows.append(dict(
+            method=method, budget=budget, batch=int(B),
+            tau=(1 + r["accepted"] / r["drafts"]) if r["drafts"] else 1.0,
+            tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
+            identical_to_ar=r["ids"] == base["ids"], tokens=r["tokens"],
+            seconds=r["seconds"], rounds=r["drafts"]))
+    return rows
+
+
 def run_job(job: dict, timeout: float | None = None) -> dict:
     """Run ``job`` in a subprocess; returns its result or raises
     ``RuntimeError`` with the end of the engine's log."""

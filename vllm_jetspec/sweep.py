@@ -31,27 +31,12 @@ import json
 import os
 import time
 
-from .engine_job import run_job
+from .engine_job import result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
             "gsm8k": "gsm8k", "mtbench": "mtbench"}
 FIELDS = ["method", "budget", "batch", "tau", "tok_s", "speedup",
           "identical_to_ar", "tokens", "seconds", "rounds"]
-
-
-def _rows_of(method, budget, res, ar) -> list[dict]:
-    rows = []
-    for B, r in res["batches"].items():
-        base = ar["batches"][B]
-        tok_s = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
-        ar_s = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
-        rows.append(dict(
-            method=method, budget=budget, batch=int(B),
-            tau=(1 + r["accepted"] / r["drafts"]) if r["drafts"] else 1.0,
-            tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
-            identical_to_ar=r["ids"] == base["ids"], tokens=r["tokens"],
-            seconds=r["seconds"], rounds=r["drafts"]))
-    return rows
 
 
 def plot(rows: list[dict], out: str, title: str = "") -> list[str]:
@@ -171,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_job(job(spec, budget))
         if method == "ar":
             ar = res
-        rows += _rows_of(method, budget, res, ar)
+        rows += result_rows(method, budget, res, ar)
     bar.close()
     with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
