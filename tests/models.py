@@ -24,6 +24,18 @@ def make_tiny_qwen3(path: Path, seed: int = 0, vocab: int = 512,
     return path
 
 
+def make_tiny_target_and_head(path: Path) -> tuple[Path, Path]:
+    """``make_tiny_qwen3`` plus a random one-layer head for it (block 8, so
+    draft depth 7): acceptance comes from replay, not from the head."""
+    from vllm_jetspec.head import HeadConfig, random_head, save_head
+
+    target = make_tiny_qwen3(path / "target")
+    hc = HeadConfig.for_target(target, num_layers=1, target_layer_ids=[0, 1],
+                               block_size=8)
+    save_head(random_head(hc, seed=0), hc, path / "head")
+    return target, path / "head"
+
+
 def tiny_qwen3_in_memory(vocab: int = 16, layers: int = 3, seed: int = 0,
                          init: float = 0.3, hidden: int = 64,
                          head_dim: int = 16):

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from models import make_tiny_qwen3
+from models import make_tiny_target_and_head
 
 RUN = textwrap.dedent("""
     import json, sys
@@ -63,17 +63,13 @@ def run_tp2(tmp_path, target, spec):
 
 @pytest.mark.engine
 def test_tp2_greedy_equals_no_spec(tmp_path):
-    from vllm_jetspec.head import HeadConfig, random_head, save_head
     from vllm_jetspec.replay import save_replay
 
-    target = make_tiny_qwen3(tmp_path / "target")
-    hc = HeadConfig.for_target(target, num_layers=1, target_layer_ids=[0, 1],
-                               block_size=8)                  # depth 7
-    save_head(random_head(hc, seed=0), hc, tmp_path / "head")
+    target, head = make_tiny_target_and_head(tmp_path)        # depth 7
     no_spec, _ = run_tp2(tmp_path, target, None)
     save_replay(str(tmp_path / "replay.json"), PROMPTS, no_spec)
     tokens, m = run_tp2(tmp_path, target, {
-        "method": "jetspec", "model": str(tmp_path / "head"),
+        "method": "jetspec", "model": str(head),
         "tree_budget": 16, "replay": str(tmp_path / "replay.json")})
     assert tokens == no_spec
     # Every round accepts the whole replayed branch: 7 drafts per round.

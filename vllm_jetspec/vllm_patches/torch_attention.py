@@ -160,22 +160,32 @@ class TorchTreeAttentionImpl(AttentionImpl):
         flat[blk[:, None], 0, idx] = k.to(kv_cache.dtype)
         flat[blk[:, None], 1, idx] = v.to(kv_cache.dtype)
 
+    def write_step_kv(self, layer, key, value, kv_cache, m,
+                      output_scale, output_block_scale) -> bool:
+        """The part of ``forward`` shared by this backend and the Triton
+        one: refuse fused output quantization, write this step's K/V to
+        the cache; False when there is nothing to attend (no metadata:
+        profiling / warm-up)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization")
+        if m is None:
+            return False
+        if (self.kv_sharing_target_layer_name is None and key is not None
+                and value is not None):
+            self.do_kv_cache_update(layer, key, value, kv_cache,
+                                    m.slot_mapping[:m.num_actual_tokens])
+        return True
+
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: TorchTreeAttentionMetadata | None,
                 output: torch.Tensor, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization")
-        if attn_metadata is None:  # profiling / warm-up
+        m = attn_metadata
+        if not self.write_step_kv(layer, key, value, kv_cache, m,
+                                  output_scale, output_block_scale):
             return output
         logger.info_once("jetspec torch attention backend in use")
-        m = attn_metadata
-        n_tok = m.num_actual_tokens
-        if (self.kv_sharing_target_layer_name is None and key is not None
-                and value is not None):
-            self.do_kv_cache_update(layer, key, value, kv_cache,
-                                    m.slot_mapping[:n_tok])
         k_cache, v_cache = kv_cache[:, 0], kv_cache[:, 1]
         out = output.view(-1, self.num_heads, self.head_size)
         qsl = m.query_start_loc.tolist()

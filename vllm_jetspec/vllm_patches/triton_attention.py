@@ -108,17 +108,12 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                 output_block_scale=None) -> torch.Tensor:
         from ..kernels.tree_attention import tree_attention
 
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization")
-        if attn_metadata is None:  # profiling / warm-up
+        m = attn_metadata
+        if not self.write_step_kv(layer, key, value, kv_cache, m,
+                                  output_scale, output_block_scale):
             return output
         logger.info_once("jetspec Triton tree-attention backend in use")
-        m = attn_metadata
         n_tok = m.num_actual_tokens
-        if (self.kv_sharing_target_layer_name is None and key is not None
-                and value is not None):
-            self.do_kv_cache_update(layer, key, value, kv_cache,
-                                    m.slot_mapping[:n_tok])
         q = query.view(-1, self.num_heads, self.head_size)[:n_tok]
         out = output.view(-1, self.num_heads, self.head_size)[:n_tok]
         tree_attention(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
