@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     def meta_now():
         return dict(target=target, head=head, dtype=args.dtype,
                     load_format=args.load_format, device=_device(),
-                    prompt_tokens=sum(map(len, prompts)) / len(prompts),
+                    mean_prompt_tokens=sum(map(len, prompts)) / len(prompts),
                     max_new_tokens=args.max_new_tokens,
                     tree_algo=args.tree_algo, replay=args.replay,
                     date=time.strftime("%Y-%m-%d"))
@@ -286,16 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                         for k, v in r.items()})
     import vllm
     import sys
-    meta = dict(command="python -m vllm_jetspec.bench " + " ".join(
+    meta = dict(meta_now(),
+                command="python -m vllm_jetspec.bench " + " ".join(
                     sys.argv[1:] if argv is None else argv),
-                target=target, head=head, load_format=args.load_format,
-                dtype=args.dtype, prompts=source, num_prompts=len(prompts),
-                prompt_tokens=[len(p) for p in prompts],
-                max_new_tokens=args.max_new_tokens, tree_algo=args.tree_algo,
-                depth=depth, replay=args.replay, baseline=baseline,
-                split=not args.no_split, vllm=vllm.__version__,
-                device=_device(), date=time.strftime("%Y-%m-%d"),
-                engine_start_seconds=starts,
+                prompts=source, num_prompts=len(prompts),
+                prompt_tokens=[len(p) for p in prompts], depth=depth,
+                baseline=baseline, split=not args.no_split,
+                vllm=vllm.__version__, engine_start_seconds=starts,
                 wall_seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -7,8 +7,8 @@ state, and a plugin-patched engine must not share one with a plain one).
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 (token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
 (extra ``LLM`` kwargs), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
-token ids in and out), ``profile`` (measure the round-time
-split, see ``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
+token ids in and out), ``profile`` (measure the round-time split, see
+``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
 spec-decode counters of that part (drafts, accepted tokens) and, with

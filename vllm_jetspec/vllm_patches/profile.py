@@ -4,8 +4,8 @@ Enabled per process by ``JETSPEC_PROFILE=1`` (the bench sets it for its
 engines); otherwise every hook is a no-op. Segments of one engine step, as
 seen by the runner hooks in ``runner.py`` (any engine: AR, dflash, jetspec):
 
-- ``prepare``: the runner's ``_prepare_inputs`` (+ our tree positions and
-  masks, which are also counted in ``tree``);
+- ``prepare``: the runner's own ``_prepare_inputs`` (our tree positions and
+  masks after it count as ``tree``);
 - ``verify``: from the end of ``_prepare_inputs`` to the start of
   ``_sample``: attention metadata, the target's forward and its logits;
 - ``accept``: ``_sample``: vLLM's sampler or rejection sampler, or for

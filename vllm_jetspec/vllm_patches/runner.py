@@ -465,8 +465,7 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
     acc = accept(tree, tgt)
     policy = getattr(self.drafter, "policy", None)
     if policy is not None and step.est:
-        rows = list(step.est)
-        policy.observe(float(acc.num_accepted[rows].sum()),
+        policy.observe(float(acc.num_accepted[list(step.est)].sum()),
                        sum(step.est.values()))
     out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
     compact(self, step, acc)
