@@ -6,14 +6,12 @@ and every bad config gives one clear error at start-up."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from engine_io import result, run_script
 from models import tiny_qwen3_in_memory
 
 RUN = textwrap.dedent("""
@@ -31,12 +29,11 @@ RUN = textwrap.dedent("""
         outs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
             SamplingParams(max_tokens=48, temperature=0, detokenize=False))
-        print("RESULT", json.dumps([list(o.outputs[0].token_ids)
-                                    for o in outs]))
-        m = {x.name: getattr(x, "value", None) or getattr(x, "values", None)
-             for x in llm.get_metrics()
-             if x.name.startswith("vllm:spec_decode_num")}
-        print("METRICS", json.dumps(m))
+        emit("result", [list(o.outputs[0].token_ids) for o in outs])
+        emit("metrics", {
+            x.name: getattr(x, "value", None) or getattr(x, "values", None)
+            for x in llm.get_metrics()
+            if x.name.startswith("vllm:spec_decode_num")})
 """)
 
 # Eight prompts of mixed lengths (batch > 1, chunked prefill at 512 tokens
@@ -73,17 +70,10 @@ def tiny(tmp_path_factory):
 
 
 def run(tmp_path, target, spec, env=None):
-    script = tmp_path / "run.py"
-    script.write_text(RUN)
-    proc = subprocess.run([sys.executable, str(script), str(target),
-                           json.dumps(spec), json.dumps(PROMPTS)],
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **(env or {})))
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    res = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
-    met = [x for x in log.splitlines() if x.startswith("METRICS ")][-1]
-    return json.loads(res[7:]), json.loads(met[8:]), log
+    res, log = run_script(tmp_path / "run.py", RUN,
+                          [target, json.dumps(spec), json.dumps(PROMPTS)],
+                          env=env)
+    return result(res, "result", log), result(res, "metrics", log), log
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +244,21 @@ def test_jetspec_selects_the_v1_runner():
             require_v1_runner({"VLLM_USE_V2_MODEL_RUNNER": v})
 
 
+def test_expert_parallel_on_cpu_is_refused():
+    """vLLM 0.26 CPU's fused MoE ignores the expert map: refused at start-up
+    with a clear message (tensor parallelism of MoE targets works, see
+    tests/test_tp.py)."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.config import refuse_cpu_expert_parallel
+
+    refuse_cpu_expert_parallel(SimpleNamespace(enable_expert_parallel=False))
+    with pytest.raises(ValueError, match="enable_expert_parallel is not "
+                       "supported by vLLM 0.26 on CPU"):
+        refuse_cpu_expert_parallel(
+            SimpleNamespace(enable_expert_parallel=True))
+
+
 def test_parse_maps_to_dflash(parse_env):
     from vllm_jetspec.vllm_patches.config import parse
     hf, head = parse_env
@@ -333,7 +338,7 @@ SCENARIOS = textwrap.dedent("""
             for x in llm.get_metrics()
             if x.name.startswith("vllm:spec_decode_num")
             or "preempt" in x.name}
-        print("RESULT", json.dumps(res))
+        emit("result", res)
 """)
 
 SAMPLES = 1500
@@ -352,15 +357,11 @@ def scenarios(tiny, no_spec, tmp_path_factory):
     for name, spec in [("no_spec", None),
                        ("jetspec", {"method": "jetspec", "model": str(tiny[1]),
                                     "tree_budget": 16})]:
-        script = tmp_path_factory.mktemp(name) / "scenarios.py"
-        script.write_text(SCENARIOS)
-        proc = subprocess.run([sys.executable, str(script), str(tiny[0]),
-                               json.dumps(spec), json.dumps(cfg)],
-                              capture_output=True, text=True, timeout=900)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-6000:]
-        res = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
-        out[name] = json.loads(res[7:])
+        res, log = run_script(
+            tmp_path_factory.mktemp(name) / "scenarios.py", SCENARIOS,
+            [tiny[0], json.dumps(spec), json.dumps(cfg)], timeout=900,
+            tail=6000)
+        out[name] = result(res, "result", log, tail=6000)
         out[name]["log"] = log
     return out
 

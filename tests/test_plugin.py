@@ -3,7 +3,6 @@ process of a real engine."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
+from engine_io import result, run_script
 from models import make_tiny_qwen3
 
 
@@ -53,44 +53,30 @@ ENGINE_SCRIPT = textwrap.dedent("""
         out = llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3, 1, 2])],
                            SamplingParams(max_tokens=8, temperature=0,
                                           detokenize=False))
-        print("TOKENS", list(out[0].outputs[0].token_ids))
+        emit("tokens", list(out[0].outputs[0].token_ids))
 """)
 
 
 @pytest.mark.engine
-def test_plugin_loads_in_every_engine_process(tmp_path):
+def test_plugin_loads_everywhere_and_leaves_ngram_unchanged(tmp_path):
+    """With vLLM's plugins enabled, ours loads in every process of a real
+    engine (front end, engine core, worker); and its patches are inert for
+    other methods: ngram output with the plugin loaded equals ngram output
+    with vLLM's plugins disabled."""
     model = make_tiny_qwen3(tmp_path / "tiny-qwen3")
-    script = tmp_path / "engine.py"
-    script.write_text(ENGINE_SCRIPT)
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG")
-    proc = subprocess.run([sys.executable, str(script), str(model)],
-                          capture_output=True, text=True, env=env,
-                          timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "Failed to load plugin" not in log
-    pids = set(re.findall(r"vllm-jetspec \S+ registered in pid (\d+)", log))
-    # Front end, engine core and worker each load general plugins.
-    assert len(pids) >= 3, log[-4000:]
-    tokens = re.search(r"TOKENS \[(.*)\]", log).group(1).split(",")
-    assert len(tokens) == 8
-
-
-@pytest.mark.engine
-def test_ngram_is_unchanged_by_the_plugin(tmp_path):
-    """The plugin's patches are inert for other methods: ngram output with
-    the plugin loaded equals ngram output with vLLM's plugins disabled."""
-    model = make_tiny_qwen3(tmp_path / "tiny-qwen3")
-    script = tmp_path / "engine.py"
-    script.write_text(ENGINE_SCRIPT)
     runs = {}
     for name, extra in (("with", {}), ("without", {"VLLM_PLUGINS": "none"})):
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG", **extra)
-        proc = subprocess.run([sys.executable, str(script), str(model)],
-                              capture_output=True, text=True, env=env,
-                              timeout=600)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-4000:]
-        assert ("registered in pid" in log) == (name == "with")
-        runs[name] = re.search(r"TOKENS \[(.*)\]", log).group(1)
+        res, log = run_script(tmp_path / f"engine_{name}.py", ENGINE_SCRIPT,
+                              [model], env=dict(VLLM_LOGGING_LEVEL="DEBUG",
+                                                **extra))
+        runs[name] = result(res, "tokens", log)
+        assert len(runs[name]) == 8
+        pids = set(re.findall(r"vllm-jetspec \S+ registered in pid (\d+)",
+                              log))
+        if name == "with":
+            assert "Failed to load plugin" not in log
+            # Front end, engine core and worker each load general plugins.
+            assert len(pids) >= 3, log[-4000:]
+        else:
+            assert not pids, log[-4000:]
     assert runs["with"] == runs["without"]

@@ -5,14 +5,12 @@ DFlash draft attention) against stock CPU_ATTN."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from engine_io import result, run_script
 from models import make_tiny_qwen3
 from vllm_jetspec.kernels.tree_attention_ref import tree_attention_ref
 from vllm_jetspec.tree import build_tree, packed_ancestor_mask
@@ -90,22 +88,15 @@ RUN = textwrap.dedent("""
         outs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
             SamplingParams(max_tokens=24, temperature=0, detokenize=False))
-        print("RESULT", json.dumps([list(o.outputs[0].token_ids)
-                                    for o in outs]))
+        emit("result", [list(o.outputs[0].token_ids) for o in outs])
 """)
 
 
 def run_engine(tmp_path, model, spec, env_extra):
-    script = tmp_path / "run.py"
-    script.write_text(RUN)
-    env = dict(os.environ, **env_extra)
-    proc = subprocess.run([sys.executable, str(script), str(model),
-                           json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    line = [x for x in log.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):]), log
+    res, log = run_script(tmp_path / "run.py", RUN,
+                          [model, json.dumps(spec)], env=env_extra,
+                          tail=4000)
+    return result(res, "result", log, tail=4000), log
 
 
 @pytest.mark.engine

@@ -1,8 +1,8 @@
 """jetspec under vLLM's tensor parallelism on CPU (2 ranks on 2 cores): the
 greedy output at TP=2 equals the same engine's output without speculation
-at TP=2, for mixed prompts at batch 4. The drafter replays the recorded
-no-spec output (``"replay"``), so every round accepts a deep branch (τ =
-depth + 1): acceptance, KV compaction on each rank's shard and the next
+at TP=2, for mixed prompts at batch 4, with a dense and with a MoE target.
+The drafter replays the recorded no-spec output (``"replay"``), so every
+round accepts a deep branch (τ = depth + 1): acceptance, KV compaction on each rank's shard and the next
 draft's context are all exercised; both ranks build their trees from the
 same (gathered) logits and must take the same decisions, or the ranks'
 caches and tokens would diverge."""
@@ -10,13 +10,11 @@ caches and tokens would diverge."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from engine_io import result, run_script
 from models import make_tiny_target_and_head
 
 RUN = textwrap.dedent("""
@@ -33,39 +31,34 @@ RUN = textwrap.dedent("""
         outs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in json.loads(sys.argv[3])],
             SamplingParams(max_tokens=32, temperature=0, detokenize=False))
-        print("RESULT", json.dumps([list(o.outputs[0].token_ids)
-                                    for o in outs]))
-        print("METRICS", json.dumps({
+        emit("result", [list(o.outputs[0].token_ids) for o in outs])
+        emit("metrics", {
             x.name: x.value for x in llm.get_metrics() if x.name in (
                 "vllm:spec_decode_num_drafts",
-                "vllm:spec_decode_num_accepted_tokens")}))
+                "vllm:spec_decode_num_accepted_tokens")})
 """)
 
 PROMPTS = [[(7 * i + 3) % 500 for i in range(n)] for n in (3, 40, 100, 7)]
 
 
 def run_tp2(tmp_path, target, spec):
-    script = tmp_path / "run_tp.py"
-    script.write_text(RUN)
     # vLLM's CPU workers bind OpenMP threads per NUMA node by default, and
     # this machine has one: bind rank 0 to core 0 and rank 1 to core 1.
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")
-    proc = subprocess.run([sys.executable, str(script), str(target),
-                           json.dumps(spec), json.dumps(PROMPTS)],
-                          capture_output=True, text=True, timeout=600,
-                          env=env, cwd=tmp_path)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    line = lambda k: [x for x in log.splitlines() if x.startswith(k)][-1]
-    return (json.loads(line("RESULT ")[7:]),
-            json.loads(line("METRICS ")[8:]))
+    res, log = run_script(tmp_path / "run_tp.py", RUN,
+                          [target, json.dumps(spec), json.dumps(PROMPTS)],
+                          env=dict(VLLM_CPU_OMP_THREADS_BIND="0|1"))
+    return result(res, "result", log), result(res, "metrics", log)
 
 
 @pytest.mark.engine
-def test_tp2_greedy_equals_no_spec(tmp_path):
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tp2_greedy_equals_no_spec(tmp_path, moe):
+    """Dense Qwen3 and Qwen3-MoE (8 experts, top-2; experts sharded by TP:
+    vLLM 0.26's CPU MoE has no expert parallelism, see
+    ``refuse_cpu_expert_parallel``)."""
     from vllm_jetspec.replay import save_replay
 
-    target, head = make_tiny_target_and_head(tmp_path)        # depth 7
+    target, head = make_tiny_target_and_head(tmp_path, moe=moe)   # depth 7
     no_spec, _ = run_tp2(tmp_path, target, None)
     save_replay(str(tmp_path / "replay.json"), PROMPTS, no_spec)
     tokens, m = run_tp2(tmp_path, target, {

@@ -175,7 +175,7 @@ def first_two_tokens(T, anchor, algo, budget, temperature, top_k, top_p,
     """Emit at least two tokens per trial (a second round where the first
     emitted only the bonus token) and return the first two."""
     gen = torch.Generator().manual_seed(seed)
-    D, K = 3, 3
+    K = 3
     logp = draft_logits.log_softmax(-1)
     dv, di = logp.topk(K, dim=-1)
     anchors = torch.full((TRIALS,), anchor)

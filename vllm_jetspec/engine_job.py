@@ -2,7 +2,10 @@
 sweep and the demo (each engine needs its own process: vLLM holds global
 state, and a plugin-patched engine must not share one with a plain one).
 
-    python -m vllm_jetspec.engine_job < job.json   # prints "JOB {...}"
+    python -m vllm_jetspec.engine_job OUT.json < job.json
+
+The result goes to a file, not stdout: vLLM's engine-core process logs to
+the same pipe, and a long line may be interleaved with its writes.
 
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 (token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
@@ -107,22 +110,31 @@ def result_rows(method: str, budget: int, res: dict, ar: dict) -> list[dict]:
 def run_job(job: dict, timeout: float | None = None) -> dict:
     """Run ``job`` in a subprocess; returns its result or raises
     ``RuntimeError`` with the end of the engine's log."""
-    proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.engine_job"],
-                          input=json.dumps(job), capture_output=True,
-                          text=True, timeout=timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("JOB ")]
-    if proc.returncode or not lines:
+    fd, out = tempfile.mkstemp(prefix="jetspec_engine_job_", suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vllm_jetspec.engine_job", out],
+            input=json.dumps(job), capture_output=True, text=True,
+            timeout=timeout)
+        log = proc.stdout + proc.stderr
+        with open(out) as f:
+            text = f.read()
+    finally:
+        os.unlink(out)
+    if proc.returncode or not text:
         fd, path = tempfile.mkstemp(prefix="jetspec_engine_job_",
                                     suffix=".log")
         with os.fdopen(fd, "w") as f:
-            f.write(proc.stdout + proc.stderr)
+            f.write(log)
         raise RuntimeError(f"engine job failed ({proc.returncode}); full log "
-                           f"in {path}; its end:\n"
-                           + (proc.stdout + proc.stderr)[-3000:])
-    res = json.loads(lines[-1][4:])
-    res["log"] = proc.stdout + proc.stderr
+                           f"in {path}; its end:\n" + log[-3000:])
+    res = json.loads(text)
+    res["log"] = log
     return res
 
 
 if __name__ == "__main__":
-    print("JOB " + json.dumps(_run(json.load(sys.stdin))), flush=True)
+    result = _run(json.load(sys.stdin))
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)

@@ -162,6 +162,21 @@ def require_v1_runner(env: dict | None = None) -> None:
     env[V2_RUNNER_ENV] = "0"
 
 
+def refuse_cpu_expert_parallel(parallel_config) -> None:
+    """vLLM 0.26's CPU fused MoE ignores the expert map (it indexes a rank's
+    local experts by global expert id), so ``enable_expert_parallel`` on CPU
+    fails while profiling, with or without speculation; say so at start-up.
+    Tensor parallelism of MoE targets works on CPU."""
+    if not getattr(parallel_config, "enable_expert_parallel", False):
+        return
+    from vllm.platforms import current_platform
+    if current_platform.is_cpu():
+        raise ValueError(
+            "jetspec: enable_expert_parallel is not supported by vLLM 0.26 "
+            "on CPU (its CPU fused MoE ignores the expert map and fails "
+            "without speculation too); use tensor parallelism alone")
+
+
 def patched_create_speculative_config(orig):
     """Wraps ``EngineArgs.create_speculative_config``."""
 
@@ -173,6 +188,7 @@ def patched_create_speculative_config(orig):
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
         require_v1_runner()
+        refuse_cpu_expert_parallel(target_parallel_config)
         if self.speculative_config is None:
             logger.info("jetspec: tree_budget 1 is the root alone (no draft "
                         "token): decoding without speculation")
