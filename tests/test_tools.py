@@ -111,8 +111,8 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
 @pytest.mark.engine
 def test_sweep_through_vllm(smollm2, tmp_path):
     """`python -m vllm_jetspec.sweep`: AR, the linear (chain) baseline and
-    jetspec at a budget smaller than the head's depth (budget 8, depth 15),
-    at batch 1 and 2: every output equals AR's, τ does not depend on the
+    jetspec at budget 8 (the head drafts 7 of its 15 slots: a tree of 8
+    nodes is at most 7 deep), at batch 1 and 2: every output equals AR's, τ does not depend on the
     batch size (each request's rounds are its own), files are written."""
     import csv
 

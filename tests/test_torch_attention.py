@@ -72,6 +72,75 @@ def test_backend_writes_and_attends_like_the_reference():
     torch.testing.assert_close(out.view(T, hq, d), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_mixed_step_matches_attend_one(dtype):
+    """One step with every kind of request the backend plans for: a tree
+    (packed ancestor rows), a chunked prefill after a cached prefix, a
+    first prefill, a single decode token; then the same requests in a
+    non-causal step (the draft pass). Compared with ``attend_one``."""
+    from vllm_jetspec.kernels.tree_attention_ref import (attend_one,
+                                                         paged_gather)
+    from vllm_jetspec.vllm_patches.torch_attention import (
+        TorchTreeAttentionBackend, TorchTreeAttentionImpl,
+        TorchTreeAttentionMetadata)
+
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs = 6, 2, 32, 16
+    v, i = torch.randn(1, 5, 40, generator=g).log_softmax(-1).topk(3, -1)
+    tree = build_tree(v, i, torch.zeros(1, dtype=torch.long), 12,
+                      algo="accum_logp")
+    words = packed_ancestor_mask(tree)[0, :int(tree.num_nodes[0])]
+    prefix = [37, 21, 0, 50]
+    n = [int(tree.num_nodes[0]), 9, 13, 1]
+    seq = [p + k for p, k in zip(prefix, n)]
+    shape = TorchTreeAttentionBackend.get_kv_cache_shape(24, bs, hkv, d)
+    block_table = torch.tensor([[3, 9, 17, 0], [1, 2, 0, 0],
+                                [5, 0, 0, 0], [20, 11, 7, 4]],
+                               dtype=torch.int32)
+    impl = TorchTreeAttentionImpl(hq, d, d ** -0.5, hkv, None, None, "auto")
+
+    def slots(r, lo, hi):
+        p = torch.arange(lo, hi)
+        return block_table[r, p // bs].long() * bs + p % bs
+
+    for causal in (True, False):
+        kv = torch.zeros(shape, dtype=dtype)
+        for r in range(4):
+            impl.do_kv_cache_update(
+                None, torch.randn(prefix[r], hkv, d, generator=g),
+                torch.randn(prefix[r], hkv, d, generator=g), kv,
+                slots(r, 0, prefix[r]))
+        T = sum(n)
+        qsl = torch.tensor([0] + n).cumsum(0).int()
+        q = torch.randn(T, hq, d, generator=g).to(dtype)
+        k = torch.randn(T, hkv, d, generator=g).to(dtype)
+        val = torch.randn(T, hkv, d, generator=g).to(dtype)
+        # Two padding rows (slot -1) after the real tokens.
+        pad = lambda x: torch.cat([x, torch.zeros(2, *x.shape[1:],
+                                                  dtype=x.dtype)])
+        slot_mapping = torch.cat([slots(r, prefix[r], seq[r])
+                                  for r in range(4)] + [torch.tensor([-1, -1])])
+        meta = TorchTreeAttentionMetadata(
+            num_actual_tokens=T + 2, query_start_loc=qsl,
+            seq_lens=torch.tensor(seq, dtype=torch.int32),
+            block_table=block_table, slot_mapping=slot_mapping,
+            causal=causal, tree_masks={0: words} if causal else {})
+        out = torch.zeros(T + 2, hq * d, dtype=dtype)
+        impl.forward(None, pad(q), pad(k), pad(val), kv, meta, out)
+        assert not out[T:].any()
+        for r in range(4):
+            s, e = int(qsl[r]), int(qsl[r + 1])
+            kk = paged_gather(kv[:, 0], block_table, r, seq[r])
+            vv = paged_gather(kv[:, 1], block_table, r, seq[r])
+            assert torch.equal(kk[prefix[r]:], k[s:e])
+            assert torch.equal(vv[prefix[r]:], val[s:e])
+            ref = attend_one(q[s:e], kk, vv, prefix[r],
+                             words if causal and r == 0 else None,
+                             d ** -0.5, causal=causal)
+            # Both compute in fp32 and round to the cache's dtype once.
+            torch.testing.assert_close(out[s:e].view(-1, hq, d), ref)
+
+
 RUN = textwrap.dedent("""
     import json, sys
     if __name__ == "__main__":

@@ -10,8 +10,9 @@ settings ride on the resulting ``SpeculativeConfig`` as the attribute
 
 vLLM's ``num_speculative_tokens`` becomes ``tree_budget - 1``: the draft
 slots the scheduler reserves per request and step. The head's draft depth
-(the user's ``num_speculative_tokens``, default block size - 1) is kept in
-the tree settings.
+(the user's ``num_speculative_tokens``, default block size - 1; for a causal
+head at most ``tree_budget - 1``, the deepest a tree of that budget can be)
+is kept in the tree settings.
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     depth = head.block_size - 1 if depth is None else depth
     depth = _int_in("num_speculative_tokens (draft depth)", depth, 1,
                     head.block_size - 1)
+    if head.causal:
+        # A tree of `budget` nodes (root included) is at most budget - 1
+        # deep; in a causal head the first slots' logits do not depend on
+        # the later ones: drafting fewer slots gives the same trees for
+        # less work.
+        depth = max(1, min(depth, budget - 1))
     replay = spec.pop("replay", None)
     if replay is not None:
         from ..replay import load_replay

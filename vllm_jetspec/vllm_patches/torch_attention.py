@@ -4,11 +4,16 @@ vLLM 0.26's ``CPU_ATTN`` keeps K/V in ISA-specific layouts written by C++
 and its kernel knows only causal / non-causal attention, so tree
 verification cannot reuse it. This backend keeps a plain paged layout
 ``[num_blocks, 2, block_size, num_kv_heads, head_size]`` and computes every
-request with ``vllm_jetspec.kernels.tree_attention_ref.attend_one``: causal
-for prefill, chunked prefill and decode, and the packed ancestor mask of
-``tree_state`` for requests that verify a tree this step. It is a reference
-(Python loop over requests, fp32 math): right for CI's tiny models and for
-checking the fast paths, not for speed.
+request with the semantics of
+``vllm_jetspec.kernels.tree_attention_ref.attend_one``: causal for prefill,
+chunked prefill and decode, and the packed ancestor mask of ``tree_state``
+for requests that verify a tree this step (a test checks it against that
+reference). What the layers of a step share (the K/V write indices, each
+request's pages and its mask) is planned once per step, at the first layer
+(``StepPlan``); per layer and request it is then one page gather and two
+batched matmuls, with the query heads that share a K/V head stacked (no
+K/V repeat). A Python loop over requests: meant for vLLM's CPU platform
+(and CI), where the engine runs eagerly.
 
 It is installed with ``register_backend(AttentionBackendEnum.CPU_ATTN,
 ...)``, since ``CpuPlatform.get_attn_backend_cls`` always resolves
@@ -17,7 +22,7 @@ It is installed with ``register_backend(AttentionBackendEnum.CPU_ATTN,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -28,7 +33,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl,
 
 from vllm.logger import init_logger
 
-from ..kernels.tree_attention_ref import attend_one, paged_gather
+from ..kernels.tree_attention_ref import _unpack_rows
 from . import tree_state
 
 logger = init_logger("vllm.jetspec.torch_attention")
@@ -81,6 +86,58 @@ class TorchTreeAttentionBackend(AttentionBackend):
 
 
 @dataclass
+class RequestPlan:
+    start: int                  # its first token in the batch
+    end: int
+    seq_len: int                # K/V length, this step's tokens included
+    pages: torch.Tensor         # [ceil(seq_len / block_size)] int64
+    # [n, seq_len] bool, True = may attend; None = every key (a single
+    # causal token, or a non-causal step).
+    allowed: torch.Tensor | None
+
+
+@dataclass
+class StepPlan:
+    """What every layer of a step shares, computed at its first layer."""
+    # K/V write: batch rows with a cache slot, and that slot's page/offset.
+    write_rows: torch.Tensor
+    write_pages: torch.Tensor
+    write_offsets: torch.Tensor
+    requests: list[RequestPlan]
+
+
+def plan_step(m: "TorchTreeAttentionMetadata", block_size: int,
+              device) -> StepPlan:
+    slots = m.slot_mapping[:m.num_actual_tokens].long()
+    ok = slots >= 0
+    rows = torch.arange(slots.shape[0], device=slots.device)[ok]
+    good = slots[ok]
+    qsl = m.query_start_loc.tolist()
+    reqs = []
+    for r, seq_len in enumerate(m.seq_lens.tolist()):
+        s, e = qsl[r], qsl[r + 1]
+        n = e - s
+        if n == 0 or seq_len == 0:
+            continue
+        prefix = seq_len - n
+        pages = m.block_table[r, :(seq_len + block_size - 1) // block_size]
+        words = m.tree_masks.get(r)
+        if words is not None:
+            allowed = torch.ones(n, seq_len, dtype=torch.bool, device=device)
+            allowed[:, prefix:] = _unpack_rows(words.to(device), n)
+        elif m.causal and n > 1:
+            i = torch.arange(n, device=device)[:, None]
+            j = torch.arange(seq_len, device=device)[None, :]
+            allowed = j <= prefix + i
+        else:
+            allowed = None
+        reqs.append(RequestPlan(s, e, seq_len, pages.long().to(device),
+                                allowed))
+    return StepPlan(rows.to(device), (good // block_size).to(device),
+                    (good % block_size).to(device), reqs)
+
+
+@dataclass
 class TorchTreeAttentionMetadata:
     num_actual_tokens: int
     # [R + 1] int32 (CPU): offsets of each request's tokens in the batch.
@@ -95,6 +152,13 @@ class TorchTreeAttentionMetadata:
     # request index -> [n, W] int64 packed ancestor rows of its n scheduled
     # tokens, for requests verifying a tree this step.
     tree_masks: dict[int, torch.Tensor]
+    # Filled by the step's first layer (``plan_step``).
+    plan: StepPlan | None = field(default=None, repr=False)
+
+    def step_plan(self, block_size: int, device) -> StepPlan:
+        if self.plan is None:
+            self.plan = plan_step(self, block_size, device)
+        return self.plan
 
 
 class TorchTreeAttentionMetadataBuilder(
@@ -144,28 +208,30 @@ class TorchTreeAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self._announced = False
 
     def do_kv_cache_update(self, layer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        nb, _, bs, h, d = kv_cache.shape
-        n = slot_mapping.shape[0]
+        bs = kv_cache.shape[2]
         slots = slot_mapping.long()
         ok = slots >= 0
-        flat = kv_cache.view(nb, 2, bs * h * d)  # rows of a block: bs x h x d
-        blk, off = slots[ok] // bs, slots[ok] % bs
-        k = key[:n][ok].reshape(-1, h * d)
-        v = value[:n][ok].reshape(-1, h * d)
-        idx = off[:, None] * h * d + torch.arange(h * d, device=off.device)
-        flat[blk[:, None], 0, idx] = k.to(kv_cache.dtype)
-        flat[blk[:, None], 1, idx] = v.to(kv_cache.dtype)
+        n = slot_mapping.shape[0]
+        self._write(kv_cache, key[:n][ok], value[:n][ok], slots[ok] // bs,
+                    slots[ok] % bs)
+
+    @staticmethod
+    def _write(kv_cache, key, value, pages, offsets) -> None:
+        """key/value [m, H, D] to (page, offset) of the paged cache."""
+        kv_cache[pages, 0, offsets] = key.to(kv_cache.dtype)
+        kv_cache[pages, 1, offsets] = value.to(kv_cache.dtype)
 
     def write_step_kv(self, layer, key, value, kv_cache, m,
                       output_scale, output_block_scale) -> bool:
-        """The part of ``forward`` shared by this backend and the Triton
-        one: refuse fused output quantization, write this step's K/V to
-        the cache; False when there is nothing to attend (no metadata:
-        profiling / warm-up)."""
+        """The Triton backend's first part of ``forward`` (this backend's
+        own forward writes through its step plan instead): refuse fused
+        output quantization, write this step's K/V to the cache; False when
+        there is nothing to attend (no metadata: profiling / warm-up)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization")
         if m is None:
@@ -182,21 +248,45 @@ class TorchTreeAttentionImpl(AttentionImpl):
                 output: torch.Tensor, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:
         m = attn_metadata
-        if not self.write_step_kv(layer, key, value, kv_cache, m,
-                                  output_scale, output_block_scale):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization")
+        if m is None:
             return output
-        logger.info_once("jetspec torch attention backend in use")
-        k_cache, v_cache = kv_cache[:, 0], kv_cache[:, 1]
+        plan = m.step_plan(kv_cache.shape[2], kv_cache.device)
+        if (self.kv_sharing_target_layer_name is None and key is not None
+                and value is not None):
+            w = plan.write_rows
+            self._write(kv_cache, key[w], value[w], plan.write_pages,
+                        plan.write_offsets)
+        if not self._announced:
+            logger.info_once("jetspec torch attention backend in use")
+            self._announced = True
         out = output.view(-1, self.num_heads, self.head_size)
-        qsl = m.query_start_loc.tolist()
-        for r, seq_len in enumerate(m.seq_lens.tolist()):
-            s, e = qsl[r], qsl[r + 1]
-            if e == s or seq_len == 0:
-                continue
-            n = e - s
-            k = paged_gather(k_cache, m.block_table, r, seq_len)
-            v = paged_gather(v_cache, m.block_table, r, seq_len)
-            out[s:e] = attend_one(query[s:e], k, v, seq_len - n,
-                                  m.tree_masks.get(r), self.scale,
-                                  causal=m.causal)
+        for rp in plan.requests:
+            out[rp.start:rp.end] = self._attend(
+                query[rp.start:rp.end].view(-1, self.num_heads,
+                                            self.head_size),
+                kv_cache, rp)
         return output
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                rp: RequestPlan) -> torch.Tensor:
+        """One request: q [n, Hq, D] -> [n, Hq, D]; the math of
+        ``attend_one`` (fp32 softmax) with the Hq / Hkv query heads of a
+        K/V head stacked into one matmul."""
+        n, Hq, D = q.shape
+        H = self.num_kv_heads
+        g = Hq // H
+        L = rp.seq_len
+        kv = kv_cache.index_select(0, rp.pages)      # [P, 2, bs, H, D]
+        cdt = torch.float32 if q.dtype != torch.float64 else q.dtype
+        k = kv[:, 0].reshape(-1, H, D)[:L].to(cdt).permute(1, 2, 0)
+        v = kv[:, 1].reshape(-1, H, D)[:L].to(cdt).transpose(0, 1)
+        qg = q.to(cdt).view(n, H, g, D).permute(1, 2, 0, 3).reshape(
+            H, g * n, D)
+        scores = torch.bmm(qg, k).mul_(self.scale).view(H, g, n, L)
+        if rp.allowed is not None:
+            scores.masked_fill_(~rp.allowed, float("-inf"))
+        p = scores.softmax(-1).view(H, g * n, L)
+        o = torch.bmm(p, v).view(H, g, n, D)
+        return o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(q.dtype)
