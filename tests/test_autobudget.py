@@ -97,6 +97,25 @@ def test_choice_follows_load_and_falls_back_to_ar():
     assert BudgetPolicy(c, 64).choose(tree_logp([0.01] * 15), 8) == 4
 
 
+def test_limit_climbs_one_candidate_per_step():
+    """The largest budget a step may pick (and so the draft depth of a
+    causal head) is one candidate above the previous choice; the first
+    step may pick any."""
+    pol = BudgetPolicy(cost(), max_budget=64)
+    assert pol.next_limit() == 64
+    good = tree_logp([0.95] * 15)
+    assert pol.choose(tree_logp([0.01] * 15), 8, limit=64) == 1
+    assert pol.next_limit() == 4
+    # The best budget at batch 1 (16 here: 64 adds only unlikely
+    # siblings) is reached one rung per step, and kept.
+    e = pol.expected_tokens(good)
+    rates = {b: e[b] / cost().round(b, 1) for b in (4, 16, 64)}
+    assert max(rates, key=rates.get) == 16
+    assert [pol.choose(good, 1, limit=pol.next_limit())
+            for _ in range(4)] == [4, 16, 16, 16]
+    assert pol.next_limit() == 64
+
+
 def test_calibration_tracks_accepted_over_estimated():
     pol = BudgetPolicy(cost(), max_budget=64, ema=0.5)
     pol.observe(accepted=2.0, estimated=4.0)

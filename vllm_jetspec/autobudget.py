@@ -153,6 +153,17 @@ class BudgetPolicy:
         self.ema = ema
         self.calibration = 1.0
         self.choices: dict[int, int] = {}     # budget -> steps (1 = AR)
+        self.last = self.candidates[-1]       # the previous step's choice
+
+    def next_limit(self) -> int:
+        """The largest budget this step may pick: one candidate above the
+        previous step's choice (the largest at first). A causal head then
+        drafts only ``limit - 1`` slots: trees of every budget up to the
+        limit are exactly those of a full-depth draft (a tree of ``b``
+        nodes is at most ``b - 1`` deep), and the draft pass costs what a
+        static engine at that budget pays, not the largest budget's."""
+        above = [b for b in self.candidates if b > self.last]
+        return above[0] if above else self.candidates[-1]
 
     def expected_tokens(self, cum_logp: torch.Tensor) -> dict[int, float]:
         """``cum_logp`` [R, N]: path log-probs of the largest tree's nodes
@@ -164,14 +175,19 @@ class BudgetPolicy:
         return {b: 1.0 + self.calibration * cum[min(b - 1, len(cum) - 1)]
                 for b in self.candidates}
 
-    def choose(self, cum_logp: torch.Tensor, batch: int) -> int:
-        """The budget for this step (1: plain decoding)."""
+    def choose(self, cum_logp: torch.Tensor, batch: int,
+               limit: int | None = None) -> int:
+        """The budget for this step (1: plain decoding), at most
+        ``limit``."""
         best, best_rate = 1, 1.0 / self.cost.plain(batch)
         for b, e in self.expected_tokens(cum_logp).items():
+            if limit is not None and b > limit:
+                continue
             rate = e / self.cost.round(b, batch)
             if rate > best_rate:
                 best, best_rate = b, rate
         self.choices[best] = self.choices.get(best, 0) + 1
+        self.last = best
         return best
 
     def observe(self, accepted: float, estimated: float) -> None:

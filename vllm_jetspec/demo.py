@@ -1,6 +1,6 @@
 """JetSpec generation through vLLM on the default model, next to no-spec.
 
-    python -m vllm_jetspec.demo [--num-prompts 3] [--max-new-tokens 96]
+    python -m vllm_jetspec.demo [--num-prompts 3] [--max-new-tokens 96] [--budget 8]
 
 Starts vLLM (the engine this machine has: CPU here) twice on the default
 target (SmolLM2-135M-Instruct, built from PyPI by ``vllm_jetspec.assets``):
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ENGINE = """
@@ -38,18 +40,27 @@ if __name__ == "__main__":
                         seconds=time.perf_counter() - t))
     m = {x.name: x.value for x in llm.get_metrics()
          if x.name.startswith("vllm:spec_decode_num") and hasattr(x, "value")}
-    print("DEMO " + json.dumps(dict(out=out, metrics=m)))
+    # A file, not stdout: the engine-core process logs to the same pipe.
+    with open(cfg["out"], "w") as f:
+        json.dump(dict(out=out, metrics=m), f)
 """
 
 
 def run_engine(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", ENGINE, json.dumps(cfg)],
-                          capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("DEMO ")]
-    if proc.returncode or not lines:
+    fd, path = tempfile.mkstemp(prefix="jetspec_demo_", suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", ENGINE, json.dumps(dict(cfg, out=path))],
+            capture_output=True, text=True)
+        with open(path) as f:
+            text = f.read()
+    finally:
+        os.unlink(path)
+    if proc.returncode or not text:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"demo: the vLLM engine failed ({proc.returncode})")
-    return json.loads(lines[-1][5:])
+    return json.loads(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="gsm8k")
     ap.add_argument("--num-prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=8,
+                    help="tree budget (default 8: with 4, the fastest of 4/8/16/64 "
+                    "on the 2-core dev CPU, docs/results.md; larger budgets "
+                    "give a longer tau and cost more per round)")
     ap.add_argument("--algo", default="accum_logp")
     ap.add_argument("--head", default=None)
     args = ap.parse_args(argv)

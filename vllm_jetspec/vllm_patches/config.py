@@ -45,6 +45,8 @@ class JetSpecSettings:
     # tree_budget "auto": the cost-model file; ``budget`` is then the
     # largest budget the policy may pick (vllm_jetspec.autobudget).
     cost_model: str | None = None
+    causal: bool = True   # the head's draft layers (then drafting fewer
+    #                       slots leaves the first slots' logits unchanged)
 
     @property
     def auto(self) -> bool:
@@ -140,7 +142,7 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
         replay = os.path.abspath(replay)
     settings = JetSpecSettings(budget=budget, width=width, algo=algo,
                                depth=depth, replay=replay,
-                               cost_model=cost_model)
+                               cost_model=cost_model, causal=head.causal)
     if budget == 1:
         # The root alone: no draft token to verify, i.e. plain decoding.
         return None, settings

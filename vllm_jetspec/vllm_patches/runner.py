@@ -104,8 +104,12 @@ class JetSpecProposer(DFlashProposer):
         logp = self.model.compute_logits(hidden_states).float().log_softmax(-1)
         v, i = logp.topk(min(self.jetspec.width, logp.shape[-1]), dim=-1)
         rt, self.replay_tokens = self.replay_tokens, None
-        if rt is not None and rt.numel() == v.shape[0]:
-            v, i = force_top1(v, i, rt.reshape(-1))
+        # [R, s.depth] recorded tokens; this pass may draft fewer slots
+        # (tree_budget "auto").
+        if rt is not None and v.shape[0] % rt.shape[0] == 0 \
+                and v.shape[0] // rt.shape[0] <= rt.shape[1]:
+            d = v.shape[0] // rt.shape[0]
+            v, i = force_top1(v, i, rt[:, :d].reshape(-1))
         self._topk = (v, i)
         return i[:, 0], None
 
@@ -113,16 +117,21 @@ class JetSpecProposer(DFlashProposer):
         if self.jetspec is None:
             return super().propose(num_speculative_tokens, *args, **kwargs)
         s = self.jetspec
-        super().propose(s.depth, *args, **kwargs)
+        depth, limit = s.depth, s.budget
+        if self.policy is not None:
+            limit = self.policy.next_limit()
+            if s.causal:
+                depth = max(1, min(s.depth, limit - 1))
+        super().propose(depth, *args, **kwargs)
         v, i = self._topk
         anchor = kwargs["next_token_ids"]
         R = anchor.shape[0]
         t = self.prof.start()
-        v, i = v.view(R, s.depth, -1), i.view(R, s.depth, -1)
-        tree = build_tree(v, i, anchor.long(), s.budget, algo=s.algo)
+        v, i = v.view(R, depth, -1), i.view(R, depth, -1)
+        tree = build_tree(v, i, anchor.long(), limit, algo=s.algo)
         if self.policy is not None:
-            b = self.policy.choose(tree.cum_logp, R)
-            if b != s.budget:
+            b = self.policy.choose(tree.cum_logp, R, limit=limit)
+            if b != limit:
                 tree = build_tree(v, i, anchor.long(), b, algo=s.algo)
         self.tree_seconds = (self.prof.now() - t) if t is not None else 0.0
         self.last_tree = tree
