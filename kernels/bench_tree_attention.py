@@ -5,7 +5,9 @@
 Qwen3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16,
 block size 16, scattered pages; per (batch, prefix, budget): kernel time
 (CUDA events, median of repeats) and achieved bandwidth = K/V bytes of the
-prefixes and trees / time (the floor of a memory-bound kernel). On CPU it
+prefixes and trees / time (the floor of a memory-bound kernel), and as a
+fraction of the bandwidth of a 1 GiB device-to-device copy measured in the
+same run. On CPU it
 runs a tiny shape in Triton's interpreter (a smoke run, no timing claims).
 """
 
@@ -96,13 +98,36 @@ def main(argv: list[str] | None = None) -> None:
                            gbps=round(nbytes / t / 1e9, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    hbm = copy_bandwidth_gbps() if cuda else None
+    if hbm:
+        for row in rows:
+            row["frac_of_copy"] = round(row["gbps"] / hbm, 3)
+        print(json.dumps(dict(copy_gbps=round(hbm, 1))), flush=True)
     info = dict(device=torch.cuda.get_device_name() if cuda else "cpu "
                 "(Triton interpreter; no timing claim)", dtype=str(dtype),
                 shape=dict(hq=hq, hkv=hkv, head_dim=D, block_size=bs),
-                rows=rows)
+                copy_gbps=hbm, rows=rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Measured HBM bandwidth: a device-to-device copy of ``nbytes``
+    (read + write counted), median of ``repeats``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        s, e = (torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True))
+        s.record()
+        dst.copy_(src)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 if __name__ == "__main__":

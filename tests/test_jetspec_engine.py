@@ -252,11 +252,50 @@ def test_expert_parallel_on_cpu_is_refused():
 
     from vllm_jetspec.vllm_patches.config import refuse_cpu_expert_parallel
 
-    refuse_cpu_expert_parallel(SimpleNamespace(enable_expert_parallel=False))
+    refuse_cpu_expert_parallel(SimpleNamespace(enable_expert_parallel=False),
+                               on_cpu=True)
     with pytest.raises(ValueError, match="enable_expert_parallel is not "
                        "supported by vLLM 0.26 on CPU"):
         refuse_cpu_expert_parallel(
-            SimpleNamespace(enable_expert_parallel=True))
+            SimpleNamespace(enable_expert_parallel=True), on_cpu=True)
+    # Elsewhere (CUDA) expert parallelism is vLLM's business.
+    refuse_cpu_expert_parallel(SimpleNamespace(enable_expert_parallel=True),
+                               on_cpu=False)
+
+
+def test_async_scheduling_is_turned_off_or_refused():
+    """jetspec runs as 'dflash', for which vLLM 0.26 turns async scheduling
+    on by default on CUDA (its runner then fills input ids from device-side
+    draft tokens a tree round does not provide: an AssertionError in
+    ``_prepare_input_ids`` on the H100, 2026-11-24). Off unless asked for;
+    asked for, one clear error."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.config import refuse_async_scheduling
+
+    for default in (None, False):
+        args = SimpleNamespace(async_scheduling=default)
+        refuse_async_scheduling(args)
+        assert args.async_scheduling is False
+    with pytest.raises(ValueError, match="does not support async "
+                       "scheduling"):
+        refuse_async_scheduling(SimpleNamespace(async_scheduling=True))
+
+
+def test_gpu_engines_run_eagerly():
+    """No CUDA graphs for tree verification yet: on a GPU a jetspec engine
+    runs as if enforce_eager=True (engine args and the already built model
+    config); on CPU nothing changes."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.config import eager_on_gpu
+
+    args, model = (SimpleNamespace(enforce_eager=False),
+                   SimpleNamespace(enforce_eager=False))
+    eager_on_gpu(args, model, on_cpu=True)
+    assert not args.enforce_eager and not model.enforce_eager
+    eager_on_gpu(args, model, on_cpu=False)
+    assert args.enforce_eager and model.enforce_eager
 
 
 def test_parse_maps_to_dflash(parse_env):

@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             _cost_model(rows, meta_now()).save(cost_path)
         res = run_job(job(spec, budget))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)
+        # Each engine's log end, and the rows so far: what a run cut short
+        # (a time limit) still leaves behind.
+        with open(os.path.join(args.out, "engine_logs.txt"), "a") as f:
+            f.write(f"===== {method} {budget}\n{res['log'][-6000:]}\n")
         if method == "ar":
             ar = res
             if args.replay:
@@ -275,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
                 save_replay(replay_path, prompts, first)
         rows += rows_of(method, budget, args.replay and method != "ar",
                         res, ar)
+        with open(os.path.join(args.out, "partial.json"), "w") as f:
+            json.dump(dict(meta=dict(meta_now(), engine_start_seconds=starts,
+                                     wall_seconds=round(
+                                         time.perf_counter() - t0, 1)),
+                           rows=rows), f, indent=1)
     bar.close()
     _cost_model(rows, meta_now()).save(cost_path)
 

@@ -6,15 +6,31 @@
 #   bash scripts/gpu/on_device.sh plan S [fit args...]  # --steps for S seconds
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
+#   bash scripts/gpu/on_device.sh kernels             # kernel tests + timing on CUDA
+#   bash scripts/gpu/on_device.sh engine-tests [SECS] # engine exactness tests on CUDA
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
-#   bash scripts/gpu/on_device.sh bench8b 16 64 128   # replay round cost, 8B shape
+#   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 # Files persist under /tmp/jetspec while the machine stays warm; results go
 # to $OUT (the head as two halves: one file may be at most 16 MiB).
 set -euo pipefail
 W=/tmp/jetspec
 mkdir -p "$W"
+# A legacy editable install (no package-dir mapping) would miss the kernels.
+[ -e vllm_jetspec/kernels ] || ln -s ../kernels vllm_jetspec/kernels
 # The repository itself (cwd) and the carried GGUF readers.
 export JETSPEC_CACHE_DIR=${JETSPEC_CACHE_DIR:-$W/cache} PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
+# The plugin's entry point, visible to every process through PYTHONPATH
+# (the image's pip install -e . did not register it: 2026-11-24).
+di=/tmp/jsite/vllm_jetspec-0.0.0.dist-info
+mkdir -p "$di"
+printf 'Metadata-Version: 2.1\nName: vllm-jetspec\nVersion: 0.0.0\n' > "$di/METADATA"
+printf '[vllm.general_plugins]\njetspec = vllm_jetspec:register\n' > "$di/entry_points.txt"
+# At most 8 files come back from $OUT: a bench's results without replay.json.
+keep() {
+    mkdir -p "$OUT/$1"
+    for f in bench.json partial.json bench.png engine_logs.txt; do
+        [ -f "$W/$1/$f" ] && cp "$W/$1/$f" "$OUT/$1/"; done; true
+}
 step=$1; shift
 case $step in
 keep-a)
@@ -67,17 +83,37 @@ eval)
             --budgets 16 32 64 128 --algos chain accum_logp topb_prefix \
             --json "$OUT/tau_$s.json" --quiet
     done ;;
+kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
+    timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
+        > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
+    tail -5 "$OUT/kernel_tests.log"
+    timeout 240 python3 -m vllm_jetspec.kernels.bench_tree_attention \
+        --batch 1 8 32 --prefix 512 4096 8192 --budget 16 64 128 256 \
+        --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
+        || echo "kernel bench rc $?"
+    tail -3 "$OUT/kernel_bench.log" ;;
+engine-tests)  # SECS [pytest args]: the engine exactness tests, on CUDA
+    secs=${1:-400}; shift || true
+    JETSPEC_CUDA=1 timeout "$secs" python3 -m pytest -q -rA \
+        -p no:cacheprovider tests/test_jetspec_engine.py "$@" \
+        > "$OUT/engine_tests.log" 2>&1 || echo "engine tests rc $?"
+    tail -40 "$OUT/engine_tests.log" ;;
 cuda-check)  # jetspec on CUDA (JETSPEC_CUDA=1), SmolLM2 fp32: tokens vs AR, tau, split
     JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
         --budgets 16 64 --batch-sizes 1 4 --gpu-memory-utilization 0.5 \
-        --out "$OUT/bench_smollm2" 2>&1 | tail -20 ;;
-bench8b)  # BUDGETS...: replay round cost on the Qwen3-8B shape (dummy, bf16)
+        --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
+        || echo "cuda-check rc $?"
+    keep bench_smollm2; tail -20 "$OUT/cuda_check.log" ;;
+bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
+    name=$1 base=$2; shift 2
     python3 scripts/gpu/shapes.py "$W/shapes"
     JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
         --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
-        --prompt-len 512 --max-new-tokens 256 --replay --batch-sizes 1 8 \
+        --prompt-len 512 --max-new-tokens 256 --replay \
+        --batch-sizes 1 8 --num-prompts 8 --baseline "$base" \
         --budgets "$@" --max-model-len 2048 --gpu-memory-utilization 0.85 \
-        --out "$OUT/bench_8b" 2>&1 | tail -30 ;;
+        --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
+    keep "$name"; tail -30 "$OUT/$name.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -43,7 +43,10 @@ PATCHES += [
              "patched_create_speculative_config",
           why="SpeculativeConfig accepts neither method 'jetspec' nor the "
               "tree keys; they are validated and removed, the rest runs as "
-              "'dflash' with the tree settings attached",
+              "'dflash' with the tree settings attached; async scheduling "
+              "is turned off (vLLM enables it for dflash on CUDA; its runner "
+              "then expects device-side draft tokens) and GPU engines run "
+              "eagerly (no CUDA graphs for tree verification)",
           when="always (inert unless method is 'jetspec')"),
     Patch(replaces="vllm.v1.worker.gpu_model_runner:DFlashProposer",
           by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
@@ -75,8 +78,8 @@ PATCHES += [
           why="the Triton tree-attention kernel as the engine's attention "
               "backend; on CUDA selected through attention_config.backend "
               "= CUSTOM (vLLM's CUDA backends know no tree masks)",
-          when="jetspec engines: on CUDA with JETSPEC_CUDA=1 (not yet "
-               "verified on a GPU), on CPU with JETSPEC_ATTENTION=triton "
+          when="jetspec engines: on CUDA with JETSPEC_CUDA=1 (greedy "
+               "exactness checked on an H100, eager), on CPU with JETSPEC_ATTENTION=triton "
                "(Triton's interpreter: a test of the integration)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",

@@ -171,15 +171,50 @@ def require_v1_runner(env: dict | None = None) -> None:
     env[V2_RUNNER_ENV] = "0"
 
 
-def refuse_cpu_expert_parallel(parallel_config) -> None:
+def refuse_async_scheduling(engine_args) -> None:
+    """jetspec runs as method 'dflash', for which vLLM 0.26 turns async
+    scheduling on by default on CUDA; its runner then keeps the next step's
+    draft tokens on the device and fills input ids from them, which a tree
+    round does not provide. Turn it off (before ``SchedulerConfig`` is
+    built from the engine args), or refuse if the user asked for it."""
+    if getattr(engine_args, "async_scheduling", None):
+        raise ValueError("jetspec does not support async scheduling; drop "
+                         "--async-scheduling (async_scheduling=True)")
+    engine_args.async_scheduling = False
+
+
+def eager_on_gpu(engine_args, model_config, on_cpu: bool | None = None
+                 ) -> None:
+    """The tree-attention backend captures no CUDA graphs, and jetspec with
+    torch.compile / piecewise CUDA graphs has not been run on a GPU yet: a
+    jetspec engine on a GPU runs eagerly (one warning), as if
+    ``enforce_eager=True`` had been given. ``model_config`` is built before
+    the speculative config, so both are set."""
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+        on_cpu = current_platform.is_cpu()
+    if on_cpu or getattr(model_config, "enforce_eager", False):
+        return
+    logger.warning("jetspec: CUDA graphs and torch.compile are not supported "
+                   "with tree verification yet; running eagerly "
+                   "(enforce_eager=True)")
+    engine_args.enforce_eager = True
+    model_config.enforce_eager = True
+
+
+def refuse_cpu_expert_parallel(parallel_config,
+                               on_cpu: bool | None = None) -> None:
     """vLLM 0.26's CPU fused MoE ignores the expert map (it indexes a rank's
     local experts by global expert id), so ``enable_expert_parallel`` on CPU
     fails while profiling, with or without speculation; say so at start-up.
-    Tensor parallelism of MoE targets works on CPU."""
+    Tensor parallelism of MoE targets works on CPU. ``on_cpu``: the
+    platform (default: vLLM's current platform)."""
     if not getattr(parallel_config, "enable_expert_parallel", False):
         return
-    from vllm.platforms import current_platform
-    if current_platform.is_cpu():
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+        on_cpu = current_platform.is_cpu()
+    if on_cpu:
         raise ValueError(
             "jetspec: enable_expert_parallel is not supported by vLLM 0.26 "
             "on CPU (its CPU fused MoE ignores the expert map and fails "
@@ -198,6 +233,8 @@ def patched_create_speculative_config(orig):
             spec, target_model_config.hf_config)
         require_v1_runner()
         refuse_cpu_expert_parallel(target_parallel_config)
+        refuse_async_scheduling(self)
+        eager_on_gpu(self, target_model_config)
         if self.speculative_config is None:
             logger.info("jetspec: tree_budget 1 is the root alone (no draft "
                         "token): decoding without speculation")
