@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
                     default=[512, 4096, 8192])
     ap.add_argument("--budget", type=int, nargs="+", default=[16, 128, 256])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--splits", nargs="+", default=["1"],
+                    help="prefix splits to time: integers and/or 'auto' "
+                    "(one row each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     hq, hkv, D, bs = (32, 8, 128, 16) if cuda else (4, 2, 32, 16)
     if not cuda:
         args.batch, args.prefix, args.budget, args.repeats = [1], [64], [8], 1
+    splits = [x if x == "auto" else int(x) for x in args.splits]
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for B in args.batch:
@@ -72,32 +76,42 @@ def main(argv: list[str] | None = None) -> None:
                             mask[i, w] = bits - (1 << 64) if bits >= 1 << 63 \
                                 else bits
                 mask = mask.expand(B, N, W).contiguous().to(dev)
-                out = torch.empty_like(q)
-                call = lambda: tree_attention(  # noqa: E731
-                    q, k, v, bt, prefix, qsl, mask, D ** -0.5,
-                    max_nodes=N, out=out)
-                call()
-                times = []
-                for _ in range(args.repeats):
-                    if cuda:
-                        s, e = (torch.cuda.Event(enable_timing=True),
-                                torch.cuda.Event(enable_timing=True))
-                        s.record()
-                        call()
-                        e.record()
-                        torch.cuda.synchronize()
-                        times.append(s.elapsed_time(e) / 1e3)
-                    else:
-                        t = time.perf_counter()
-                        call()
-                        times.append(time.perf_counter() - t)
-                t = statistics.median(times)
-                nbytes = 2 * B * L * hkv * D * k.element_size() \
-                    + 2 * q.numel() * q.element_size()
-                row = dict(batch=B, prefix=P, budget=N, us=round(t * 1e6, 1),
-                           gbps=round(nbytes / t / 1e9, 1))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                first = None
+                for sp in splits:
+                    out = torch.empty_like(q)
+                    call = lambda: tree_attention(  # noqa: E731
+                        q, k, v, bt, prefix, qsl, mask, D ** -0.5,
+                        max_nodes=N, out=out, num_splits=sp, max_prefix=P)
+                    call()
+                    # Every variant against the first one timed (the
+                    # kernel's tests check each against the reference).
+                    diff = 0.0 if first is None else \
+                        (out.float() - first).abs().max().item()
+                    if first is None:
+                        first = out.float().clone()
+                    times = []
+                    for _ in range(args.repeats):
+                        if cuda:
+                            s, e = (torch.cuda.Event(enable_timing=True),
+                                    torch.cuda.Event(enable_timing=True))
+                            s.record()
+                            call()
+                            e.record()
+                            torch.cuda.synchronize()
+                            times.append(s.elapsed_time(e) / 1e3)
+                        else:
+                            t = time.perf_counter()
+                            call()
+                            times.append(time.perf_counter() - t)
+                    t = statistics.median(times)
+                    nbytes = 2 * B * L * hkv * D * k.element_size() \
+                        + 2 * q.numel() * q.element_size()
+                    row = dict(batch=B, prefix=P, budget=N, splits=sp,
+                               us=round(t * 1e6, 1),
+                               gbps=round(nbytes / t / 1e9, 1),
+                               max_diff_vs_first=diff)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     hbm = copy_bandwidth_gbps() if cuda else None
     if hbm:
         for row in rows:

@@ -75,12 +75,13 @@ def make_case(seed, budgets, hq, hkv, D, prefixes, block_size=16,
             prefix.int().to(**to), qsl.to(**to), mask.to(**to), D ** -0.5)
 
 
-def check(args, dtype):
+def check(args, dtype, **kw):
     q, k, v, bt, prefix, qsl, mask, scale = args
     want = tree_attention_ref(q.float(), k.float(), v.float(), bt.long(),
                               prefix.long(), qsl.long(), mask, scale)
     out = torch.full_like(q, float("nan"))
-    got = tree_attention(q, k, v, bt, prefix, qsl, mask, scale, out=out)
+    got = tree_attention(q, k, v, bt, prefix, qsl, mask, scale, out=out,
+                         **kw)
     assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any()
     err = (got.float() - want).abs().max().item()
@@ -126,3 +127,35 @@ def test_fresh_inputs_every_call():
     b = make_case(12, [16, 9], 4, 4, 64, [20, 8])
     check(a, torch.float32)
     check(b, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [3, "auto"])
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (8, 2, 128)])
+def test_split_prefix_matches_reference(dtype, splits, hq, hkv, D):
+    """The prefix split across programs (flash-decoding) with a combine
+    pass. Given splits: prefixes 0 (every prefix split empty), shorter than
+    one split, and spanning several; trees of 1-130 nodes. "auto": one
+    request with a small tree (a small grid, so it does split)."""
+    seed = 500 + hq + D + DTYPES.index(dtype) + (7 if splits == "auto"
+                                                   else splits)
+    if splits == "auto":
+        args = make_case(seed, [16], hq, hkv, D, [700], dtype=dtype,
+                         layout="fused")
+    else:
+        args = make_case(seed, [1, 7, 64, 130], hq, hkv, D,
+                         [0, 5, 300, 700], dtype=dtype, layout="fused")
+    check(args, dtype, num_splits=splits)
+    check(args, dtype, num_splits=splits, max_prefix=700)
+
+
+def test_choose_splits():
+    from vllm_jetspec.kernels.tree_attention import choose_splits
+
+    # A full grid: no split. Batch 1, budget 16, 8 KV heads on 132 SMs:
+    # 16 programs -> 17 splits if the prefix has room for them.
+    assert choose_splits(300, 8192, 32, 132) == 1
+    assert choose_splits(16, 8192, 32, 132) == 17
+    # Each split keeps at least four key blocks.
+    assert choose_splits(16, 256, 32, 132) == 2
+    assert choose_splits(16, 64, 32, 132) == 1

@@ -128,6 +128,151 @@ def _tree_attn_kernel(
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _tree_attn_split_kernel(
+    Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
+    scale, split_len, T, HQ,
+    s_qt, s_qh, s_qd,
+    s_kb, s_ks, s_kh, s_kd,
+    s_vb, s_vs, s_vh, s_vd,
+    s_btr, s_btb,
+    s_mr, s_mn, s_mw,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, NODES: tl.constexpr,
+    ROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, SPLITS,
+):
+    """``_tree_attn_kernel`` with the prefix split across programs
+    (flash-decoding): program (r, tile, kvh * SPLITS + s) covers prefix keys
+    [s * split_len, (s + 1) * split_len) and, for the last split, the tree;
+    it writes its unnormalised partial (running max m, sum l, acc) to the
+    fp32 workspaces MW/LW [SPLITS, T, HQ] and AW [SPLITS, T, HQ, D], which
+    ``_tree_attn_combine_kernel`` merges."""
+    r = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2) // SPLITS
+    sp = tl.program_id(2) % SPLITS
+    q0 = tl.load(QSL + r)
+    n = tl.load(QSL + r + 1) - q0
+    node0 = tile * NODES
+    if node0 >= n:
+        return
+    prefix = tl.load(PREFIX + r)
+
+    rows = tl.arange(0, ROWS)
+    node = node0 + rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = (rows < NODES * GROUP) & (node < n)
+    d = tl.arange(0, D)
+    q = tl.load(Q + (q0 + node)[:, None] * s_qt + head[:, None] * s_qh
+                + d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    qk_scale = scale * 1.4426950408889634
+
+    lo = sp * split_len
+    hi = tl.minimum(lo + split_len, prefix)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + cols
+        ok = pos < hi
+        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
+                       mask=ok, other=0)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
+                    + kvh * s_kh + d[:, None] * s_kd,
+                    mask=ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
+                   input_precision=PREC) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
+                    + kvh * s_vh + d[None, :] * s_vd,
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                            out_dtype=tl.float32,
+                                            input_precision=PREC)
+        m_i = m_new
+
+    # The tree, in the last split only (an empty range elsewhere).
+    last = tl.where(sp == SPLITS - 1, tl.minimum(node0 + NODES, n), 0)
+    for start in range(0, last, BLOCK_N):
+        t = start + cols
+        ok = t < n
+        word = tl.load(MASK + r * s_mr + node * s_mn + (start // 64) * s_mw,
+                       mask=row_ok, other=0)
+        bit = (word[:, None] >> (t % 64)[None, :].to(tl.int64)) & 1
+        allowed = (bit != 0) & ok[None, :] & row_ok[:, None]
+        pos = prefix + t
+        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
+                       mask=ok, other=0)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
+                    + kvh * s_kh + d[:, None] * s_kd,
+                    mask=ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
+                   input_precision=PREC) * qk_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
+                    + kvh * s_vh + d[None, :] * s_vd,
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                            out_dtype=tl.float32,
+                                            input_precision=PREC)
+        m_i = m_new
+
+    w = (sp * T + q0 + node) * HQ + head                  # [ROWS]
+    tl.store(MW + w, m_i, mask=row_ok)
+    tl.store(LW + w, l_i, mask=row_ok)
+    tl.store(AW + w[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _tree_attn_combine_kernel(
+    MW, LW, AW, O, T, HQ, s_ot, s_oh, s_od, SPLITS,
+    D: tl.constexpr,
+):
+    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the
+    splits of one (query token, head); 0 where no key was allowed. (Split
+    0 starts each sum, so loop-carried values keep one type.)"""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    big = tl.load(MW + t * HQ + h)
+    for sp in range(1, SPLITS):
+        big = tl.maximum(big, tl.load(MW + (sp * T + t) * HQ + h))
+    safe = tl.where(big == float("-inf"), 0.0, big)
+    wgt = tl.exp2(tl.load(MW + t * HQ + h) - safe)
+    den = wgt * tl.load(LW + t * HQ + h)
+    acc = wgt * tl.load(AW + (t * HQ + h) * D + d)
+    for sp in range(1, SPLITS):
+        row = (sp * T + t) * HQ + h
+        wgt = tl.exp2(tl.load(MW + row) - safe)
+        den = den + wgt * tl.load(LW + row)
+        acc = acc + wgt * tl.load(AW + row * D + d)
+    out = acc / tl.where(den == 0.0, 1.0, den)
+    tl.store(O + t * s_ot + h * s_oh + d * s_od, out.to(O.dtype.element_ty))
+
+
+def choose_splits(programs: int, max_prefix: int, block_n: int,
+                  num_sms: int) -> int:
+    """Prefix splits so that about two programs run per SM, each split
+    holding at least four key blocks; 1 when the grid is already full."""
+    if programs >= 2 * num_sms:
+        return 1
+    want = -(-2 * num_sms // max(programs, 1))
+    return max(1, min(want, max_prefix // (4 * block_n)))
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -139,12 +284,19 @@ def tree_attention(
     scale: float,
     max_nodes: int | None = None,
     out: torch.Tensor | None = None,
+    num_splits: int | str = 1,
+    max_prefix: int | None = None,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
 
     ``max_nodes`` bounds the nodes of any request (default: read from
     ``query_start_loc``, which synchronises with the device); ``out`` may be
-    given to write in place. Returns ``[T, Hq, D]`` in ``q``'s dtype.
+    given to write in place. ``num_splits``: how many programs share each
+    request's prefix (flash-decoding, with a combine pass through fp32
+    workspaces); ``"auto"`` picks it from the grid size, the SM count and
+    ``max_prefix`` (an upper bound of ``prefix_lens``; read from the device
+    when not given). 1 is the single-pass kernel. Returns ``[T, Hq, D]`` in
+    ``q``'s dtype.
     """
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -169,13 +321,43 @@ def tree_attention(
     nodes = max(1, 64 // group) if D <= 64 else max(1, 32 // group)
     rows = max(16, triton.next_power_of_2(nodes * group))
     block_n = 64 if D <= 64 else 32
-    grid = (R, triton.cdiv(max_nodes, nodes), Hkv)
+    tiles = triton.cdiv(max_nodes, nodes)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    splits = num_splits
+    if splits == "auto":
+        if max_prefix is None:
+            max_prefix = int(prefix_lens.max()) if R else 0
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
+            if q.is_cuda else 8
+        splits = choose_splits(R * tiles * Hkv, max_prefix, block_n, sms)
+    splits = int(splits)
+    if splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or 'auto', got {splits}")
+    if splits > 1:
+        if max_prefix is None:
+            max_prefix = int(prefix_lens.max()) if R else 0
+        split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), splits),
+                                block_n) * block_n
+        mw = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
+        lw = torch.empty_like(mw)
+        aw = torch.empty(splits, T, Hq, D, dtype=torch.float32,
+                         device=q.device)
+        _tree_attn_split_kernel[(R, tiles, Hkv * splits)](
+            q, k_cache, v_cache, mw, lw, aw, block_table, prefix_lens,
+            query_start_loc, tree_mask, scale, split_len, T, Hq,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            *block_table.stride(), *tree_mask.stride(),
+            BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
+            D=D, BLOCK_N=block_n, PREC=prec, SPLITS=splits)
+        _tree_attn_combine_kernel[(T, Hq)](
+            mw, lw, aw, out, T, Hq, *out.stride(), splits, D=D)
+        return out
+    grid = (R, tiles, Hkv)
     _tree_attn_kernel[grid](
         q, k_cache, v_cache, out, block_table, prefix_lens,
         query_start_loc, tree_mask, scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), *tree_mask.stride(),
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-        D=D, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        D=D, BLOCK_N=block_n, PREC=prec)
     return out

@@ -4,6 +4,7 @@ rows, against explicit boolean masks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vllm_jetspec.kernels.tree_attention_ref import _unpack_rows
@@ -38,3 +39,16 @@ def test_step_masks_mix_chains_blocks_and_trees():
     for r, n in enumerate((70, 1, 20, 3)):
         assert _unpack_rows(m[r, :n], n).all(), r
         assert not _unpack_rows(m[r, :n], 70)[:, n:].any(), r
+
+
+def test_tree_splits_setting():
+    """JETSPEC_TREE_SPLITS: 1 (the single-pass kernel) unless set to an
+    integer >= 1 or 'auto'; anything else is one clear error."""
+    from vllm_jetspec.vllm_patches.triton_attention import splits_setting
+
+    assert splits_setting({}) == 1
+    assert splits_setting({"JETSPEC_TREE_SPLITS": "4"}) == 4
+    assert splits_setting({"JETSPEC_TREE_SPLITS": "auto"}) == "auto"
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValueError, match="JETSPEC_TREE_SPLITS"):
+            splits_setting({"JETSPEC_TREE_SPLITS": bad})

@@ -20,6 +20,7 @@ not fast; long-prompt prefill would want a causal varlen kernel.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,7 @@ class TritonTreeAttentionMetadata:
     slot_mapping: torch.Tensor         # [num_tokens] int64
     masks: torch.Tensor                # [R, N, W] int64
     max_nodes: int                     # new tokens of the longest request
+    max_seq_len: int                   # bounds every prefix (host int)
 
 
 class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
@@ -96,10 +98,31 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             block_table=m.block_table_tensor[:m.num_reqs],
             slot_mapping=m.slot_mapping,
             masks=step_masks(qsl_cpu, causal, trees, dev),
-            max_nodes=int(n.max()) if len(n) else 0)
+            max_nodes=int(n.max()) if len(n) else 0,
+            max_seq_len=int(m.max_seq_len))
+
+
+SPLITS_ENV = "JETSPEC_TREE_SPLITS"
+
+
+def splits_setting(env=None) -> int | str:
+    """``JETSPEC_TREE_SPLITS``: prefix splits of the tree kernel, an
+    integer >= 1 or ``auto`` (flash-decoding; not yet timed on a GPU).
+    Default 1: the single-pass kernel, the one checked on the H100."""
+    v = (os.environ if env is None else env).get(SPLITS_ENV, "1").strip()
+    if v == "auto":
+        return v
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"jetspec: {SPLITS_ENV} must be an integer >= 1 or "
+                         f"'auto', got {v!r}")
+    return int(v)
 
 
 class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.splits = splits_setting()
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
@@ -118,7 +141,8 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         out = output.view(-1, self.num_heads, self.head_size)[:n_tok]
         tree_attention(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
                        m.prefix_lens, m.query_start_loc, m.masks,
-                       self.scale, max_nodes=m.max_nodes, out=out)
+                       self.scale, max_nodes=m.max_nodes, out=out,
+                       num_splits=self.splits, max_prefix=m.max_seq_len)
         return output
 
 
