@@ -128,7 +128,7 @@ def _tree_attn_kernel(
              mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_len", "T", "HQ", "SPLITS"])
 def _tree_attn_split_kernel(
     Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
     scale, split_len, T, HQ,
@@ -173,7 +173,8 @@ def _tree_attn_split_kernel(
     qk_scale = scale * 1.4426950408889634
 
     lo = sp * split_len
-    hi = tl.minimum(lo + split_len, prefix)
+    # The last split runs to the prefix's end whatever split_len says.
+    hi = tl.where(sp == SPLITS - 1, prefix, tl.minimum(lo + split_len, prefix))
     for start in range(lo, hi, BLOCK_N):
         pos = start + cols
         ok = pos < hi
@@ -230,13 +231,14 @@ def _tree_attn_split_kernel(
                                             input_precision=PREC)
         m_i = m_new
 
-    w = (sp * T + q0 + node) * HQ + head                  # [ROWS]
+    # int64: SPLITS * T * HQ * D can pass 2^31.
+    w = (sp * T + q0 + node).to(tl.int64) * HQ + head     # [ROWS]
     tl.store(MW + w, m_i, mask=row_ok)
     tl.store(LW + w, l_i, mask=row_ok)
     tl.store(AW + w[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "HQ", "SPLITS"])
 def _tree_attn_combine_kernel(
     MW, LW, AW, O, T, HQ, s_ot, s_oh, s_od, SPLITS,
     D: tl.constexpr,
@@ -247,20 +249,25 @@ def _tree_attn_combine_kernel(
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
-    big = tl.load(MW + t * HQ + h)
+    row0 = t.to(tl.int64) * HQ + h          # int64, as in the split kernel
+    big = tl.load(MW + row0)
     for sp in range(1, SPLITS):
-        big = tl.maximum(big, tl.load(MW + (sp * T + t) * HQ + h))
+        big = tl.maximum(big, tl.load(MW + (sp * T + t).to(tl.int64) * HQ
+                                      + h))
     safe = tl.where(big == float("-inf"), 0.0, big)
-    wgt = tl.exp2(tl.load(MW + t * HQ + h) - safe)
-    den = wgt * tl.load(LW + t * HQ + h)
-    acc = wgt * tl.load(AW + (t * HQ + h) * D + d)
+    wgt = tl.exp2(tl.load(MW + row0) - safe)
+    den = wgt * tl.load(LW + row0)
+    acc = wgt * tl.load(AW + row0 * D + d)
     for sp in range(1, SPLITS):
-        row = (sp * T + t) * HQ + h
+        row = (sp * T + t).to(tl.int64) * HQ + h
         wgt = tl.exp2(tl.load(MW + row) - safe)
         den = den + wgt * tl.load(LW + row)
         acc = acc + wgt * tl.load(AW + row * D + d)
     out = acc / tl.where(den == 0.0, 1.0, den)
     tl.store(O + t * s_ot + h * s_oh + d * s_od, out.to(O.dtype.element_ty))
+
+
+WORKSPACE_BYTES = 256 << 20     # at most this much fp32 split workspace
 
 
 def choose_splits(programs: int, max_prefix: int, block_n: int,
@@ -336,6 +343,11 @@ def tree_attention(
     if splits > 1:
         if max_prefix is None:
             max_prefix = int(prefix_lens.max()) if R else 0
+        # No more splits than key blocks, and a bounded fp32 workspace
+        # (a given count applies to every call, long prefills included).
+        splits = min(splits, max(1, triton.cdiv(max_prefix, block_n)),
+                     max(1, WORKSPACE_BYTES // (T * Hq * (D + 2) * 4)))
+    if splits > 1:
         split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), splits),
                                 block_n) * block_n
         mw = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
