@@ -22,33 +22,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _tree_attn_kernel(
-    Q, K, V, O, BT, PREFIX, QSL, MASK,
-    scale,
-    s_qt, s_qh, s_qd,
-    s_kb, s_ks, s_kh, s_kd,
-    s_vb, s_vs, s_vh, s_vd,
-    s_ot, s_oh, s_od,
-    s_btr, s_btb,
-    s_mr, s_mn, s_mw,
-    BLOCK_SIZE: tl.constexpr,     # tokens per KV page
-    GROUP: tl.constexpr,          # query heads per KV head
-    NODES: tl.constexpr,          # tree nodes per program
-    ROWS: tl.constexpr,           # next power of two >= NODES * GROUP
-    D: tl.constexpr,              # head dim (power of two)
-    BLOCK_N: tl.constexpr,        # keys per step; divides 64
-    PREC: tl.constexpr,           # tl.dot input precision
+def _tile_queries(
+    Q, q0, n, node0, kvh, s_qt, s_qh, s_qd,
+    GROUP: tl.constexpr, NODES: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
-    q0 = tl.load(QSL + r)
-    n = tl.load(QSL + r + 1) - q0
-    node0 = tile * NODES
-    if node0 >= n:
-        return
-    prefix = tl.load(PREFIX + r)
-
+    """A program's rows: the query heads of KV head kvh (GQA group) of tree
+    nodes node0 .. node0 + NODES - 1; returns node, head, row_ok, q."""
     rows = tl.arange(0, ROWS)
     node = node0 + rows // GROUP                       # tree node of a row
     head = kvh * GROUP + rows % GROUP                  # its query head
@@ -56,17 +36,33 @@ def _tree_attn_kernel(
     d = tl.arange(0, D)
     q = tl.load(Q + (q0 + node)[:, None] * s_qt + head[:, None] * s_qh
                 + d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+    return node, head, row_ok, q
 
+
+@triton.jit
+def _attend(
+    q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, lo, hi, last,
+    qk_scale,
+    s_kb, s_ks, s_kh, s_kd,
+    s_vb, s_vs, s_vh, s_vd,
+    s_btr, s_btb,
+    s_mr, s_mn, s_mw,
+    ROWS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """Online softmax of one program's rows (q: [ROWS, D]) over prefix keys
+    [lo, hi) and tree slots [0, last) of request r, KV head kvh; returns
+    the unnormalised (running max m in base 2, sum l, acc)."""
+    d = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    qk_scale = scale * 1.4426950408889634              # softmax in base 2
 
     # The prefix: every node sees all of it.
-    for start in range(0, prefix, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + cols
-        ok = pos < prefix
+        ok = pos < hi
         page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
                        mask=ok, other=0)
         slot = pos % BLOCK_SIZE
@@ -89,8 +85,6 @@ def _tree_attn_kernel(
         m_i = m_new
 
     # The tree: slot j of the tree iff bit j of the node's mask row is set.
-    # Only tree slots up to the tile's last node can be ancestors.
-    last = tl.minimum(node0 + NODES, n)
     for start in range(0, last, BLOCK_N):
         t = start + cols
         ok = t < n
@@ -121,7 +115,50 @@ def _tree_attn_kernel(
                                             out_dtype=tl.float32,
                                             input_precision=PREC)
         m_i = m_new
+    return m_i, l_i, acc
 
+
+@triton.jit
+def _tree_attn_kernel(
+    Q, K, V, O, BT, PREFIX, QSL, MASK,
+    scale,
+    s_qt, s_qh, s_qd,
+    s_kb, s_ks, s_kh, s_kd,
+    s_vb, s_vs, s_vh, s_vd,
+    s_ot, s_oh, s_od,
+    s_btr, s_btb,
+    s_mr, s_mn, s_mw,
+    BLOCK_SIZE: tl.constexpr,     # tokens per KV page
+    GROUP: tl.constexpr,          # query heads per KV head
+    NODES: tl.constexpr,          # tree nodes per program
+    ROWS: tl.constexpr,           # next power of two >= NODES * GROUP
+    D: tl.constexpr,              # head dim (power of two)
+    BLOCK_N: tl.constexpr,        # keys per step; divides 64
+    PREC: tl.constexpr,           # tl.dot input precision
+):
+    r = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q0 = tl.load(QSL + r)
+    n = tl.load(QSL + r + 1) - q0
+    node0 = tile * NODES
+    if node0 >= n:
+        return
+    prefix = tl.load(PREFIX + r)
+
+    node, head, row_ok, q = _tile_queries(
+        Q, q0, n, node0, kvh, s_qt, s_qh, s_qd, GROUP=GROUP, NODES=NODES,
+        ROWS=ROWS, D=D)
+    d = tl.arange(0, D)
+
+    # The whole prefix, then the tree slots up to the tile's last node
+    # (no later slot can be an ancestor).
+    m_i, l_i, acc = _attend(
+        q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, 0, prefix,
+        tl.minimum(node0 + NODES, n), scale * 1.4426950408889634,
+        s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
+        s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
+        BLOCK_N=BLOCK_N, PREC=PREC)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # 0: masked rows
     tl.store(O + (q0 + node)[:, None] * s_ot + head[:, None] * s_oh
              + d[None, :] * s_od, out.to(O.dtype.element_ty),
@@ -158,78 +195,22 @@ def _tree_attn_split_kernel(
         return
     prefix = tl.load(PREFIX + r)
 
-    rows = tl.arange(0, ROWS)
-    node = node0 + rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    row_ok = (rows < NODES * GROUP) & (node < n)
+    node, head, row_ok, q = _tile_queries(
+        Q, q0, n, node0, kvh, s_qt, s_qh, s_qd, GROUP=GROUP, NODES=NODES,
+        ROWS=ROWS, D=D)
     d = tl.arange(0, D)
-    q = tl.load(Q + (q0 + node)[:, None] * s_qt + head[:, None] * s_qh
-                + d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
-
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    qk_scale = scale * 1.4426950408889634
 
     lo = sp * split_len
-    # The last split runs to the prefix's end whatever split_len says.
+    # The last split runs to the prefix's end whatever split_len says, and
+    # alone takes the tree.
     hi = tl.where(sp == SPLITS - 1, prefix, tl.minimum(lo + split_len, prefix))
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + cols
-        ok = pos < hi
-        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
-                       mask=ok, other=0)
-        slot = pos % BLOCK_SIZE
-        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
-                    + kvh * s_kh + d[:, None] * s_kd,
-                    mask=ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
-                   input_precision=PREC) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
-                    + kvh * s_vh + d[None, :] * s_vd,
-                    mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                            out_dtype=tl.float32,
-                                            input_precision=PREC)
-        m_i = m_new
-
-    # The tree, in the last split only (an empty range elsewhere).
     last = tl.where(sp == SPLITS - 1, tl.minimum(node0 + NODES, n), 0)
-    for start in range(0, last, BLOCK_N):
-        t = start + cols
-        ok = t < n
-        word = tl.load(MASK + r * s_mr + node * s_mn + (start // 64) * s_mw,
-                       mask=row_ok, other=0)
-        bit = (word[:, None] >> (t % 64)[None, :].to(tl.int64)) & 1
-        allowed = (bit != 0) & ok[None, :] & row_ok[:, None]
-        pos = prefix + t
-        page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
-                       mask=ok, other=0)
-        slot = pos % BLOCK_SIZE
-        k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
-                    + kvh * s_kh + d[:, None] * s_kd,
-                    mask=ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype), out_dtype=tl.float32,
-                   input_precision=PREC) * qk_scale
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + page[:, None] * s_vb + slot[:, None] * s_vs
-                    + kvh * s_vh + d[None, :] * s_vd,
-                    mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                            out_dtype=tl.float32,
-                                            input_precision=PREC)
-        m_i = m_new
+    m_i, l_i, acc = _attend(
+        q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, lo, hi, last,
+        scale * 1.4426950408889634,
+        s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
+        s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
+        BLOCK_N=BLOCK_N, PREC=PREC)
 
     # int64: SPLITS * T * HQ * D can pass 2^31.
     w = (sp * T + q0 + node).to(tl.int64) * HQ + head     # [ROWS]
