@@ -55,3 +55,30 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     assert set(cost["round_ms"]) == {"4"} and set(cost["ar_ms"]) == {"1", "2"}
     assert json.loads((out / "replay.json").read_text())["sequences"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # The AR result is kept for --ar-from; another run's settings refuse it
+    # (before any engine starts).
+    saved = json.loads((out / "ar.json").read_text())
+    replayed = json.loads((out / "replay.json").read_text())["sequences"]
+    assert saved["result"]["batches"]["1"]["ids"] == \
+        [s["output"] for s in replayed]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.bench", "--target", str(target),
+         "--head", str(head), "--prompt-len", "20",
+         "--max-new-tokens", "16", "--budgets", "4", "--batch-sizes", "1",
+         "2", "--num-prompts", "2", "--replay", "--baseline", "none",
+         "--ar-from", str(out / "ar.json"), "--out", str(tmp_path / "b2")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "recorded with other prompts or settings" in proc.stderr
+
+
+def test_ar_result_round_trip(tmp_path):
+    from vllm_jetspec.bench import load_ar, save_ar
+
+    job = dict(prompts=[[1, 2, 3]], max_new_tokens=4, batch_sizes=[1],
+               engine=dict(enforce_eager=True))
+    res = dict(start_seconds=1.0, batches={"1": dict(ids=[[5, 6]])})
+    save_ar(str(tmp_path / "ar.json"), res, job)
+    assert load_ar(str(tmp_path / "ar.json"), dict(job)) == res
+    with pytest.raises(SystemExit, match="other prompts or settings"):
+        load_ar(str(tmp_path / "ar.json"), dict(job, max_new_tokens=5))

@@ -89,3 +89,27 @@ def test_load_data_skips_short_and_truncates(tmp_path):
         dict(prompt_ids=[1, 2], response_ids=list(range(100)))]))
     rows = load_data(str(p), max_len=10)
     assert len(rows) == 1 and len(rows[0][0]) == 10 and rows[0][1] == 2
+
+
+def test_init_warm_starts_from_a_head(setup):
+    d, tdir, _, _ = setup
+    data = str(d / "data.jsonl")
+    fit(str(tdir), data, str(d / "first"), small(steps=30), device="cpu",
+        progress=False)
+    trained = history(d / "first")[-1]["loss"]
+    # Two data files are read as one set.
+    s = fit(str(tdir), [data, data], str(d / "warm"),
+            small(steps=2, log_every=1), device="cpu", progress=False,
+            init_from=str(d / "first"))
+    cold = fit(str(tdir), data, str(d / "cold"), small(steps=2, log_every=1),
+               device="cpu", progress=False)
+    assert s["init_from"] == str(d / "first")
+    assert s["sequences"] == 2 * cold["sequences"]
+    # The first step's loss (before any update) is the trained head's.
+    warm0 = history(d / "warm")[0]["loss"]
+    cold0 = history(d / "cold")[0]["loss"]
+    assert warm0 < 0.3 * cold0 and warm0 < 3 * trained, (warm0, trained,
+                                                           cold0)
+    with pytest.raises(ValueError, match="architecture differs"):
+        fit(str(tdir), data, str(d / "bad"), small(steps=2, layers=2),
+            device="cpu", progress=False, init_from=str(d / "first"))

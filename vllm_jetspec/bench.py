@@ -27,6 +27,17 @@ on dummy weights, where real acceptance means nothing. vLLM's own dflash
 method has no replay, so the linear baseline is then jetspec's ``chain``
 (one branch of the head's depth) through the same runner.
 
+``--stock-ar``: one more plain-decoding engine with vLLM's own defaults
+(``enforce_eager=False``: torch.compile and CUDA graphs on a GPU), row
+``ar_graphs``; every engine else runs eagerly (jetspec captures no CUDA
+graphs), so this row is what a stock vLLM user gets, next to the eager AR
+that the speed-ups are computed against.
+
+``--ar-from PATH``: the plain-decoding engine's result of an earlier run
+(its ``ar.json``, written by every run) instead of running it again, for
+machines with short calls; the prompts, token counts, batch sizes and
+engine settings must be the same (checked).
+
 ``--auto``: after the static budgets, one more engine with
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
@@ -124,6 +135,30 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
     return path
 
 
+def _ar_key(job: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()) \
+        .hexdigest()
+
+
+def save_ar(path: str, res: dict, job: dict) -> None:
+    """The AR engine's result with a digest of its job (prompts, lengths,
+    batch sizes, engine settings), for ``--ar-from``."""
+    with open(path, "w") as f:
+        json.dump(dict(job_sha256=_ar_key(job), result=res), f)
+
+
+def load_ar(path: str, job: dict) -> dict:
+    with open(path) as f:
+        d = json.load(f)
+    if d.get("job_sha256") != _ar_key(job):
+        raise SystemExit(
+            f"bench: --ar-from {path} was recorded with other prompts or "
+            f"settings than this run's; run without --ar-from")
+    return d["result"]
+
+
 def _cost_model(rows: list[dict], meta: dict):
     from .autobudget import CostModel
     return CostModel.from_bench_rows(rows, meta)
@@ -168,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree-algo", default="accum_logp")
     ap.add_argument("--replay", action="store_true",
                     help="drafters replay the target's recorded output")
+    ap.add_argument("--stock-ar", action="store_true",
+                    help="also plain decoding with vLLM's defaults (CUDA "
+                         "graphs, torch.compile): row 'ar_graphs'")
+    ap.add_argument("--ar-from", default=None, metavar="AR_JSON",
+                    help="reuse the AR engine's result (ar.json) of an "
+                         "earlier run with the same settings")
     ap.add_argument("--auto", action="store_true",
                     help="also run tree_budget 'auto' on this run's costs")
     ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
@@ -212,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
     dummy = args.load_format == "dummy"
 
-    def job(spec, budget):
+    def job(spec, budget, eager=True):
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
+                      enforce_eager=eager,
                       max_num_seqs=maxB, load_format=args.load_format,
                       max_num_batched_tokens=max(2048, maxB * (budget + 1)))
         if args.gpu_memory_utilization is not None:
@@ -234,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         return spec
 
     plan = [("ar", 0, None)]
+    if args.stock_ar:
+        plan.append(("ar_graphs", 0, None))
     baseline = args.baseline
     if args.replay and baseline == "dflash":
         baseline = "chain"       # vLLM's dflash method cannot replay
@@ -266,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(method=method, budget=budget)
         if method == "auto":
             _cost_model(rows, meta_now()).save(cost_path)
-        res = run_job(job(spec, budget))
+        if method == "ar" and args.ar_from:
+            res = load_ar(args.ar_from, job(None, 0))
+        else:
+            res = run_job(job(spec, budget, eager=method != "ar_graphs"))
+        if method == "ar":
+            save_ar(os.path.join(args.out, "ar.json"), res, job(None, 0))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)
         # Each engine's log end, and the rows so far: what a run cut short
         # (a time limit) still leaves behind.

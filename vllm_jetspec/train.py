@@ -99,16 +99,19 @@ def generate_data(target: str, prompts: list[str], out: str,
     return written
 
 
-def load_data(path: str, max_len: int) -> list[tuple[list[int], int]]:
-    """(token ids, index of the first response token), truncated."""
+def load_data(path: str | list[str],
+              max_len: int) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first response token), truncated; from one
+    JSONL file or several (concatenated in order)."""
     rows = []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            ids = (r["prompt_ids"] + r["response_ids"])[:max_len]
-            start = len(r["prompt_ids"])
-            if len(ids) - start >= 2:
-                rows.append((ids, start))
+    for one in [path] if isinstance(path, (str, os.PathLike)) else path:
+        with open(one) as f:
+            for line in f:
+                r = json.loads(line)
+                ids = (r["prompt_ids"] + r["response_ids"])[:max_len]
+                start = len(r["prompt_ids"])
+                if len(ids) - start >= 2:
+                    rows.append((ids, start))
     if not rows:
         raise ValueError(f"{path}: no usable training sequences")
     return rows
@@ -206,15 +209,26 @@ def distill_loss(head, target, take, ids, valid, anchors, ok, weights,
     return loss, agree.detach(), per_depth_kl.detach()
 
 
+def _arch(cfg) -> dict:
+    """The fields of a HeadConfig that fix its weights' meaning."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in ("extra", "max_position_embeddings",
+                         "num_target_layers")}
+
+
 def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
         device: str | None = None, resume: bool = False,
         progress: bool = True, stop_at: int | None = None,
-        time_limit_s: float | None = None) -> dict:
+        time_limit_s: float | None = None,
+        init_from: str | None = None) -> dict:
     """Train a head; returns a summary dict (also written to out/train.json).
 
     ``stop_at`` / ``time_limit_s`` end this run early (after a checkpoint)
     at a step or after a wall-clock budget, for machines that allow only
     short jobs; ``resume=True`` continues with the same schedule and data.
+    ``init_from``: a head directory whose weights start the run (a warm
+    start on new data; its architecture must be the one ``cfg`` asks for),
+    instead of a random initialisation; a resumed run ignores it.
     """
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -239,6 +253,18 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
                                block_size=cfg.block_size,
                                mask_token_id=cfg.mask_token_id)
     head = DFlashHead(hc).init_random(cfg.seed, norm_noise=0.0)
+    if init_from is not None and not (resume and (outp / "trainer.pt")
+                                      .exists()):
+        init = load_head(init_from, device="cpu", dtype=torch.float32)
+        mine, theirs = _arch(hc), _arch(init.config)
+        if mine != theirs:
+            diff = {k: (theirs[k], mine[k]) for k in mine
+                    if mine[k] != theirs[k]}
+            raise ValueError(
+                f"--init {init_from}: that head's architecture differs from "
+                f"the one asked for (theirs, asked): {diff}")
+        head.load_state_dict(init.state_dict())
+        logger.info("initialised from %s", init_from)
     head = head.to(device).float().train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr,
                             weight_decay=cfg.weight_decay,
@@ -328,7 +354,10 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
             log(last)
         checkpoint()
     summary = dict(config=asdict(cfg), steps=step, done=step >= cfg.steps,
-                   data=os.fspath(data),
+                   data=([os.fspath(x) for x in data]
+                         if isinstance(data, (list, tuple))
+                         else os.fspath(data)),
+                   init_from=init_from,
                    sequences=len(rows), tokens_seen_this_run=tokens_seen,
                    final=history[-1] if history else None)
     (outp / "train.json").write_text(json.dumps(summary, indent=1))
@@ -363,11 +392,15 @@ def main(argv: list[str] | None = None) -> None:
                    "targets on a GPU)")
     d.add_argument("--out", required=True)
     f = sub.add_parser("fit", help="distil a head from the target")
-    f.add_argument("--data", required=True)
+    f.add_argument("--data", required=True, nargs="+",
+                   help="JSONL file(s) from 'train data'")
     f.add_argument("--target", default=None)
     f.add_argument("--out", required=True)
     f.add_argument("--device", default=None)
     f.add_argument("--resume", action="store_true")
+    f.add_argument("--init", default=None, metavar="HEAD_DIR",
+                   help="start from this head's weights (same architecture)"
+                   " instead of a random initialisation")
     f.add_argument("--stop-at", type=int, default=None,
                    help="end this run at this step (resume later)")
     f.add_argument("--time-limit", type=float, default=None,
@@ -409,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                        if k in FitConfig.__dataclass_fields__})
     s = fit(target, args.data, args.out, cfg, device=args.device,
             resume=args.resume, stop_at=args.stop_at,
-            time_limit_s=args.time_limit)
+            time_limit_s=args.time_limit, init_from=args.init)
     print(json.dumps(s["final"], indent=1))
 
 

@@ -10,6 +10,8 @@
 #   bash scripts/gpu/on_device.sh engine-tests [SECS] # engine exactness tests on CUDA
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
+#     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
+#      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
 # Files persist under /tmp/jetspec while the machine stays warm; results go
 # to $OUT (the head as two halves: one file may be at most 16 MiB).
 set -euo pipefail
@@ -45,11 +47,13 @@ setup)
         gunzip -c "$f" > "$W/prompts/$(basename "$f" .gz)"; done
     python3 -m vllm_jetspec.assets --only model --print-paths ;;
 data)  # N prompts, T new tokens, SECONDS (start no new chunk after), [train data args]
+    # Appends to data.jsonl: calls with other settings add to one set.
     n=$1 t=$2 secs=$3; shift 3
     python3 -m vllm_jetspec.train data --prompts "$W/prompts/sharegpt.jsonl" \
         --num-prompts "$n" --max-new-tokens "$t" --max-model-len 2048 \
-        --time-limit "$secs" --out "$W/data.jsonl" "$@" 2>&1 | tail -5
-    wc -l "$W/data.jsonl" ;;
+        --time-limit "$secs" --out "$W/data_part.jsonl" "$@" 2>&1 | tail -5
+    cat "$W/data_part.jsonl" >> "$W/data.jsonl"
+    wc -l "$W/data_part.jsonl" "$W/data.jsonl" ;;
 plan)  # FIT_SECONDS [fit args]: time 40 steps, choose --steps for the budget
     secs=$1; shift
     rm -rf "$W/probe"
@@ -93,10 +97,10 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
         --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
         || echo "kernel bench rc $?"
     tail -3 "$OUT/kernel_bench.log" ;;
-engine-tests)  # SECS [pytest args]: the engine exactness tests, on CUDA
+engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
     JETSPEC_CUDA=1 timeout "$secs" python3 -m pytest -q -rA \
-        -p no:cacheprovider tests/test_jetspec_engine.py "$@" \
+        -p no:cacheprovider ${TESTS:-tests/test_jetspec_engine.py} "$@" \
         > "$OUT/engine_tests.log" 2>&1 || echo "engine tests rc $?"
     tail -40 "$OUT/engine_tests.log" ;;
 cuda-check)  # jetspec on CUDA (JETSPEC_CUDA=1), SmolLM2 fp32: tokens vs AR, tau, split
@@ -109,11 +113,14 @@ cuda-check)  # jetspec on CUDA (JETSPEC_CUDA=1), SmolLM2 fp32: tokens vs AR, tau
 bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
     name=$1 base=$2; shift 2
     python3 scripts/gpu/shapes.py "$W/shapes"
-    JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
+    # A time limit below the call's, so keep() still returns the rows so far.
+    JETSPEC_CUDA=1 timeout "${BENCH_SECS:-540}" \
+        python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
         --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
         --prompt-len 512 --max-new-tokens 256 --replay \
-        --batch-sizes 1 8 --num-prompts 8 --baseline "$base" \
-        --budgets "$@" --max-model-len 2048 --gpu-memory-utilization 0.85 \
+        --batch-sizes ${BATCHES:-1 8} --num-prompts "${NPROMPTS:-8}" \
+        --baseline "$base" --budgets "$@" ${BENCH_ARGS:-} \
+        --max-model-len 2048 --gpu-memory-utilization 0.85 \
         --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
     keep "$name"; tail -30 "$OUT/$name.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;

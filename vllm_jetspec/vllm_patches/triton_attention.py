@@ -124,6 +124,22 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         super().__init__(*args, **kwargs)
         self.splits = splits_setting()
 
+    def do_kv_cache_update(self, layer, key: torch.Tensor,
+                           value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        """On CUDA, vLLM's own cache-write op: it skips padding slots (< 0)
+        on the device. The torch path it replaces selects the valid rows
+        with a boolean index, which waits for the GPU once per layer."""
+        if not kv_cache.is_cuda:
+            return super().do_kv_cache_update(layer, key, value, kv_cache,
+                                              slot_mapping)
+        from vllm import _custom_ops as ops
+        n = slot_mapping.shape[0]
+        ops.reshape_and_cache_flash(key[:n], value[:n], kv_cache[:, 0],
+                                    kv_cache[:, 1], slot_mapping,
+                                    self.kv_cache_dtype, layer._k_scale,
+                                    layer._v_scale)
+
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: TritonTreeAttentionMetadata | None,
