@@ -59,7 +59,7 @@ import json
 import os
 import time
 
-from .engine_job import result_rows, run_job
+from .engine_job import batched_tokens, result_rows, run_job
 
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=eager,
                       max_num_seqs=maxB, load_format=args.load_format,
-                      max_num_batched_tokens=max(2048, maxB * (budget + 1)))
+                      max_num_batched_tokens=batched_tokens(budget, maxB,
+                                                            depth))
         if args.gpu_memory_utilization is not None:
             engine["gpu_memory_utilization"] = args.gpu_memory_utilization
         return dict(target=target, spec=spec, prompts=prompts,

@@ -138,3 +138,15 @@ if __name__ == "__main__":
     result = _run(json.load(sys.stdin))
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
+
+
+def batched_tokens(budget: int, max_seqs: int, depth: int) -> int:
+    """``max_num_batched_tokens`` for an engine of tree budget ``budget``
+    (0: no speculation): room for a whole tree per sequence, plus the
+    ``depth - 1`` slots per sequence vLLM keeps free for the draft pass
+    (``VllmConfig`` subtracts them to get the scheduler's per-step budget;
+    see ``vllm_patches.config.patched_max_num_new_slots_for_drafting``)."""
+    tokens = max(2048, max_seqs * (budget + 1))
+    if budget > 1:
+        tokens += max_seqs * max(0, depth - 1)
+    return tokens

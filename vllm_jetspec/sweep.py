@@ -31,7 +31,7 @@ import json
 import os
 import time
 
-from .engine_job import result_rows, run_job
+from .engine_job import batched_tokens, result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
             "gsm8k": "gsm8k", "mtbench": "mtbench"}
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     engine=dict(dtype=args.dtype,
                                 max_model_len=args.max_model_len,
                                 max_num_seqs=maxB,
-                                max_num_batched_tokens=max(
-                                    2048, maxB * (budget + 1))))
+                                max_num_batched_tokens=batched_tokens(
+                                    budget, maxB, depth)))
 
     plan = [("ar", 0, None)]
     if args.baseline == "chain":

@@ -48,6 +48,17 @@ PATCHES += [
               "then expects device-side draft tokens) and GPU engines run "
               "eagerly (no CUDA graphs for tree verification)",
           when="always (inert unless method is 'jetspec')"),
+    Patch(replaces="vllm.config.speculative:SpeculativeConfig."
+                   "max_num_new_slots_for_drafting",
+          by="vllm_jetspec.vllm_patches.config:"
+             "patched_max_num_new_slots_for_drafting",
+          why="VllmConfig keeps this many slots per sequence free for the "
+              "draft pass (max_num_scheduled_tokens = max_num_batched_tokens "
+              "- slots x max_num_seqs); vLLM counts num_speculative_tokens "
+              "- 1 = budget - 2, the jetspec draft pass uses depth - 1 (at "
+              "budget 256 and 8 sequences the scheduler got 24 tokens a "
+              "step, cutting every tree to its first nodes)",
+          when="always (inert unless the config is jetspec)"),
     Patch(replaces="vllm.v1.worker.gpu_model_runner:DFlashProposer",
           by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
           why="per-depth top-K and a tree instead of the argmax chain; "
@@ -97,13 +108,20 @@ def apply(env: dict[str, str] | None = None) -> list[Patch]:
     from vllm.engine.arg_utils import EngineArgs
 
     from . import runner
-    from .config import patched_create_speculative_config
+    from vllm.config import SpeculativeConfig
+
+    from .config import (patched_create_speculative_config,
+                         patched_max_num_new_slots_for_drafting)
 
     if not getattr(EngineArgs.create_speculative_config,
                    "_jetspec_wrapped", False):
         EngineArgs.create_speculative_config = \
             patched_create_speculative_config(
                 EngineArgs.create_speculative_config)
+    slots = SpeculativeConfig.__dict__["max_num_new_slots_for_drafting"]
+    if not getattr(slots.fget, "_jetspec_wrapped", False):
+        SpeculativeConfig.max_num_new_slots_for_drafting = \
+            patched_max_num_new_slots_for_drafting(slots)
     runner.apply()
     applied = list(PATCHES[1:])
     if env.get(TORCH_ATTENTION_ENV) == "1":

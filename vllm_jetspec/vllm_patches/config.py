@@ -155,6 +155,32 @@ def settings_of(speculative_config) -> JetSpecSettings | None:
     return getattr(speculative_config, "jetspec", None)
 
 
+def patched_max_num_new_slots_for_drafting(orig: property) -> property:
+    """Wraps the property ``SpeculativeConfig.max_num_new_slots_for_drafting``.
+
+    ``VllmConfig`` sets the scheduler's token budget per step
+    (``max_num_scheduled_tokens``) to ``max_num_batched_tokens`` less this
+    many slots per sequence (``max_num_seqs``), kept free for the draft
+    pass. For a parallel drafter (dflash) vLLM counts
+    ``num_speculative_tokens - 1``, which for jetspec is ``tree_budget - 2``;
+    but the jetspec draft pass runs the head's ``depth`` query slots per
+    request (``JetSpecProposer.propose``), i.e. what vLLM would reserve for
+    dflash at ``num_speculative_tokens = depth``. Counting the budget made
+    the scheduler's budget collapse at large trees (tree_budget 256 with 8
+    sequences and 2056 batched tokens: 24 tokens a step), so trees were cut
+    to their first nodes and prefills crawled."""
+
+    def fget(self):
+        n = orig.fget(self)
+        s = settings_of(self)
+        if s is None or not getattr(self, "parallel_drafting", False):
+            return n
+        return max(0, n - (self.num_speculative_tokens - s.depth))
+
+    fget._jetspec_wrapped = True
+    return property(fget, doc=orig.__doc__)
+
+
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 

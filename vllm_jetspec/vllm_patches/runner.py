@@ -213,6 +213,16 @@ def wrap_init(orig):
         if s is not None:
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
                         s.budget, s.width, s.algo, s.depth)
+            sched = vllm_config.scheduler_config
+            cap = sched.max_num_scheduled_tokens \
+                or sched.max_num_batched_tokens
+            if cap < s.budget:
+                logger.warning(
+                    "jetspec: the scheduler takes at most %d tokens a step "
+                    "(max_num_batched_tokens less the draft pass's slots), "
+                    "fewer than the tree budget %d: every tree is cut to "
+                    "its first %d nodes; raise max_num_batched_tokens",
+                    cap, s.budget, cap)
     return __init__
 
 
