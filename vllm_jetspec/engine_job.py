@@ -64,9 +64,13 @@ def _run(job: dict) -> dict:
                         ignore_eos=job.get("ignore_eos", False),
                         detokenize=tok)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-    # One untimed request first: lazy initialisation stays out of timings.
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4, detokenize=tok),
-                 use_tqdm=False)
+    # Untimed requests first, one batch per batch size: lazy initialisation
+    # and the JIT compilations of each batch shape (Triton specialises on
+    # sizes) stay out of the timings. Eight tokens: a prefill and at least
+    # one speculative round with every request of the batch.
+    for B in job["batch_sizes"]:
+        llm.generate(prompts[:B], SamplingParams(
+            max_tokens=8, ignore_eos=True, detokenize=tok), use_tqdm=False)
     out = {}
     for B in job["batch_sizes"]:
         before = _spec_counters(llm)

@@ -99,12 +99,12 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     tail -3 "$OUT/kernel_bench.log" ;;
 engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
-    JETSPEC_CUDA=1 timeout "$secs" python3 -m pytest -q -rA \
+    timeout "$secs" python3 -m pytest -q -rA \
         -p no:cacheprovider ${TESTS:-tests/test_jetspec_engine.py} "$@" \
         > "$OUT/engine_tests.log" 2>&1 || echo "engine tests rc $?"
     tail -40 "$OUT/engine_tests.log" ;;
-cuda-check)  # jetspec on CUDA (JETSPEC_CUDA=1), SmolLM2 fp32: tokens vs AR, tau, split
-    JETSPEC_CUDA=1 python3 -m vllm_jetspec.bench --dtype float32 \
+cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
+    python3 -m vllm_jetspec.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
         --budgets 16 64 --batch-sizes 1 4 --gpu-memory-utilization 0.5 \
         --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
@@ -114,7 +114,7 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
     name=$1 base=$2; shift 2
     python3 scripts/gpu/shapes.py "$W/shapes"
     # A time limit below the call's, so keep() still returns the rows so far.
-    JETSPEC_CUDA=1 timeout "${BENCH_SECS:-540}" \
+    timeout "${BENCH_SECS:-540}" \
         python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
         --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
         --prompt-len 512 --max-new-tokens 256 --replay \

@@ -89,9 +89,9 @@ PATCHES += [
           why="the Triton tree-attention kernel as the engine's attention "
               "backend; on CUDA selected through attention_config.backend "
               "= CUSTOM (vLLM's CUDA backends know no tree masks)",
-          when="jetspec engines: on CUDA with JETSPEC_CUDA=1 (greedy "
-               "exactness checked on an H100, eager), on CPU with JETSPEC_ATTENTION=triton "
-               "(Triton's interpreter: a test of the integration)"),
+          when="jetspec engines: on CUDA always (checked on an H100, "
+               "eager), on CPU with JETSPEC_ATTENTION=triton (Triton's "
+               "interpreter: a test of the integration)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",
           by="vllm_jetspec.vllm_patches.profile:worker_profile",

@@ -156,16 +156,13 @@ def _settings(runner):
 
 
 ATTENTION_ENV = "JETSPEC_ATTENTION"   # CPU: "torch" (default) or "triton"
-CUDA_ENV = "JETSPEC_CUDA"             # "1": the (partly verified) CUDA path
 
 
 def _select_attention(vllm_config, device) -> None:
     """A jetspec engine's attention backend: tree masks need ours. CPU:
     the torch reference over ``CPU_ATTN`` (or, ``JETSPEC_ATTENTION=triton``,
     the Triton kernel in Triton's interpreter); CUDA: the Triton backend as
-    ``CUSTOM``, only with ``JETSPEC_CUDA=1`` until sampling, preemption and
-    serving have been checked on a GPU too. Elsewhere: refuse rather than
-    verify trees causally."""
+    ``CUSTOM``. Elsewhere: refuse rather than verify trees causally."""
     from vllm.v1.attention.backends.registry import (AttentionBackendEnum,
                                                      register_backend)
     pkg = "vllm_jetspec.vllm_patches."
@@ -178,23 +175,19 @@ def _select_attention(vllm_config, device) -> None:
             "torch_attention.TorchTreeAttentionBackend" if choice == "torch"
             else "triton_attention.TritonTreeAttentionBackendCPU"))
         return
-    if device.type == "cuda" and os.environ.get(CUDA_ENV) == "1":
-        logger.warning(
-            "jetspec: %s=1: the Triton tree-attention backend on CUDA. "
-            "Checked on an H100 (2026-11-24, eager): greedy tokens equal to "
-            "plain decoding through this backend; against vLLM's default "
-            "backend they may differ where the top two logits nearly tie "
-            "(its fp32 attention uses TF32). Sampling, preemption and "
-            "serving have not been run on a GPU yet", CUDA_ENV)
+    if device.type == "cuda":
+        logger.info(
+            "jetspec: the Triton tree-attention backend on CUDA, eager (no "
+            "CUDA graphs). Greedy output equals plain decoding through this "
+            "backend; against vLLM's default backend it may differ where "
+            "the top two logits nearly tie (its fp32 attention uses TF32)")
         register_backend(AttentionBackendEnum.CUSTOM,
                          pkg + "triton_attention.TritonTreeAttentionBackend")
         vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
         return
     raise NotImplementedError(
-        f"jetspec on {device.type}: the CUDA path is opt-in while it is "
-        "partly verified (greedy exactness on an H100, eager; sampling, "
-        f"preemption and serving not yet run on a GPU): set {CUDA_ENV}=1 "
-        "to use it; jetspec runs on vLLM's CPU platform without it")
+        f"jetspec on {device.type}: no tree-attention backend for this "
+        "device (jetspec runs on CUDA and on vLLM's CPU platform)")
 
 
 def wrap_init(orig):
