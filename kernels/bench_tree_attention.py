@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", nargs="+", default=["1"],
                     help="prefix splits to time: integers and/or 'auto' "
                     "(one row each)")
+    ap.add_argument("--tiles", nargs="+", default=["small"],
+                    choices=["small", "large"],
+                    help="program tiles to time: 'small' (the default "
+                    "kernel) and/or 'large' (128-row tiles for large trees)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         args.batch, args.prefix, args.budget, args.repeats = [1], [64], [8], 1
     splits = [x if x == "auto" else int(x) for x in args.splits]
+    variants = [(tiles, sp) for tiles in args.tiles for sp in splits]
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for B in args.batch:
@@ -77,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
                                 else bits
                 mask = mask.expand(B, N, W).contiguous().to(dev)
                 first = None
-                for sp in splits:
+                for tiles, sp in variants:
                     out = torch.empty_like(q)
                     call = lambda: tree_attention(  # noqa: E731
                         q, k, v, bt, prefix, qsl, mask, D ** -0.5,
-                        max_nodes=N, out=out, num_splits=sp, max_prefix=P)
+                        max_nodes=N, out=out, num_splits=sp, max_prefix=P,
+                        large_tiles=tiles == "large")
                     call()
                     # Every variant against the first one timed (the
                     # kernel's tests check each against the reference).
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                     t = statistics.median(times)
                     nbytes = 2 * B * L * hkv * D * k.element_size() \
                         + 2 * q.numel() * q.element_size()
-                    row = dict(batch=B, prefix=P, budget=N, splits=sp,
+                    row = dict(batch=B, prefix=P, budget=N, tiles=tiles,
+                               splits=sp,
                                us=round(t * 1e6, 1),
                                gbps=round(nbytes / t / 1e9, 1),
                                max_diff_vs_first=diff)

@@ -159,3 +159,38 @@ def test_choose_splits():
     # Each split keeps at least four key blocks.
     assert choose_splits(16, 256, 32, 132) == 2
     assert choose_splits(16, 64, 32, 132) == 1
+
+
+def test_tile_config():
+    from vllm_jetspec.kernels.tree_attention import tile_config
+
+    # Qwen3-8B shape (group 4, head dim 128): decode steps and trees of up
+    # to 31 nodes take the small tile (8 nodes, 32 rows, 32 keys a step),
+    # larger trees and prefills 32 nodes x 4 heads = 128 rows, 64 keys,
+    # 8 warps: budget 128 reads each prefix 4 times instead of 16.
+    assert tile_config(1, 4, 128) == (8, 32, 32, 4)
+    assert tile_config(16, 4, 128) == (8, 32, 32, 4)
+    assert tile_config(32, 4, 128) == (32, 128, 64, 8)
+    assert tile_config(512, 4, 128) == (32, 128, 64, 8)
+    # Without large tiles (the default of tree_attention): one variant.
+    assert tile_config(512, 4, 128, large=False) == (8, 32, 32, 4)
+    # Only two variants per (group, head dim): compilations stay few.
+    for group, D in [(1, 64), (3, 64), (4, 128), (8, 128), (16, 64)]:
+        assert len({tile_config(n, group, D) for n in range(1, 300)}) == 2
+        for n in range(1, 300):
+            nodes, rows, block_n, _ = tile_config(n, group, D)
+            assert rows >= nodes * group and rows >= 16
+            assert rows & (rows - 1) == 0 and 64 % block_n == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+def test_large_tiles_match_reference(dtype, splits, hq, hkv, D):
+    """128-row programs (large trees, long chunks): trees of 1-256 nodes
+    (several large tiles per request), prefixes across pages, with and
+    without the split-prefix pass."""
+    seed = 900 + hq + D + DTYPES.index(dtype) + splits
+    args = make_case(seed, [1, 40, 130, 256], hq, hkv, D, [0, 5, 300, 64],
+                     dtype=dtype, layout="fused")
+    check(args, dtype, large_tiles=True, num_splits=splits)

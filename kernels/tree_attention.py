@@ -251,6 +251,34 @@ def _tree_attn_combine_kernel(
 WORKSPACE_BYTES = 256 << 20     # at most this much fp32 split workspace
 
 
+LARGE_ROWS = 128    # rows of a program for large trees and prefills
+
+
+def tile_config(max_nodes: int, group: int, D: int,
+                large: bool = True) -> tuple[int, int, int, int]:
+    """(nodes per program, rows = nodes x group padded to a power of two
+    >= 16, keys per step, warps) for a launch whose largest request has
+    ``max_nodes`` new tokens.
+
+    Every node tile reads its request's whole prefix, so small tiles on a
+    large tree re-read the prefix many times (budget 128 at 8 nodes a tile:
+    16 reads; H100, 2026-11-24: 2-7 % of copy bandwidth). With ``large``,
+    launches with at least ``LARGE_ROWS`` rows of work per KV head (large
+    trees, prefills) take tiles of 128 rows (32 nodes of a GQA group of 4)
+    with 64 keys a step and 8 warps; the rest (decode steps, small trees,
+    and every launch without ``large``) the small tile.
+    Two variants per (head dim, group, dtype) only: each distinct value is
+    a separate Triton compilation, and compilations must not land in timed
+    rounds (on the H100 a per-tree-size tile cost a 157 ms verify step)."""
+    if large and max_nodes * group >= LARGE_ROWS:
+        nodes = max(1, LARGE_ROWS // group)
+        return (nodes, max(16, triton.next_power_of_2(nodes * group)), 64,
+                8)
+    nodes = max(1, 64 // group) if D <= 64 else max(1, 32 // group)
+    return (nodes, max(16, triton.next_power_of_2(nodes * group)),
+            64 if D <= 64 else 32, 4)
+
+
 def choose_splits(programs: int, max_prefix: int, block_n: int,
                   num_sms: int) -> int:
     """Prefix splits so that about two programs run per SM, each split
@@ -274,6 +302,7 @@ def tree_attention(
     out: torch.Tensor | None = None,
     num_splits: int | str = 1,
     max_prefix: int | None = None,
+    large_tiles: bool = False,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
 
@@ -283,8 +312,10 @@ def tree_attention(
     request's prefix (flash-decoding, with a combine pass through fp32
     workspaces); ``"auto"`` picks it from the grid size, the SM count and
     ``max_prefix`` (an upper bound of ``prefix_lens``; read from the device
-    when not given). 1 is the single-pass kernel. Returns ``[T, Hq, D]`` in
-    ``q``'s dtype.
+    when not given). 1 is the single-pass kernel. ``large_tiles``: 128-row
+    programs for large trees and prefills (``tile_config``; tested in
+    Triton's interpreter, not yet run on a GPU, hence off by default).
+    Returns ``[T, Hq, D]`` in ``q``'s dtype.
     """
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -301,14 +332,8 @@ def tree_attention(
             if R else 0
     if T == 0 or max_nodes == 0:
         return out
-    # Rows of a program: nodes x group query heads, at least 16 (tl.dot).
-    # Not shrunk for small trees or decode steps: every distinct value is a
-    # separate compilation, and on the H100 (2026-11-24) compiles of the
-    # shrunk variants landed inside timed rounds (budget 16: 157 ms verify
-    # steps, compilation); one variant per (head dim, group, dtype) instead.
-    nodes = max(1, 64 // group) if D <= 64 else max(1, 32 // group)
-    rows = max(16, triton.next_power_of_2(nodes * group))
-    block_n = 64 if D <= 64 else 32
+    nodes, rows, block_n, warps = tile_config(max_nodes, group, D,
+                                              large=large_tiles)
     tiles = triton.cdiv(max_nodes, nodes)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     splits = num_splits
@@ -341,7 +366,8 @@ def tree_attention(
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *block_table.stride(), *tree_mask.stride(),
             BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-            D=D, BLOCK_N=block_n, PREC=prec, SPLITS=splits)
+            D=D, BLOCK_N=block_n, PREC=prec, SPLITS=splits,
+            num_warps=warps)
         _tree_attn_combine_kernel[(T, Hq)](
             mw, lw, aw, out, T, Hq, *out.stride(), splits, D=D)
         return out
@@ -352,5 +378,5 @@ def tree_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), *tree_mask.stride(),
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-        D=D, BLOCK_N=block_n, PREC=prec)
+        D=D, BLOCK_N=block_n, PREC=prec, num_warps=warps)
     return out

@@ -52,3 +52,14 @@ def test_tree_splits_setting():
     for bad in ("0", "-2", "many"):
         with pytest.raises(ValueError, match="JETSPEC_TREE_SPLITS"):
             splits_setting({"JETSPEC_TREE_SPLITS": bad})
+
+
+def test_tree_tiles_setting():
+    """JETSPEC_TREE_TILES: small (default) or large; else one clear error."""
+    from vllm_jetspec.vllm_patches.triton_attention import tiles_setting
+
+    assert tiles_setting({}) is False
+    assert tiles_setting({"JETSPEC_TREE_TILES": "large"}) is True
+    assert tiles_setting({"JETSPEC_TREE_TILES": "small"}) is False
+    with pytest.raises(ValueError, match="JETSPEC_TREE_TILES"):
+        tiles_setting({"JETSPEC_TREE_TILES": "huge"})

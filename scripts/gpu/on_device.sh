@@ -93,7 +93,7 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     tail -5 "$OUT/kernel_tests.log"
     timeout 240 python3 -m vllm_jetspec.kernels.bench_tree_attention \
         --batch 1 8 32 --prefix 512 4096 8192 --budget 16 64 128 256 \
-        --splits 1 auto --repeats 20 \
+        --tiles small large --splits 1 auto --repeats 20 \
         --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
         || echo "kernel bench rc $?"
     tail -3 "$OUT/kernel_bench.log" ;;

@@ -118,11 +118,27 @@ def splits_setting(env=None) -> int | str:
     return int(v)
 
 
+TILES_ENV = "JETSPEC_TREE_TILES"
+
+
+def tiles_setting(env=None) -> bool:
+    """``JETSPEC_TREE_TILES``: ``small`` (default: the kernel checked on
+    the H100) or ``large`` (128-row programs for large trees and prefills,
+    ``kernels.tree_attention.tile_config``; tested in Triton's interpreter,
+    not yet run on a GPU). True for large."""
+    v = (os.environ if env is None else env).get(TILES_ENV, "small").strip()
+    if v not in ("small", "large"):
+        raise ValueError(f"jetspec: {TILES_ENV} must be 'small' or 'large', "
+                         f"got {v!r}")
+    return v == "large"
+
+
 class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.splits = splits_setting()
+        self.large_tiles = tiles_setting()
 
     def do_kv_cache_update(self, layer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -158,7 +174,8 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         tree_attention(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
                        m.prefix_lens, m.query_start_loc, m.masks,
                        self.scale, max_nodes=m.max_nodes, out=out,
-                       num_splits=self.splits, max_prefix=m.max_seq_len)
+                       num_splits=self.splits, max_prefix=m.max_seq_len,
+                       large_tiles=self.large_tiles)
         return output
 
 
