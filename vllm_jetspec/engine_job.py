@@ -138,12 +138,6 @@ def run_job(job: dict, timeout: float | None = None) -> dict:
     return res
 
 
-if __name__ == "__main__":
-    result = _run(json.load(sys.stdin))
-    with open(sys.argv[1], "w") as f:
-        json.dump(result, f)
-
-
 def batched_tokens(budget: int, max_seqs: int, depth: int) -> int:
     """``max_num_batched_tokens`` for an engine of tree budget ``budget``
     (0: no speculation): room for a whole tree per sequence, plus the
@@ -154,3 +148,10 @@ def batched_tokens(budget: int, max_seqs: int, depth: int) -> int:
     if budget > 1:
         tokens += max_seqs * max(0, depth - 1)
     return tokens
+
+
+if __name__ == "__main__":
+    result = _run(json.load(sys.stdin))
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)
+
