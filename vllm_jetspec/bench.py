@@ -27,11 +27,15 @@ on dummy weights, where real acceptance means nothing. vLLM's own dflash
 method has no replay, so the linear baseline is then jetspec's ``chain``
 (one branch of the head's depth) through the same runner.
 
+``--graphs``: every engine runs with ``enforce_eager=False`` (on a GPU:
+torch.compile and CUDA graphs; jetspec's are piecewise, its tree attention
+running between the graph pieces, see ``vllm_patches.config.
+graphs_on_gpu``); then the AR row is stock vLLM. Without it every engine
+runs eagerly (on CPU vLLM has no graphs: leave it off there).
+
 ``--stock-ar``: one more plain-decoding engine with vLLM's own defaults
-(``enforce_eager=False``: torch.compile and CUDA graphs on a GPU), row
-``ar_graphs``; every engine else runs eagerly (jetspec captures no CUDA
-graphs), so this row is what a stock vLLM user gets, next to the eager AR
-that the speed-ups are computed against.
+(``enforce_eager=False``), row ``ar_graphs``, next to the eager engines
+(redundant with ``--graphs``).
 
 ``--ar-from PATH``: the plain-decoding engine's result of an earlier run
 (its ``ar.json``, written by every run) instead of running it again, for
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree-algo", default="accum_logp")
     ap.add_argument("--replay", action="store_true",
                     help="drafters replay the target's recorded output")
+    ap.add_argument("--graphs", action="store_true",
+                    help="every engine with enforce_eager=False (GPU: "
+                         "torch.compile + CUDA graphs; jetspec piecewise)")
     ap.add_argument("--stock-ar", action="store_true",
                     help="also plain decoding with vLLM's defaults (CUDA "
                          "graphs, torch.compile): row 'ar_graphs'")
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job(spec, budget, eager=True):
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
-                      enforce_eager=eager,
+                      enforce_eager=eager and not args.graphs,
                       max_num_seqs=maxB, load_format=args.load_format,
                       max_num_batched_tokens=batched_tokens(budget, maxB,
                                                             depth))
@@ -303,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                     mean_prompt_tokens=sum(map(len, prompts)) / len(prompts),
                     max_new_tokens=args.max_new_tokens,
                     tree_algo=args.tree_algo, replay=args.replay,
+                    graphs=args.graphs,
                     date=time.strftime("%Y-%m-%d"))
 
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ import json
 import os
 import time
 
+from .bench import _device
 from .engine_job import batched_tokens, result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-chat", action="store_true",
                     help="do not apply the chat template")
+    ap.add_argument("--graphs", action="store_true",
+                    help="enforce_eager=False for every engine (GPU: "
+                         "torch.compile + CUDA graphs; default eager)")
     ap.add_argument("--out", default="sweep")
     args = ap.parse_args(argv)
 
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     engine=dict(dtype=args.dtype,
                                 max_model_len=args.max_model_len,
                                 max_num_seqs=maxB,
+                                enforce_eager=not args.graphs,
                                 max_num_batched_tokens=batched_tokens(
                                     budget, maxB, depth)))
 
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                 tree_algo=args.tree_algo, dtype=args.dtype,
                 baseline=args.baseline, date=time.strftime("%Y-%m-%d"),
+                graphs=args.graphs, device=_device(),
                 wall_seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

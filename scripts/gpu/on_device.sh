@@ -12,6 +12,11 @@
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 #     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
+#   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
+#   bash scripts/gpu/on_device.sh sweep DATASET BUDGETS...  # SmolLM2 e2e sweep
+#     (env BATCHES="1 8 32", NPROMPTS=32, MAX_NEW=128, BASELINE=dflash)
+# GRAPHS=1: the bench/sweep engines with torch.compile + CUDA graphs
+# (--graphs); JETSPEC_TEST_EAGER=0: the engine tests likewise.
 # Files persist under /tmp/jetspec while the machine stays warm; results go
 # to $OUT (the head as two halves: one file may be at most 16 MiB).
 set -euo pipefail
@@ -33,6 +38,7 @@ keep() {
     for f in bench.json partial.json bench.png engine_logs.txt; do
         [ -f "$W/$1/$f" ] && cp "$W/$1/$f" "$OUT/$1/"; done; true
 }
+G=(); [ "${GRAPHS:-0}" = 1 ] && G=(--graphs)
 step=$1; shift
 case $step in
 keep-a)
@@ -107,7 +113,7 @@ cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     python3 -m vllm_jetspec.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
         --budgets 16 64 --batch-sizes 1 4 --gpu-memory-utilization 0.5 \
-        --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
+        "${G[@]}" --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
         || echo "cuda-check rc $?"
     keep bench_smollm2; tail -20 "$OUT/cuda_check.log" ;;
 bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
@@ -119,9 +125,29 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
         --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
         --prompt-len 512 --max-new-tokens 256 --replay \
         --batch-sizes ${BATCHES:-1 8} --num-prompts "${NPROMPTS:-8}" \
-        --baseline "$base" --budgets "$@" ${BENCH_ARGS:-} \
+        --baseline "$base" --budgets "$@" ${BENCH_ARGS:-} "${G[@]}" \
         --max-model-len 2048 --gpu-memory-utilization 0.85 \
         --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
     keep "$name"; tail -30 "$OUT/$name.log" ;;
+syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
+    for mode in eager graphs; do
+        flag=(); [ $mode = graphs ] && flag=(--graphs)
+        timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_$mode" "${1:-64}" \
+            "${2:-64}" "${flag[@]}" > "$OUT/syncs_$mode.log" 2>&1 \
+            || echo "syncs $mode rc $?"
+        cp "$W/syncs_$mode/syncs.json" "$OUT/syncs_$mode.json" 2>/dev/null || true
+        tail -25 "$OUT/syncs_$mode.log"
+    done ;;
+sweep)  # DATASET BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
+    ds=$1; shift
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --dataset "$ds" \
+        --budgets "$@" --batch-sizes ${BATCHES:-1 8 32} \
+        --num-prompts "${NPROMPTS:-32}" --max-new-tokens "${MAX_NEW:-128}" \
+        --baseline "${BASELINE:-dflash}" "${G[@]}" --out "$W/sweep_$ds" \
+        > "$OUT/sweep_$ds.log" 2>&1 || echo "sweep rc $?"
+    mkdir -p "$OUT/sweep_$ds"
+    for f in sweep.json tau_vs_budget.png speedup_vs_budget.png; do
+        [ -f "$W/sweep_$ds/$f" ] && cp "$W/sweep_$ds/$f" "$OUT/sweep_$ds/"; done
+    tail -30 "$OUT/sweep_$ds.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -45,8 +45,8 @@ PATCHES += [
               "tree keys; they are validated and removed, the rest runs as "
               "'dflash' with the tree settings attached; async scheduling "
               "is turned off (vLLM enables it for dflash on CUDA; its runner "
-              "then expects device-side draft tokens) and GPU engines run "
-              "eagerly (no CUDA graphs for tree verification)",
+              "then expects device-side draft tokens); on GPUs piecewise "
+              "CUDA graphs unless enforce_eager or JETSPEC_EAGER=1",
           when="always (inert unless method is 'jetspec')"),
     Patch(replaces="vllm.config.speculative:SpeculativeConfig."
                    "max_num_new_slots_for_drafting",
@@ -89,8 +89,8 @@ PATCHES += [
           why="the Triton tree-attention kernel as the engine's attention "
               "backend; on CUDA selected through attention_config.backend "
               "= CUSTOM (vLLM's CUDA backends know no tree masks)",
-          when="jetspec engines: on CUDA always (checked on an H100, "
-               "eager), on CPU with JETSPEC_ATTENTION=triton (Triton's "
+          when="jetspec engines: on CUDA always (checked on an H100), "
+               "on CPU with JETSPEC_ATTENTION=triton (Triton's "
                "interpreter: a test of the integration)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",

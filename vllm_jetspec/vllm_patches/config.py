@@ -209,23 +209,37 @@ def refuse_async_scheduling(engine_args) -> None:
     engine_args.async_scheduling = False
 
 
-def eager_on_gpu(engine_args, model_config, on_cpu: bool | None = None
-                 ) -> None:
-    """The tree-attention backend captures no CUDA graphs, and jetspec with
-    torch.compile / piecewise CUDA graphs has not been run on a GPU yet: a
-    jetspec engine on a GPU runs eagerly (one warning), as if
-    ``enforce_eager=True`` had been given. ``model_config`` is built before
-    the speculative config, so both are set."""
+EAGER_ENV = "JETSPEC_EAGER"   # "1": a jetspec engine on a GPU runs eagerly
+
+
+def graphs_on_gpu(engine_args, model_config, on_cpu: bool | None = None,
+                  env=None) -> None:
+    """CUDA graphs on a GPU: unless ``enforce_eager`` is given, a jetspec
+    engine is compiled like any vLLM engine and captures *piecewise* CUDA
+    graphs (vLLM downgrades its default FULL_AND_PIECEWISE because the tree
+    backend reports no full-graph support): every layer's projections, MLP,
+    norms and the LM head replay from graphs captured per token-count
+    bucket (batch x tree size, padded to vLLM's capture sizes), the
+    attention ops (KV write and the tree kernel, which reads this step's
+    ancestor masks) run eagerly between the pieces. Same for the DFlash
+    draft pass. ``JETSPEC_EAGER=1`` forces eager mode (as
+    ``enforce_eager=True``). ``model_config`` is built before the
+    speculative config, so both are set."""
+    env = os.environ if env is None else env
     if on_cpu is None:
         from vllm.platforms import current_platform
         on_cpu = current_platform.is_cpu()
     if on_cpu or getattr(model_config, "enforce_eager", False):
         return
-    logger.warning("jetspec: CUDA graphs and torch.compile are not supported "
-                   "with tree verification yet; running eagerly "
-                   "(enforce_eager=True)")
-    engine_args.enforce_eager = True
-    model_config.enforce_eager = True
+    if env.get(EAGER_ENV, "0") == "1":
+        logger.info("jetspec: %s=1, running eagerly (enforce_eager=True)",
+                    EAGER_ENV)
+        engine_args.enforce_eager = True
+        model_config.enforce_eager = True
+        return
+    logger.info("jetspec: torch.compile and piecewise CUDA graphs (the tree "
+                "attention runs eagerly between graph pieces); %s=1 or "
+                "enforce_eager=True to run eagerly", EAGER_ENV)
 
 
 def refuse_cpu_expert_parallel(parallel_config,
@@ -260,7 +274,7 @@ def patched_create_speculative_config(orig):
         require_v1_runner()
         refuse_cpu_expert_parallel(target_parallel_config)
         refuse_async_scheduling(self)
-        eager_on_gpu(self, target_model_config)
+        graphs_on_gpu(self, target_model_config)
         if self.speculative_config is None:
             logger.info("jetspec: tree_budget 1 is the root alone (no draft "
                         "token): decoding without speculation")

@@ -35,6 +35,7 @@ from ..replay import force_top1, load_replay, replay_window
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
 from . import tree_state
+from .tree_state import to_device
 from .config import settings_of
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
@@ -141,11 +142,18 @@ class JetSpecProposer(DFlashProposer):
 class _Step:
     """What the verify step of one batch needs between the runner hooks."""
 
-    def __init__(self, rows, starts, tree):
+    def __init__(self, rows, starts, tree, starts_dev=None, flat=None):
         self.rows = rows          # batch rows that verify a tree
         self.starts = starts      # per batch row: index of its first sampled token
-        self.tree = tree          # DraftTree over all batch rows
-        self.perm: dict[int, torch.Tensor] = {}   # row -> new order
+        self.tree = tree          # DraftTree over all batch rows (device)
+        # [R] int64 device: ``starts``
+        self.starts_dev = starts_dev
+        # [3, M] int64 device: per node of a verified tree, its token index
+        # in the step, its batch row and its node index
+        self.flat = flat
+        # (token index [M], source index [M], node index [M]): the gather
+        # that puts each tree's accepted path first for the draft pass
+        self.reorder: tuple[torch.Tensor, ...] | None = None
         # row -> the head's estimate of its accepted drafts (auto budget)
         self.est: dict[int, float] = {}
 
@@ -177,8 +185,8 @@ def _select_attention(vllm_config, device) -> None:
         return
     if device.type == "cuda":
         logger.info(
-            "jetspec: the Triton tree-attention backend on CUDA, eager (no "
-            "CUDA graphs). Greedy output equals plain decoding through this "
+            "jetspec: the Triton tree-attention backend on CUDA. Greedy "
+            "output equals plain decoding through this "
             "backend; against vLLM's default backend it may differ where "
             "the top two logits nearly tie (its fp32 attention uses TF32)")
         register_backend(AttentionBackendEnum.CUSTOM,
@@ -229,21 +237,40 @@ def _valid_counts(sampled_token_ids, R: int) -> list[int]:
 def _set_replay_tokens(self, sampled_token_ids) -> None:
     """Replay mode: hand the drafter the recorded tokens after each
     request's new anchor (its index = the root's position + the tokens
-    emitted this step)."""
+    emitted this step), gathered on the device from a table of the batch's
+    recorded sequences, so replay adds no synchronisation to a round."""
     drafter, depth = self.drafter, self.drafter.jetspec.depth
     R = self.input_batch.num_reqs
     roots = self._jetspec_root_pos
     if roots is None or len(roots) < R:
         return
-    counts = _valid_counts(sampled_token_ids, R)
-    win = []
-    for r, rid in enumerate(self.input_batch.req_ids[:R]):
-        prompt = self.requests[rid].prompt_token_ids
-        seq = drafter.replay.get(tuple(prompt)) if prompt is not None \
-            else None
-        win.append(replay_window(seq, roots[r] + counts[r], depth))
-    drafter.replay_tokens = torch.tensor(win, dtype=torch.long,
-                                         device=self.positions.device)
+    dev = self.positions.device
+    req_ids = tuple(self.input_batch.req_ids[:R])
+    cache = getattr(self, "_jetspec_replay_table", None)
+    if cache is None or cache[0] != req_ids:
+        seqs = []
+        for rid in req_ids:
+            prompt = self.requests[rid].prompt_token_ids
+            seq = drafter.replay.get(tuple(prompt)) if prompt is not None \
+                else None
+            seqs.append(seq or [])
+        # Past a record's end: -1 (the head's own candidates).
+        width = max(map(len, seqs)) + depth + 1
+        table = torch.full((R, width), -1, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            table[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        cache = (req_ids, to_device(table, dev))
+        self._jetspec_replay_table = cache
+    table = cache[1]
+    if torch.is_tensor(sampled_token_ids):
+        counts = (sampled_token_ids[:R] >= 0).sum(1).to(dev)
+    else:
+        counts = to_device(torch.tensor(_valid_counts(sampled_token_ids, R)),
+                           dev)
+    first = to_device(torch.tensor(roots[:R], dtype=torch.long), dev) \
+        + counts + 1
+    idx = first[:, None] + torch.arange(depth, device=dev)
+    drafter.replay_tokens = table.gather(1, idx.clamp(max=table.shape[1] - 1))
 
 
 def wrap_propose(orig):
@@ -272,22 +299,21 @@ def _propose(self, orig, scheduler_output, sampled_token_ids,
     if self.drafter.replay is not None:
         _set_replay_tokens(self, sampled_token_ids)
     step = self._jetspec_step
-    if step is not None and step.perm:
+    if step is not None and step.reorder is not None:
         # The accepted path first, so the drafter's context (the first
-        # num_scheduled - num_rejected tokens) is the kept sequence.
-        for row, perm in step.perm.items():
-            s = step.starts[row]
-            sl = slice(s, s + perm.numel())
-            self.input_ids.gpu[sl] = self.input_ids.gpu[sl][perm]
-            for h in aux_hidden_states or ():
-                h[sl] = h[sl][perm]
-            # Linear positions, as after a chain: the kept path gets
-            # prefix + 0..a, the rejected nodes the positions after it.
-            # DFlash writes every scheduled token's context K/V at its
-            # position's slot; a rejected sibling sharing a depth would
-            # overwrite the kept node's.
-            self.positions[sl] = self.positions[s] + torch.arange(
-                perm.numel(), device=self.positions.device)
+        # num_scheduled - num_rejected tokens) is the kept sequence: one
+        # gather over every tree of the batch (the right-hand side is read
+        # before anything is written).
+        pos, src, node = step.reorder
+        self.input_ids.gpu[pos] = self.input_ids.gpu[src]
+        for h in aux_hidden_states or ():
+            h[pos] = h[src]
+        # Linear positions, as after a chain: the kept path gets
+        # prefix + 0..a, the rejected nodes the positions after it.
+        # DFlash writes every scheduled token's context K/V at its
+        # position's slot; a rejected sibling sharing a depth would
+        # overwrite the kept node's. (pos - node: the tree's root.)
+        self.positions[pos] = self.positions[pos - node] + node
     drafts = orig(self, scheduler_output, sampled_token_ids,
                   sampling_metadata, hidden_states, sample_hidden_states,
                   aux_hidden_states, *args, **kwargs)
@@ -329,23 +355,27 @@ def _tree_drafts(self, tree: DraftTree):
         # path probabilities (for the policy's calibration).
         est = (tree.cum_logp[:, 1:].exp() * tree.valid()[:, 1:]).sum(1) \
             .tolist()
+    # The round's one wait for the device: the scheduler needs the drafts
+    # as lists. The verify step reads the trees from these host copies.
+    host = torch.stack([tree.tokens, tree.parents, tree.depth]).cpu()
+    nodes = tree.num_nodes.tolist()
     for r, rid in enumerate(req_ids):
-        n = int(tree.num_nodes[r])
-        self._jetspec_trees[rid] = (tree.tokens[r, :n].clone(),
-                                    tree.parents[r, :n].clone(),
-                                    tree.depth[r, :n].clone(), est[r])
-        out.append(tree.tokens[r, 1:n].tolist())
+        n = nodes[r]
+        self._jetspec_trees[rid] = (host[0, r, :n], host[1, r, :n],
+                                    host[2, r, :n], est[r])
+        out.append(host[0, r, 1:n].tolist())
     return out
 
 
 def _root_positions(self, num_scheduled_tokens, sdm) -> list[int]:
     """Per request, the position of the token its sampled rows start at
-    (the last prompt token of a prefill, a tree's root)."""
+    (the last prompt token of a prefill, a tree's root), from the host's
+    counts (vLLM's positions are num_computed_tokens + 0, 1, ...)."""
     R = self.input_batch.num_reqs
-    ends = torch.tensor(num_scheduled_tokens[:R], dtype=torch.long).cumsum(0)
-    n = torch.tensor(sdm.num_draft_tokens[:R]) + 1 if sdm is not None \
-        else torch.ones(R, dtype=torch.long)
-    return self.positions[(ends - n).to(self.positions.device)].tolist()
+    done = self.input_batch.num_computed_tokens_cpu[:R].tolist()
+    drafts = sdm.num_draft_tokens[:R] if sdm is not None else [0] * R
+    return [int(done[r]) + int(num_scheduled_tokens[r]) - drafts[r] - 1
+            for r in range(R)]
 
 
 def wrap_prepare_inputs(orig):
@@ -374,7 +404,9 @@ def wrap_prepare_inputs(orig):
 def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
                  sdm) -> None:
     """Tree positions and ancestor masks for the verify forward; the
-    step's trees for ``_sample``."""
+    step's trees for ``_sample``. Built on the host from the trees kept by
+    ``_tree_drafts`` and the scheduler's draft lists, then copied to the
+    device asynchronously: no wait for the device."""
     num_reqs = self.input_batch.num_reqs
     req_ids = self.input_batch.req_ids[:num_reqs]
     starts = [0]
@@ -383,24 +415,26 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     dev = self.positions.device
     n_nodes = [d + 1 for d in sdm.num_draft_tokens]
     N = max(n_nodes)
-    tokens = torch.full((num_reqs, N), -1, dtype=torch.long, device=dev)
+    # The root's token is not needed (acceptance compares nodes 1..).
+    tokens = torch.full((num_reqs, N), -1, dtype=torch.long)
     parents = torch.full_like(tokens, -1)
     depth = torch.full_like(tokens, -1)
     depth[:, 0] = 0
-    rows, masks = [], {}
+    offsets = torch.zeros(starts[-1], dtype=torch.long)
+    rows, flat = [], []
     est: dict[int, float] = {}
     spec = scheduler_output.scheduled_spec_decode_tokens
     for r, rid in enumerate(req_ids):
         n = n_nodes[r]
-        # The request's sampled rows begin n tokens before its end.
-        first = starts[r + 1] - n
-        tokens[r, :n] = self.input_ids.gpu[first:first + n]
         if n == 1:
             continue
+        # The request's sampled rows begin n tokens before its end.
+        first = starts[r + 1] - n
+        drafts = list(spec[rid])
+        tokens[r, 1:n] = torch.tensor(drafts, dtype=torch.long)
         stored = self._jetspec_trees.get(rid)
-        if stored is not None and len(stored[0]) >= n and torch.equal(
-                stored[0][1:n].to(dev),
-                torch.tensor(spec[rid], device=dev)):
+        if stored is not None and len(stored[0]) >= n \
+                and stored[0][1:n].tolist() == drafts:
             parents[r, :n] = stored[1][:n]
             depth[r, :n] = stored[2][:n]
             if len(stored[0]) == n:       # the whole tree is verified
@@ -408,22 +442,29 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
         else:
             # Drafts not from a tree of ours (e.g. the zero drafts vLLM
             # schedules when the drafter was skipped): a chain.
-            parents[r, :n] = torch.arange(-1, n - 1, device=dev)
-            depth[r, :n] = torch.arange(n, device=dev)
+            parents[r, :n] = torch.arange(-1, n - 1)
+            depth[r, :n] = torch.arange(n)
         rows.append(r)
-        base = self.positions[first].clone()
-        self.positions[first:first + n] = base + depth[r, :n]
-    tree = DraftTree(tokens, parents, depth,
-                     torch.zeros(num_reqs, N, device=dev),
-                     torch.tensor(n_nodes, device=dev),
+        # vLLM gave the tokens prefix + 0..n-1; a node's is prefix + depth.
+        offsets[first:first + n] = depth[r, :n] - torch.arange(n)
+        j = torch.arange(n)
+        flat.append(torch.stack([first + j, torch.full_like(j, r), j]))
+    host = DraftTree(tokens, parents, depth,
+                     torch.zeros(num_reqs, N),
+                     torch.tensor(n_nodes, dtype=torch.long),
                      max_depth=int(depth.max()))
+    flat_dev = None
     if rows:
-        packed = packed_ancestor_mask(tree)
-        for r in rows:
-            masks[r] = packed[r, :n_nodes[r]]
-        tree_state.set_step_masks(masks)
-    self._jetspec_step = _Step(rows, [starts[r + 1] - n_nodes[r]
-                                      for r in range(num_reqs)], tree)
+        packed = packed_ancestor_mask(host)
+        tree_state.set_step_masks({r: packed[r, :n_nodes[r]] for r in rows})
+        self.positions[:starts[-1]] += to_device(offsets, dev)
+        flat_dev = to_device(torch.cat(flat, 1), dev)
+    tree = DraftTree(*(to_device(x, dev) for x in (
+        host.tokens, host.parents, host.depth, host.cum_logp,
+        host.num_nodes)), max_depth=host.max_depth)
+    starts_of = [starts[r + 1] - n_nodes[r] for r in range(num_reqs)]
+    self._jetspec_step = _Step(rows, starts_of, tree, to_device(
+        torch.tensor(starts_of, dtype=torch.long), dev), flat_dev)
     self._jetspec_step.est = est
 
 
@@ -448,7 +489,12 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
     tree = step.tree
     R, N = tree.tokens.shape
     V = logits.shape[-1]
-    cu = [0] + spec_decode_metadata.cu_num_sampled_tokens.tolist()
+    # Sampled rows per request (host counts: vLLM's cu_num_sampled_tokens
+    # lives on the device).
+    n_s = [d + 1 for d in spec_decode_metadata.num_draft_tokens[:R]]
+    cu = [0]
+    for n in n_s:
+        cu.append(cu[-1] + n)
     if any(tree_unsupported_reason(self.requests[rid].sampling_params)
            for rid in self.input_batch.req_ids[:R]
            if self.requests[rid].sampling_params is not None):
@@ -457,21 +503,21 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         # step). This step, every request keeps its root token only,
         # sampled by vLLM's own sampler over the root rows (penalties,
         # logprobs, ... for all); every draft counts as rejected, and
-        # the kept path (the root) needs no compaction.
-        for r in step.rows:
-            step.perm[r] = torch.arange(int(tree.num_nodes[r]),
-                                        device=logits.device)
-        return orig(self, logits[cu[:-1]], None)
+        # the kept path (the root) needs no compaction or reordering.
+        return orig(self, logits[to_device(torch.tensor(cu[:-1]),
+                                           logits.device)], None)
     md = self.input_batch.sampling_metadata
     if md.all_greedy:
         # vLLM's greedy sampling is the argmax: no [R, N, V] copy, softmax
         # or noise (most of the step's sampling time at large budgets).
-        tgt = torch.zeros(R, N, dtype=torch.long, device=logits.device)
-        rows = torch.repeat_interleave(torch.arange(R), torch.tensor(
-            [cu[r + 1] - cu[r] for r in range(R)]))
-        cols = torch.cat([torch.arange(cu[r + 1] - cu[r]) for r in range(R)])
-        tgt[rows.to(logits.device), cols.to(logits.device)] = \
-            logits[:cu[-1]].argmax(dim=-1)
+        flat = logits[:cu[-1]].argmax(dim=-1)
+        if all(n == N for n in n_s):
+            tgt = flat.view(R, N)
+        else:
+            idx = torch.cat([r * N + torch.arange(n)
+                             for r, n in enumerate(n_s)])
+            tgt = flat.new_zeros(R * N).index_copy_(
+                0, to_device(idx, logits.device), flat).view(R, N)
     else:
         node_logits = logits.new_full((R, N, V), 0.0)
         for r in range(R):
@@ -492,27 +538,39 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
 def compact(self, step: _Step, acc) -> None:
     """Move each tree request's kept K/V to consecutive slots after its
     prefix, in every attention layer's cache, and remember the token order
-    for the next draft pass."""
-    plan = compaction_plan(acc)
+    for the next draft pass. Device work only (no wait): one gather and
+    one scatter per layer for the whole batch."""
+    if not step.rows:
+        return
+    plan = compaction_plan(acc)                   # [R, L] offsets, -1: stays
     slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
-    for r in step.rows:
-        n = int(step.tree.num_nodes[r])
-        keep = int(plan.num_kept[r])
-        path = acc.path_nodes[r, :keep]
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[path.cpu()] = False
-        step.perm[r] = torch.cat([path, torch.arange(
-            n, device=path.device)[rest.to(path.device)]])
-        moving = plan.src[r] >= 0
-        if not moving.any():
-            continue
-        s0 = step.starts[r]
-        src = slot_mapping[s0 + plan.src[r][moving]].long()
-        dst = slot_mapping[s0 + plan.dst[r][moving]].long()
-        for kv in self.kv_caches:
-            # Our torch backend's layout: [blocks, 2, block_size, H, D].
+    start = step.starts_dev[:, None]
+    moving = plan.src >= 0
+    # A slot nothing else touches for the moves that do nothing: the root's
+    # (it never moves and no move writes it), copied onto itself.
+    root = slot_mapping[start].long()
+    src = torch.where(moving, slot_mapping[start + plan.src.clamp(min=0)]
+                      .long(), root).flatten()
+    dst = torch.where(moving, slot_mapping[start + plan.dst.clamp(min=0)]
+                      .long(), root).flatten()
+    bs = None
+    for kv in self.kv_caches:
+        # Our backends' layout: [blocks, 2, block_size, H, D].
+        if kv.shape[2] != bs:
             bs = kv.shape[2]
-            kv[dst // bs, :, dst % bs] = kv[src // bs, :, src % bs]
+            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        kv[db, :, do] = kv[sb, :, so]
+    # The next draft pass reads each tree's tokens path first (by depth),
+    # then the rejected nodes in their order.
+    tree = step.tree
+    R, N = tree.tokens.shape
+    ar = torch.arange(N, device=tree.device)
+    on_path = torch.zeros(R, N + 1, dtype=torch.bool, device=tree.device)
+    on_path.scatter_(1, torch.where(acc.path_nodes >= 0, acc.path_nodes, N),
+                     True)
+    perm = torch.where(on_path[:, :N], tree.depth, N + ar).argsort(dim=1)
+    pos, row, node = step.flat
+    step.reorder = (pos, pos - node + perm[row, node], node)
 
 
 def apply() -> None:

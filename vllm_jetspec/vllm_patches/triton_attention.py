@@ -51,20 +51,22 @@ def chain_words(n: int, words: int, device) -> torch.Tensor:
 def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
                trees: dict[int, torch.Tensor], device) -> torch.Tensor:
     """[R, N, W] int64 packed masks of one step: tree rows where given,
-    else causal chains (or, not causal, every new token for every row)."""
+    else causal chains (or, not causal, every new token for every row).
+    Built on the host (``trees`` are host tensors), one copy to
+    ``device``."""
     n = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
     R, N = len(n), max(n, default=0)
     W = max(1, (N + BITS - 1) // BITS)
-    chain = chain_words(max(N, 1), W, device)
+    chain = chain_words(max(N, 1), W, "cpu")
     masks = chain[None].repeat(R, 1, 1)
     for r, nr in enumerate(n):
         if r in trees:
-            t = trees[r].to(device)
+            t = trees[r].cpu()
             masks[r] = 0
             masks[r, :t.shape[0], :t.shape[1]] = t
         elif not causal and nr:
             masks[r] = chain[nr - 1]
-    return masks
+    return tree_state.to_device(masks, device)
 
 
 @dataclass
@@ -93,8 +95,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=m.query_start_loc[:m.num_reqs + 1],
-            prefix_lens=(m.seq_lens[:m.num_reqs]
-                         - n.to(m.seq_lens.device)).to(torch.int32),
+            prefix_lens=(m.seq_lens[:m.num_reqs] - tree_state.to_device(
+                n, m.seq_lens.device)).to(torch.int32),
             block_table=m.block_table_tensor[:m.num_reqs],
             slot_mapping=m.slot_mapping,
             masks=step_masks(qsl_cpu, causal, trees, dev),
