@@ -31,7 +31,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from ..autobudget import BudgetPolicy, CostModel
-from ..replay import force_top1, load_replay, replay_window
+from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
 from . import tree_state
