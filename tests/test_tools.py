@@ -135,5 +135,9 @@ def test_sweep_through_vllm(smollm2, tmp_path):
         assert float(got[(m, b, 1)]["tau"]) > 1.0
     meta = json.loads((out / "sweep.json").read_text())["meta"]
     assert meta["num_prompts"] == 2 and meta["baseline"] == "chain"
+    assert meta["graphs"] is False and meta["device"].startswith("CPU")
+    # Rows are saved after every engine (a run cut short keeps them).
+    partial = json.loads((out / "partial.json").read_text())["rows"]
+    assert len(partial) == len(rows)
     for png in ("tau_vs_budget.png", "speedup_vs_budget.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

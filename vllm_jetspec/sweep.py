@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if method == "ar":
             ar = res
         rows += result_rows(method, budget, res, ar)
+        # The rows so far: what a run cut short (a time limit) leaves.
+        with open(os.path.join(args.out, "partial.json"), "w") as f:
+            json.dump(dict(rows=rows, wall_seconds=round(
+                time.perf_counter() - t0, 1)), f, indent=1)
     bar.close()
     with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -132,7 +132,7 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
 syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
     for mode in eager graphs; do
         flag=(); [ $mode = graphs ] && flag=(--graphs)
-        timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_$mode" "${1:-64}" \
+        SYNC_PROMPTS=$W/prompts/gsm8k.jsonl timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_$mode" "${1:-64}" \
             "${2:-64}" "${flag[@]}" > "$OUT/syncs_$mode.log" 2>&1 \
             || echo "syncs $mode rc $?"
         cp "$W/syncs_$mode/syncs.json" "$OUT/syncs_$mode.json" 2>/dev/null || true
@@ -140,13 +140,13 @@ syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
     done ;;
 sweep)  # DATASET BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
     ds=$1; shift
-    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --dataset "$ds" \
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --prompts "$W/prompts/$ds.jsonl" \
         --budgets "$@" --batch-sizes ${BATCHES:-1 8 32} \
         --num-prompts "${NPROMPTS:-32}" --max-new-tokens "${MAX_NEW:-128}" \
         --baseline "${BASELINE:-dflash}" "${G[@]}" --out "$W/sweep_$ds" \
         > "$OUT/sweep_$ds.log" 2>&1 || echo "sweep rc $?"
     mkdir -p "$OUT/sweep_$ds"
-    for f in sweep.json tau_vs_budget.png speedup_vs_budget.png; do
+    for f in sweep.json partial.json tau_vs_budget.png speedup_vs_budget.png; do
         [ -f "$W/sweep_$ds/$f" ] && cp "$W/sweep_$ds/$f" "$OUT/sweep_$ds/"; done
     tail -30 "$OUT/sweep_$ds.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;

@@ -38,7 +38,8 @@ def main() -> int:
     from vllm_jetspec.heads import shipped_head_dir
 
     target = str(assets.default_model_dir())
-    prompts = encode_prompts(assets.load_prompts("gsm8k", limit=1),
+    prompts = encode_prompts(assets.load_prompts(
+        os.environ.get("SYNC_PROMPTS", "gsm8k"), limit=1),
                              AutoTokenizer.from_pretrained(target), chat=True)
     llm = LLM(target, dtype="float32", enforce_eager=not graphs,
               gpu_memory_utilization=0.4, max_model_len=2048,
