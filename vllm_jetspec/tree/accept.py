@@ -16,7 +16,8 @@ sampling. The draws at nodes the walk never visits are never used, and each
 visited draw is independent of the draft, so every emitted token has exactly
 the target's distribution given what precedes it (JetSpec's rule; lossless
 for any draft). Drawing at every node in advance keeps the walk free of
-data-dependent control flow: it is ``max_depth`` gather steps on the device.
+data-dependent control flow: ``log2(max_depth)`` pointer-jumping steps and
+one scatter on the device.
 """
 
 from __future__ import annotations
@@ -45,27 +46,26 @@ def accept(tree: DraftTree, target_tokens: torch.Tensor) -> Acceptance:
     # A node matches when its token is the target's token at its parent.
     match = (tree.tokens == target_tokens.gather(1, par)) & valid
     match[:, 0] = True
-    # ok[i]: the whole path to i matches. Propagate down max_depth levels.
-    ok = match
-    for _ in range(tree.max_depth):
-        ok = match & ok.gather(1, par)
-    # Siblings hold distinct tokens, so at most one ok node per depth: the
-    # deepest is unique.
+    # ok[i]: the whole path to i matches, by pointer jumping: after step k,
+    # ok[i] covers i and its 2^k - 1 nearest ancestors and anc[i] is its
+    # 2^k-th ancestor (the root is its own parent, and matches), so
+    # ceil(log2(max_depth + 1)) steps cover every path (a few launches
+    # instead of one pair per depth).
+    ok, anc = match, par
+    for _ in range(max(1, (tree.max_depth).bit_length())):
+        ok = ok & ok.gather(1, anc)
+        anc = anc.gather(1, anc)
+    # Siblings hold distinct tokens, so the ok nodes form one chain from
+    # the root (at most one per depth): the kept path is the ok nodes by
+    # depth, and its deepest node the last.
     score = torch.where(ok, tree.depth, -1)
     last = score.argmax(dim=1)                                  # [R]
     num_acc = tree.depth.gather(1, last[:, None]).squeeze(1)    # [R]
 
     L = tree.max_depth + 1
-    # Walk up from the last node, writing each node at its depth.
     path = torch.full((R, L + 1), PAD, dtype=torch.long, device=dev)
-    cur = last
-    for _ in range(L):
-        alive = cur >= 0
-        d = torch.where(alive, tree.depth.gather(1, cur.clamp(min=0)
-                                                 [:, None]).squeeze(1), L)
-        path.scatter_(1, d[:, None], cur[:, None])
-        cur = torch.where(alive, tree.parents.gather(
-            1, cur.clamp(min=0)[:, None]).squeeze(1), PAD)
+    nodes = torch.arange(N, device=dev).expand(R, N)
+    path.scatter_(1, torch.where(ok, tree.depth, L), nodes)
     path = path[:, :L]
 
     ar = torch.arange(L, device=dev)

@@ -161,7 +161,10 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
 
     cand_cum, cand_parent, cand_tok, cand_depth = [], [], [], []
     prev_cum = torch.zeros(R, 1, device=dev)
-    prev_gidx = torch.full((R, 1), PAD, dtype=torch.long, device=dev)
+    # The frontier is the first candidates of the previous depth, in order,
+    # so a child's parent is (previous depth's offset) + its local index;
+    # the root's children get -1 (PAD).
+    prev_offset = PAD
     offset = 0
     depth_limit = min(D, n_draft)
     for d in range(depth_limit):
@@ -172,16 +175,13 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
             R, prev_cum.shape[1] * K)
         m = min(n_draft, c.shape[1])
         top_cum, top_idx = c.topk(m, dim=1)
-        parent_local = top_idx // K
-        k = top_idx % K
         cand_cum.append(top_cum)
-        cand_parent.append(prev_gidx.gather(1, parent_local))
-        cand_tok.append(ids[:, d, :].gather(1, k))
+        cand_parent.append(top_idx // K + prev_offset)
+        cand_tok.append(ids[:, d, :].gather(1, top_idx % K))
         cand_depth.append(torch.full((R, m), d + 1, dtype=torch.long,
                                      device=dev))
-        mb = min(n_beam, m)
-        prev_cum = top_cum[:, :mb]
-        prev_gidx = (offset + torch.arange(mb, device=dev)).expand(R, mb)
+        prev_cum = top_cum[:, :min(n_beam, m)]
+        prev_offset = offset
         offset += m
 
     tokens = torch.full((R, n_slots), PAD, dtype=torch.long, device=dev)
