@@ -28,6 +28,7 @@ import types
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from ..autobudget import BudgetPolicy, CostModel
@@ -35,7 +36,6 @@ from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
 from . import tree_state
-from .tree_state import to_device
 from .config import settings_of
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
@@ -259,16 +259,15 @@ def _set_replay_tokens(self, sampled_token_ids) -> None:
         table = torch.full((R, width), -1, dtype=torch.long)
         for r, seq in enumerate(seqs):
             table[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        cache = (req_ids, to_device(table, dev))
+        cache = (req_ids, async_tensor_h2d(table, dev))
         self._jetspec_replay_table = cache
     table = cache[1]
     if torch.is_tensor(sampled_token_ids):
         counts = (sampled_token_ids[:R] >= 0).sum(1).to(dev)
     else:
-        counts = to_device(torch.tensor(_valid_counts(sampled_token_ids, R)),
-                           dev)
-    first = to_device(torch.tensor(roots[:R], dtype=torch.long), dev) \
-        + counts + 1
+        counts = async_tensor_h2d(_valid_counts(sampled_token_ids, R), dev,
+                                  torch.long)
+    first = async_tensor_h2d(roots[:R], dev, torch.long) + counts + 1
     idx = first[:, None] + torch.arange(depth, device=dev)
     drafter.replay_tokens = table.gather(1, idx.clamp(max=table.shape[1] - 1))
 
@@ -406,7 +405,9 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     """Tree positions and ancestor masks for the verify forward; the
     step's trees for ``_sample``. Built on the host from the trees kept by
     ``_tree_drafts`` and the scheduler's draft lists, then copied to the
-    device asynchronously: no wait for the device."""
+    device asynchronously (vLLM's ``async_tensor_h2d``: pinned memory; a
+    copy from pageable memory would block the host until the stream has
+    run everything queued before it): no wait for the device."""
     num_reqs = self.input_batch.num_reqs
     req_ids = self.input_batch.req_ids[:num_reqs]
     starts = [0]
@@ -457,14 +458,14 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     if rows:
         packed = packed_ancestor_mask(host)
         tree_state.set_step_masks({r: packed[r, :n_nodes[r]] for r in rows})
-        self.positions[:starts[-1]] += to_device(offsets, dev)
-        flat_dev = to_device(torch.cat(flat, 1), dev)
-    tree = DraftTree(*(to_device(x, dev) for x in (
+        self.positions[:starts[-1]] += async_tensor_h2d(offsets, dev)
+        flat_dev = async_tensor_h2d(torch.cat(flat, 1), dev)
+    tree = DraftTree(*(async_tensor_h2d(x, dev) for x in (
         host.tokens, host.parents, host.depth, host.cum_logp,
         host.num_nodes)), max_depth=host.max_depth)
     starts_of = [starts[r + 1] - n_nodes[r] for r in range(num_reqs)]
-    self._jetspec_step = _Step(rows, starts_of, tree, to_device(
-        torch.tensor(starts_of, dtype=torch.long), dev), flat_dev)
+    self._jetspec_step = _Step(rows, starts_of, tree, async_tensor_h2d(
+        starts_of, dev, torch.long), flat_dev)
     self._jetspec_step.est = est
 
 
@@ -504,8 +505,8 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         # sampled by vLLM's own sampler over the root rows (penalties,
         # logprobs, ... for all); every draft counts as rejected, and
         # the kept path (the root) needs no compaction or reordering.
-        return orig(self, logits[to_device(torch.tensor(cu[:-1]),
-                                           logits.device)], None)
+        return orig(self, logits[async_tensor_h2d(cu[:-1], logits.device,
+                                                  torch.long)], None)
     md = self.input_batch.sampling_metadata
     if md.all_greedy:
         # vLLM's greedy sampling is the argmax: no [R, N, V] copy, softmax
@@ -517,7 +518,7 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
             idx = torch.cat([r * N + torch.arange(n)
                              for r, n in enumerate(n_s)])
             tgt = flat.new_zeros(R * N).index_copy_(
-                0, to_device(idx, logits.device), flat).view(R, N)
+                0, async_tensor_h2d(idx, logits.device), flat).view(R, N)
     else:
         node_logits = logits.new_full((R, N, V), 0.0)
         for r in range(R):

@@ -27,13 +27,3 @@ def clear() -> None:
 def masks_for_step(num_reqs: int) -> dict[int, torch.Tensor]:
     return {r: m for r, m in _masks.items() if r < num_reqs}
 
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for it: on CUDA through
-    pinned memory and an asynchronous copy (a copy from pageable memory
-    blocks the host until the stream has run everything queued before it,
-    i.e. a synchronisation in the middle of a round)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from . import tree_state
@@ -66,7 +67,7 @@ def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
             masks[r, :t.shape[0], :t.shape[1]] = t
         elif not causal and nr:
             masks[r] = chain[nr - 1]
-    return tree_state.to_device(masks, device)
+    return async_tensor_h2d(masks, device)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=m.query_start_loc[:m.num_reqs + 1],
-            prefix_lens=(m.seq_lens[:m.num_reqs] - tree_state.to_device(
+            prefix_lens=(m.seq_lens[:m.num_reqs] - async_tensor_h2d(
                 n, m.seq_lens.device)).to(torch.int32),
             block_table=m.block_table_tensor[:m.num_reqs],
             slot_mapping=m.slot_mapping,
