@@ -308,6 +308,70 @@ def test_gpu_engines_capture_graphs_unless_eager():
     assert args.enforce_eager and model.enforce_eager
 
 
+def test_parse_maps_to_dflash(parse_env):
+    from vllm_jetspec.vllm_patches.config import parse
+    hf, head = parse_env
+    spec, s = parse(dict(method="jetspec", model=head, tree_budget=32,
+                         tree_width=5, tree_algo="topb_prefix"), hf)
+    assert spec == dict(method="dflash", model=head,
+                        num_speculative_tokens=31)
+    assert (s.budget, s.width, s.algo, s.depth) == (32, 5, "topb_prefix", 7)
+
+
+SLOTS = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        import vllm
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm_jetspec.vllm_patches import apply
+        apply()
+        out = []
+        for spec, seqs, batched in json.loads(sys.argv[2]):
+            c = EngineArgs(model=sys.argv[1], skip_tokenizer_init=True,
+                           dtype="float32", max_model_len=2048,
+                           max_num_seqs=seqs,
+                           max_num_batched_tokens=batched,
+                           speculative_config=spec).create_engine_config()
+            out.append(c.scheduler_config.max_num_scheduled_tokens)
+        emit("scheduled", out)
+""")
+
+
+def test_scheduler_budget_reserves_draft_slots_of_the_depth(tmp_path):
+    """vLLM keeps slots per sequence free for the draft pass
+    (max_num_scheduled_tokens = max_num_batched_tokens - slots x
+    max_num_seqs) and counts num_speculative_tokens - 1 for dflash, which
+    for jetspec is tree_budget - 2. On the H100 bench (budget 256, 8
+    sequences, 2056 batched tokens) that left the scheduler 24 tokens a
+    step: trees cut to their first nodes (tau 3.94 instead of 16) and
+    prefills of 24 tokens. The jetspec draft pass runs depth slots, so
+    depth - 1 are kept free, as for dflash at that depth. Only the config
+    is built (no engine)."""
+    from models import make_tiny_target_and_head
+
+    from vllm_jetspec.engine_job import batched_tokens
+    target, head = make_tiny_target_and_head(tmp_path)     # depth 7
+    js = lambda b: {"method": "jetspec", "model": str(head),
+                    "tree_budget": b}
+    cases = [(js(256), 8, 2056), (js(128), 8, 2048), (js(4), 8, 2048),
+             (js(256), 8, batched_tokens(256, 8, 7)),
+             ({"method": "dflash", "model": str(head),
+               "num_speculative_tokens": 7}, 8, 2048)]
+    res, log = run_script(tmp_path / "slots.py", SLOTS,
+                          [target, json.dumps(cases)])
+    got = result(res, "scheduled", log)
+    # depth 7: 6 slots per sequence; budget 4: depth 3, 2 slots; dflash
+    # itself unchanged (num_speculative_tokens 7: 6 slots).
+    assert got[:3] == [2056 - 8 * 6, 2048 - 8 * 6, 2048 - 8 * 2]
+    # The bench's engines fit a whole tree per sequence.
+    assert got[3] >= 8 * 256
+    assert got[4] == 2048 - 8 * 6
+
+
+# --- serving conditions ---------------------------------------------------------
+# One engine per side (jetspec / no speculation) runs every scenario below with
+# a KV cache of 24 blocks of 32 tokens, so long prompts preempt each other.
+
 SCENARIOS = textwrap.dedent("""
     import json, os, sys
     if __name__ == "__main__":
