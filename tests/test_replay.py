@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from vllm_jetspec.replay import (force_top1, load_replay, replay_window,
-                                 save_replay)
+from vllm_jetspec.replay import force_top1, load_replay, save_replay
 from vllm_jetspec.tree import build_tree
 
 
@@ -30,14 +29,6 @@ def test_file_round_trip_and_bad_files(tmp_path):
          "sequences": [{"prompt": [1], "output": [-3]}]}))
     with pytest.raises(ValueError, match="token ids"):
         load_replay(str(tmp_path / "neg.json"))
-
-
-def test_window_after_the_anchor():
-    seq = [10, 11, 12, 13, 14]
-    assert replay_window(seq, 1, 2) == [12, 13]
-    assert replay_window(seq, 3, 3) == [14, -1, -1]
-    assert replay_window(seq, 4, 2) == [-1, -1]
-    assert replay_window(None, 0, 2) == [-1, -1]
 
 
 def test_force_top1():

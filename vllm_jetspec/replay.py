@@ -66,16 +66,6 @@ def load_replay(path: str) -> dict[tuple[int, ...], list[int]]:
     return table
 
 
-def replay_window(seq: list[int] | None, anchor_index: int,
-                  depth: int) -> list[int]:
-    """The recorded tokens at depths 1..depth after the anchor at
-    ``anchor_index`` of ``seq`` (-1 where the record ends or is unknown)."""
-    if seq is None:
-        return [-1] * depth
-    w = seq[anchor_index + 1:anchor_index + 1 + depth]
-    return w + [-1] * (depth - len(w))
-
-
 def force_top1(logp: torch.Tensor, ids: torch.Tensor,
                replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Put ``replay`` tokens first in per-depth top-K lists.

@@ -142,11 +142,11 @@ class JetSpecProposer(DFlashProposer):
 class _Step:
     """What the verify step of one batch needs between the runner hooks."""
 
-    def __init__(self, rows, starts, tree, starts_dev=None, flat=None):
+    def __init__(self, rows, tree, starts_dev, flat):
         self.rows = rows          # batch rows that verify a tree
-        self.starts = starts      # per batch row: index of its first sampled token
         self.tree = tree          # DraftTree over all batch rows (device)
-        # [R] int64 device: ``starts``
+        # [R] int64 device: per batch row, the index of its first sampled
+        # token (a tree's root) in the step
         self.starts_dev = starts_dev
         # [3, M] int64 device: per node of a verified tree, its token index
         # in the step, its batch row and its node index
@@ -464,7 +464,7 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
         host.tokens, host.parents, host.depth, host.cum_logp,
         host.num_nodes)), max_depth=host.max_depth)
     starts_of = [starts[r + 1] - n_nodes[r] for r in range(num_reqs)]
-    self._jetspec_step = _Step(rows, starts_of, tree, async_tensor_h2d(
+    self._jetspec_step = _Step(rows, tree, async_tensor_h2d(
         starts_of, dev, torch.long), flat_dev)
     self._jetspec_step.est = est
 
