@@ -356,8 +356,11 @@ def _tree_drafts(self, tree: DraftTree):
             .tolist()
     # The round's one wait for the device: the scheduler needs the drafts
     # as lists. The verify step reads the trees from these host copies.
-    host = torch.stack([tree.tokens, tree.parents, tree.depth]).cpu()
-    nodes = tree.num_nodes.tolist()
+    # One copy: the node counts ride along as a fourth plane.
+    R, N = tree.tokens.shape
+    host = torch.stack([tree.tokens, tree.parents, tree.depth,
+                        tree.num_nodes[:, None].expand(R, N)]).cpu()
+    nodes = host[3, :, 0].tolist()
     for r, rid in enumerate(req_ids):
         n = nodes[r]
         self._jetspec_trees[rid] = (host[0, r, :n], host[1, r, :n],
