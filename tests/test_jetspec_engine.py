@@ -103,18 +103,27 @@ def reference_stats(target_dir, head_dir, algo, budget):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("algo,budget", [
+@pytest.mark.parametrize("algo,budget,graphs", [
     # budget 4 < depth + 1: the draft pass has more query slots per request
     # than the scheduler's draft slots (buffers sized for the depth).
-    ("accum_logp", 4), ("accum_logp", 8), ("accum_logp", 64),
-    ("topb_prefix", 64), ("top2gap_fanout", 64), ("chain", 8),
+    ("accum_logp", 4, None), ("accum_logp", 8, None),
+    ("accum_logp", 64, None),
+    # Tree construction and acceptance + K/V compaction of every round
+    # through the graphs' static buffers (graphed.HostGraph standing in for
+    # CUDA graphs): batch sizes 1-4 and tree sizes change between rounds.
+    ("topb_prefix", 64, "host"),
+    ("top2gap_fanout", 64, None), ("chain", 8, None),
 ])
-def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget):
+def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget,
+                               graphs):
     target, head = tiny
     tokens, m, log = run(tmp_path, target, {
         "method": "jetspec", "model": str(head), "tree_budget": budget,
-        "tree_algo": algo})
+        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs})
     assert f"jetspec: tree budget {budget}" in log
+    if graphs:
+        for what in ("tree construction", "acceptance + compaction"):
+            assert f"jetspec: {what} replays a graph per shape (host)" in log
     assert tokens == no_spec
     # Round by round the engine does what the oracle does: the same number
     # of tree rounds, and the same accepted depth in each (vLLM's

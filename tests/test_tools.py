@@ -112,32 +112,41 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
 def test_sweep_through_vllm(smollm2, tmp_path):
     """`python -m vllm_jetspec.sweep`: AR, the linear (chain) baseline and
     jetspec at budget 8 (the head drafts 7 of its 15 slots: a tree of 8
-    nodes is at most 7 deep), at batch 1 and 2: every output equals AR's, τ does not depend on the
-    batch size (each request's rounds are its own), files are written."""
+    nodes is at most 7 deep), at batch 1 and 2, on two datasets through the
+    same engines: every output equals AR's, τ does not depend on the batch
+    size (each request's rounds are its own), files are written (a pair of
+    plots per dataset)."""
     import csv
 
     out = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_jetspec.sweep", "--num-prompts", "2",
          "--max-new-tokens", "16", "--budgets", "8", "--batch-sizes", "1",
-         "2", "--out", str(out)], capture_output=True, text=True,
+         "2", "--dataset", "gsm8k", "humaneval", "--out", str(out)],
+        capture_output=True, text=True,
         timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    got = {(r["method"], int(r["budget"]), int(r["batch"])): r for r in rows}
-    assert set(got) == {(m, b, B) for m, b in [("ar", 0), ("chain", 16),
-                                                ("jetspec", 8)]
-                        for B in (1, 2)}
+    got = {(r["dataset"], r["method"], int(r["budget"]), int(r["batch"])): r
+           for r in rows}
+    sets = ("gsm8k", "humaneval")
+    assert len(got) == len(rows) == 12
+    assert set(got) == {(d, m, b, B) for m, b in [("ar", 0), ("chain", 16),
+                                                   ("jetspec", 8)]
+                        for B in (1, 2) for d in sets}
     assert all(r["identical_to_ar"] == "True" for r in rows)
-    for m, b in [("chain", 16), ("jetspec", 8)]:
-        assert got[(m, b, 1)]["tau"] == got[(m, b, 2)]["tau"]
-        assert got[(m, b, 1)]["rounds"] == got[(m, b, 2)]["rounds"]
-        assert float(got[(m, b, 1)]["tau"]) > 1.0
+    for d in sets:
+        for m, b in [("chain", 16), ("jetspec", 8)]:
+            assert got[(d, m, b, 1)]["tau"] == got[(d, m, b, 2)]["tau"]
+            assert got[(d, m, b, 1)]["rounds"] == got[(d, m, b, 2)]["rounds"]
+            assert float(got[(d, m, b, 1)]["tau"]) > 1.0
     meta = json.loads((out / "sweep.json").read_text())["meta"]
-    assert meta["num_prompts"] == 2 and meta["baseline"] == "chain"
+    assert meta["num_prompts"] == {"gsm8k": 2, "humaneval": 2}
+    assert meta["baseline"] == "chain"
     assert meta["graphs"] is False and meta["device"].startswith("CPU")
     # Rows are saved after every engine (a run cut short keeps them).
     partial = json.loads((out / "partial.json").read_text())["rows"]
     assert len(partial) == len(rows)
-    for png in ("tau_vs_budget.png", "speedup_vs_budget.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    for png in ("tau_vs_budget", "speedup_vs_budget"):
+        for d in sets:
+            assert (out / f"{png}_{d}.png").read_bytes()[:4] == b"\x89PNG"

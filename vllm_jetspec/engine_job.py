@@ -8,14 +8,17 @@ The result goes to a file, not stdout: vLLM's engine-core process logs to
 the same pipe, and a long line may be interleaved with its writes.
 
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
-(token id lists), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
+(token id lists) or ``prompt_sets`` (name -> token id lists: several
+datasets through one engine), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
 (extra ``LLM`` kwargs), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
 token ids in and out), ``profile`` (measure the round-time split, see
 ``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
 spec-decode counters of that part (drafts, accepted tokens) and, with
-``profile``, the runner's step count and seconds per segment.
+``profile``, the runner's step count and seconds per segment. With
+``prompt_sets`` the result's ``sets`` holds that per set (``batches``: the
+first set's).
 """
 
 from __future__ import annotations
@@ -63,14 +66,23 @@ def _run(job: dict) -> dict:
     sp = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0,
                         ignore_eos=job.get("ignore_eos", False),
                         detokenize=tok)
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+    sets = {k: [TokensPrompt(prompt_token_ids=p) for p in v]
+            for k, v in (job.get("prompt_sets")
+                         or {"": job["prompts"]}).items()}
     # Untimed requests first, one batch per batch size: lazy initialisation
     # and the JIT compilations of each batch shape (Triton specialises on
     # sizes) stay out of the timings. Eight tokens: a prefill and at least
     # one speculative round with every request of the batch.
     for B in job["batch_sizes"]:
-        llm.generate(prompts[:B], SamplingParams(
+        llm.generate(next(iter(sets.values()))[:B], SamplingParams(
             max_tokens=8, ignore_eos=True, detokenize=tok), use_tqdm=False)
+    res = {k: _batches(llm, job, prompts, sp, profile)
+           for k, prompts in sets.items()}
+    return dict(start_seconds=start_s, batches=next(iter(res.values())),
+                sets=res)
+
+
+def _batches(llm, job, prompts, sp, profile) -> dict:
     out = {}
     for B in job["batch_sizes"]:
         before = _spec_counters(llm)
@@ -89,17 +101,23 @@ def _run(job: dict) -> dict:
             drafts=after.get("drafts", 0) - before.get("drafts", 0),
             accepted=(after.get("accepted_tokens", 0)
                       - before.get("accepted_tokens", 0)))
-    return dict(start_seconds=start_s, batches=out)
+    return out
 
 
-def result_rows(method: str, budget: int, res: dict, ar: dict) -> list[dict]:
-    """One row per batch size of an engine's result, against the AR
+def result_rows(method: str, budget: int, res: dict, ar: dict,
+                prompt_set: str | None = None) -> list[dict]:
+    """One row per batch size of an engine's result (of ``prompt_set``
+    when given: then the rows carry it as ``dataset``), against the AR
     engine's result of the same run: tau (vLLM's spec-decode metrics:
     tokens per target forward, bonus included), output tok/s, speed-up over
     AR, whether the token ids equal AR's, and the raw counts."""
     rows = []
-    for B, r in res["batches"].items():
-        base = ar["batches"][B]
+    batches, ar_batches = res["batches"], ar["batches"]
+    if prompt_set is not None:
+        batches = res["sets"][prompt_set]
+        ar_batches = ar["sets"][prompt_set]
+    for B, r in batches.items():
+        base = ar_batches[B]
         tok_s = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
         ar_s = base["tokens"] / base["seconds"] if base["seconds"] else 0.0
         rows.append(dict(
@@ -108,6 +126,8 @@ def result_rows(method: str, budget: int, res: dict, ar: dict) -> list[dict]:
             tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
             identical_to_ar=r["ids"] == base["ids"], tokens=r["tokens"],
             seconds=r["seconds"], rounds=r["drafts"]))
+        if prompt_set is not None:
+            rows[-1] = dict(dataset=prompt_set, **rows[-1])
     return rows
 
 

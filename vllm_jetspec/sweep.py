@@ -3,6 +3,9 @@
     python -m vllm_jetspec.sweep --dataset gsm8k --budgets 16 64 128 \\
         --batch-sizes 1 4 --num-prompts 8 --max-new-tokens 128 --out sweep/
 
+Several datasets (``--dataset gsm8k math``) or prompt files (``--prompts
+A.jsonl B.jsonl``) run through the same engines (one start each).
+
 One engine per setting, each in its own process: plain decoding (AR, the
 reference for speed-up and for the tokens), the linear baseline with the
 same head, and jetspec at every budget. Per (method, budget, batch size):
@@ -10,7 +13,8 @@ tau (vLLM's spec-decode metrics: tokens per target forward, bonus
 included), output tok/s, speed-up over AR at the same batch size in this
 run, and whether the greedy tokens equal AR's. Writes ``sweep.csv``,
 ``sweep.json``, ``tau_vs_budget.png`` and ``speedup_vs_budget.png`` (one
-line per batch size) to ``--out``.
+line per batch size; with several datasets one pair per dataset,
+``tau_vs_budget_<dataset>.png``) to ``--out``.
 
 Baselines: ``--baseline chain`` (default) is linear DFlash through the
 jetspec path (``tree_algo: chain``: one branch of the head's depth);
@@ -36,12 +40,14 @@ from .engine_job import batched_tokens, result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
             "gsm8k": "gsm8k", "mtbench": "mtbench"}
-FIELDS = ["method", "budget", "batch", "tau", "tok_s", "speedup",
+FIELDS = ["dataset", "method", "budget", "batch", "tau", "tok_s", "speedup",
           "identical_to_ar", "tokens", "seconds", "rounds"]
 
 
-def plot(rows: list[dict], out: str, title: str = "") -> list[str]:
-    """The two PNGs; returns their paths (none without matplotlib)."""
+def plot(rows: list[dict], out: str, title: str = "",
+         suffix: str = "") -> list[str]:
+    """The two PNGs (``suffix`` before ``.png``); returns their paths
+    (none without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -75,7 +81,7 @@ def plot(rows: list[dict], out: str, title: str = "") -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        p = os.path.join(out, name)
+        p = os.path.join(out, name.replace(".png", suffix + ".png"))
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
@@ -88,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.
                                  RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=sorted(DATASETS), default="gsm8k")
-    src.add_argument("--prompts", help="JSONL with a 'prompt' field")
+    src.add_argument("--dataset", choices=sorted(DATASETS), nargs="+",
+                     default=["gsm8k"])
+    src.add_argument("--prompts", nargs="+",
+                     help="JSONL file(s) with a 'prompt' field")
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--tree-algo", default="accum_logp")
@@ -121,17 +129,25 @@ def main(argv: list[str] | None = None) -> int:
 
     target = args.target or str(assets.default_model_dir())
     head = args.head or str(shipped_head_dir())
-    rows_in = assets.load_prompts(args.prompts or DATASETS[args.dataset],
-                                  limit=args.num_prompts)
     tok = AutoTokenizer.from_pretrained(target)
-    prompts = encode_prompts(rows_in, tok, chat=not args.no_chat)
+    if args.prompts:
+        sources = {os.path.splitext(os.path.basename(p))[0]: p
+                   for p in args.prompts}
+        if len(sources) < len(args.prompts):
+            ap.error("--prompts: two files with the same name")
+    else:
+        sources = {d: DATASETS[d] for d in dict.fromkeys(args.dataset)}
+    prompt_sets = {
+        name: encode_prompts(assets.load_prompts(src, limit=args.num_prompts),
+                             tok, chat=not args.no_chat)
+        for name, src in sources.items()}
     depth = HeadConfig.from_json(os.path.join(head, "config.json")) \
         .block_size - 1
     maxB = max(args.batch_sizes)
     os.makedirs(args.out, exist_ok=True)
 
     def job(spec, budget):
-        return dict(target=target, spec=spec, prompts=prompts,
+        return dict(target=target, spec=spec, prompt_sets=prompt_sets,
                     batch_sizes=args.batch_sizes,
                     max_new_tokens=args.max_new_tokens,
                     engine=dict(dtype=args.dtype,
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_job(job(spec, budget))
         if method == "ar":
             ar = res
-        rows += result_rows(method, budget, res, ar)
+        for name in prompt_sets:
+            rows += result_rows(method, budget, res, ar, prompt_set=name)
         # The rows so far: what a run cut short (a time limit) leaves.
         with open(os.path.join(args.out, "partial.json"), "w") as f:
             json.dump(dict(rows=rows, wall_seconds=round(
@@ -174,22 +191,29 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in r.items()})
     meta = dict(target=target, head=head,
-                prompts=args.prompts or DATASETS[args.dataset],
-                num_prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                prompts=sources,
+                num_prompts={k: len(v) for k, v in prompt_sets.items()},
+                max_new_tokens=args.max_new_tokens,
                 tree_algo=args.tree_algo, dtype=args.dtype,
                 baseline=args.baseline, date=time.strftime("%Y-%m-%d"),
                 graphs=args.graphs, device=_device(),
                 wall_seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    pngs = plot(rows, args.out, title=(
-        f"{meta['prompts']} ({meta['num_prompts']} prompts, "
-        f"{args.max_new_tokens} new tokens), {args.tree_algo}, "
-        f"{args.dtype}, {meta['date']}"))
-    print(f"{'method':8} {'budget':>6} {'batch':>5} {'tau':>6} {'tok/s':>8} "
-          f"{'speedup':>7}  same-as-AR")
+    pngs = []
+    for name, src in sources.items():
+        pngs += plot([r for r in rows if r["dataset"] == name], args.out,
+                     title=(f"{src} ({len(prompt_sets[name])} prompts, "
+                            f"{args.max_new_tokens} new tokens), "
+                            f"{args.tree_algo}, {args.dtype}, {meta['date']}"
+                            f"{', graphs' if args.graphs else ''}, "
+                            f"{meta['device']}"),
+                     suffix="" if len(sources) == 1 else f"_{name}")
+    print(f"{'dataset':12} {'method':8} {'budget':>6} {'batch':>5} "
+          f"{'tau':>6} {'tok/s':>8} {'speedup':>7}  same-as-AR")
     for r in rows:
-        print(f"{r['method']:8} {r['budget']:6d} {r['batch']:5d} "
+        print(f"{r['dataset'][:12]:12} {r['method']:8} {r['budget']:6d} "
+              f"{r['batch']:5d} "
               f"{r['tau']:6.2f} {r['tok_s']:8.1f} {r['speedup']:7.2f}  "
               f"{r['identical_to_ar']}")
     print(f"wrote {args.out}/sweep.csv, sweep.json"

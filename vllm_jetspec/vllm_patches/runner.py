@@ -32,6 +32,7 @@ from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from ..autobudget import BudgetPolicy, CostModel
+from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
@@ -41,6 +42,30 @@ from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
 
 logger = init_logger("vllm.jetspec.runner")
+
+TREE_GRAPHS_ENV = "JETSPEC_TREE_GRAPHS"
+
+
+def tree_graphs(fn, name: str, vllm_config, device, env=None) -> GraphedFn:
+    """``fn`` under ``vllm_jetspec.graphed``: CUDA graphs per shape on
+    CUDA when the engine itself captures graphs (not ``enforce_eager``).
+    ``JETSPEC_TREE_GRAPHS``: ``1`` (default), ``0`` (never), ``host`` (the
+    tests' stand-in graphs on any device, CPU included: every call through
+    static buffers, as with CUDA graphs)."""
+    env = os.environ if env is None else env
+    mode = env.get(TREE_GRAPHS_ENV, "1")
+    if mode not in ("0", "1", "host"):
+        raise ValueError(f"jetspec: {TREE_GRAPHS_ENV} must be 0, 1 or host, "
+                         f"got {mode!r}")
+    if mode == "host":
+        return GraphedFn(fn, name, host_graphs=True)
+    on = False
+    if mode == "1" and device.type == "cuda":
+        from vllm.config import CUDAGraphMode
+        on = not vllm_config.model_config.enforce_eager and \
+            vllm_config.compilation_config.cudagraph_mode != \
+            CUDAGraphMode.NONE
+    return GraphedFn(fn, name, enabled=on)
 
 
 def per_layer_context_k_norm(model, all_k: torch.Tensor) -> torch.Tensor:
@@ -84,6 +109,9 @@ class JetSpecProposer(DFlashProposer):
         # tree_budget "auto": picks each step's budget (<= s.budget).
         self.policy = BudgetPolicy(CostModel.load(s.cost_model), s.budget) \
             if s is not None and s.auto else None
+        # One CUDA graph per (batch, budget) shape of tree construction.
+        self.build = tree_graphs(_build, "tree construction", vllm_config,
+                                 device)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -129,14 +157,20 @@ class JetSpecProposer(DFlashProposer):
         R = anchor.shape[0]
         t = self.prof.start()
         v, i = v.view(R, depth, -1), i.view(R, depth, -1)
-        tree = build_tree(v, i, anchor.long(), limit, algo=s.algo)
+        tree = self.build(v, i, anchor.long(), budget=limit, algo=s.algo)
         if self.policy is not None:
             b = self.policy.choose(tree.cum_logp, R, limit=limit)
             if b != limit:
-                tree = build_tree(v, i, anchor.long(), b, algo=s.algo)
+                tree = self.build(v, i, anchor.long(), budget=b, algo=s.algo)
         self.tree_seconds = (self.prof.now() - t) if t is not None else 0.0
+        # Backed by the graph's buffers until the next build of this shape:
+        # _tree_drafts copies it to the host in this step.
         self.last_tree = tree
         return tree.tokens[:, 1:]
+
+
+def _build(v, i, anchor, *, budget, algo) -> DraftTree:
+    return build_tree(v, i, anchor, budget, algo=algo)
 
 
 class _Step:
@@ -211,6 +245,12 @@ def wrap_init(orig):
         self._jetspec_root_pos: list[int] | None = None
         if isinstance(getattr(self, "drafter", None), JetSpecProposer):
             self.drafter.prof = self._jetspec_prof
+        # One CUDA graph per (batch, budget) shape of acceptance + KV
+        # compaction (reads the KV caches and vLLM's persistent slot
+        # mapping in place).
+        self._jetspec_accept = tree_graphs(
+            lambda *a, **k: accept_and_compact(self, *a, **k),
+            "acceptance + compaction", vllm_config, device)
         if s is not None:
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
                         s.budget, s.width, s.algo, s.depth)
@@ -529,52 +569,70 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         temp, top_k, top_p, gens = node_sampling_inputs(md, R,
                                                         logits.device)
         tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
-    acc = accept(tree, tgt)
+    # Acceptance at a static depth (the settings' unless a chain of
+    # fallback drafts is deeper), so a graph serves every step of a shape;
+    # the rows hold PAD past each request's tokens either way.
+    D = max(_settings(self).depth, tree.max_depth)
+    out, num_accepted, perm = self._jetspec_accept(
+        tree.tokens, tree.parents, tree.depth, tree.cum_logp,
+        tree.num_nodes, tgt, step.starts_dev, max_depth=D,
+        moves=bool(step.rows))
     policy = getattr(self.drafter, "policy", None)
     if policy is not None and step.est:
-        policy.observe(float(acc.num_accepted[list(step.est)].sum()),
+        policy.observe(float(num_accepted[list(step.est)].sum()),
                        sum(step.est.values()))
-    out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
-    compact(self, step, acc)
+    if step.flat is not None:
+        # The next draft pass reads each tree's tokens path first (by
+        # depth), then the rejected nodes in their order.
+        pos, row, node = step.flat
+        step.reorder = (pos, pos - node + perm[row, node], node)
+    # A copy: the graph's buffer is rewritten next step, vLLM may still
+    # hold this one.
+    out = out[:, :tree.max_depth + 1].clone()
     return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
 
-def compact(self, step: _Step, acc) -> None:
-    """Move each tree request's kept K/V to consecutive slots after its
-    prefix, in every attention layer's cache, and remember the token order
-    for the next draft pass. Device work only (no wait): one gather and
-    one scatter per layer for the whole batch."""
-    if not step.rows:
-        return
-    plan = compaction_plan(acc)                   # [R, L] offsets, -1: stays
-    slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
-    start = step.starts_dev[:, None]
-    moving = plan.src >= 0
-    # A slot nothing else touches for the moves that do nothing: the root's
-    # (it never moves and no move writes it), copied onto itself.
-    root = slot_mapping[start].long()
-    src = torch.where(moving, slot_mapping[start + plan.src.clamp(min=0)]
-                      .long(), root).flatten()
-    dst = torch.where(moving, slot_mapping[start + plan.dst.clamp(min=0)]
-                      .long(), root).flatten()
-    bs = None
-    for kv in self.kv_caches:
-        # Our backends' layout: [blocks, 2, block_size, H, D].
-        if kv.shape[2] != bs:
-            bs = kv.shape[2]
-            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-        kv[db, :, do] = kv[sb, :, so]
-    # The next draft pass reads each tree's tokens path first (by depth),
-    # then the rejected nodes in their order.
-    tree = step.tree
+def accept_and_compact(self, tokens, parents, depth, cum_logp, num_nodes,
+                       tgt, starts, *, max_depth: int, moves: bool):
+    """The device work after the verify forward, one graph per shape:
+    acceptance, the emitted tokens in the rejection sampler's format
+    ([R, max_depth + 1] int32, -1 padded), with ``moves`` each request's
+    kept K/V moved to consecutive slots after its prefix in every attention
+    layer's cache (one gather and one scatter per layer for the batch), and
+    the node order [R, N] that puts each accepted path first (by depth),
+    then the rejected nodes. No wait for the device.
+
+    ``starts`` [R] int64: per batch row, the step index of its root."""
+    tree = DraftTree(tokens, parents, depth, cum_logp, num_nodes,
+                     max_depth=max_depth)
+    acc = accept(tree, tgt)
+    out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
+    if moves:
+        plan = compaction_plan(acc)               # [R, L] offsets, -1: stays
+        slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
+        start = starts[:, None]
+        moving = plan.src >= 0
+        # A slot nothing else touches for the moves that do nothing: the
+        # root's (it never moves and no move writes it), copied onto itself.
+        root = slot_mapping[start].long()
+        src = torch.where(moving, slot_mapping[
+            start + plan.src.clamp(min=0)].long(), root).flatten()
+        dst = torch.where(moving, slot_mapping[
+            start + plan.dst.clamp(min=0)].long(), root).flatten()
+        bs = None
+        for kv in self.kv_caches:
+            # Our backends' layout: [blocks, 2, block_size, H, D].
+            if kv.shape[2] != bs:
+                bs = kv.shape[2]
+                sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+            kv[db, :, do] = kv[sb, :, so]
     R, N = tree.tokens.shape
     ar = torch.arange(N, device=tree.device)
     on_path = torch.zeros(R, N + 1, dtype=torch.bool, device=tree.device)
     on_path.scatter_(1, torch.where(acc.path_nodes >= 0, acc.path_nodes, N),
                      True)
     perm = torch.where(on_path[:, :N], tree.depth, N + ar).argsort(dim=1)
-    pos, row, node = step.flat
-    step.reorder = (pos, pos - node + perm[row, node], node)
+    return out, acc.num_accepted, perm
 
 
 def apply() -> None:
