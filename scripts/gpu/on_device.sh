@@ -7,13 +7,16 @@
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
 #   bash scripts/gpu/on_device.sh kernels             # kernel tests + timing on CUDA
-#   bash scripts/gpu/on_device.sh engine-tests [SECS] # engine exactness tests on CUDA
+#   bash scripts/gpu/on_device.sh engine-tests [SECS] [pytest args] # on CUDA
+#     (env TESTS: test files, LOG: log name, default engine_tests)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 #     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
 #   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
-#   bash scripts/gpu/on_device.sh sweep DATASET BUDGETS...  # SmolLM2 e2e sweep
+#     (env SYNC_MODES="eager graphs")
+#   bash scripts/gpu/on_device.sh sweep "DATASETS" BUDGETS...  # SmolLM2 e2e
+#     sweep, every dataset (prompt file name) through the same engines
 #     (env BATCHES="1 8 32", NPROMPTS=32, MAX_NEW=128, BASELINE=dflash)
 # GRAPHS=1: the bench/sweep engines with torch.compile + CUDA graphs
 # (--graphs); JETSPEC_TEST_EAGER=0: the engine tests likewise.
@@ -107,8 +110,8 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
     timeout "$secs" python3 -m pytest -q -rA \
         -p no:cacheprovider ${TESTS:-tests/test_jetspec_engine.py} "$@" \
-        > "$OUT/engine_tests.log" 2>&1 || echo "engine tests rc $?"
-    tail -40 "$OUT/engine_tests.log" ;;
+        > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
+    tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     python3 -m vllm_jetspec.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
@@ -130,7 +133,7 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
         --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
     keep "$name"; tail -30 "$OUT/$name.log" ;;
 syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
-    for mode in eager graphs; do
+    for mode in ${SYNC_MODES:-eager graphs}; do
         flag=(); [ $mode = graphs ] && flag=(--graphs)
         SYNC_PROMPTS=$W/prompts/gsm8k.jsonl timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_$mode" "${1:-64}" \
             "${2:-64}" "${flag[@]}" > "$OUT/syncs_$mode.log" 2>&1 \
@@ -138,16 +141,18 @@ syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
         cp "$W/syncs_$mode/syncs.json" "$OUT/syncs_$mode.json" 2>/dev/null || true
         tail -25 "$OUT/syncs_$mode.log"
     done ;;
-sweep)  # DATASET BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
-    ds=$1; shift
-    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --prompts "$W/prompts/$ds.jsonl" \
+sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
+    files=(); for d in $1; do files+=("$W/prompts/$d.jsonl"); done
+    ds=${NAME:-$(echo $1 | cut -d' ' -f1)}; shift
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --prompts "${files[@]}" \
         --budgets "$@" --batch-sizes ${BATCHES:-1 8 32} \
         --num-prompts "${NPROMPTS:-32}" --max-new-tokens "${MAX_NEW:-128}" \
         --baseline "${BASELINE:-dflash}" "${G[@]}" --out "$W/sweep_$ds" \
         > "$OUT/sweep_$ds.log" 2>&1 || echo "sweep rc $?"
     mkdir -p "$OUT/sweep_$ds"
-    for f in sweep.json partial.json tau_vs_budget.png speedup_vs_budget.png; do
+    # At most 8 files come back: the JSON (plots are redrawn from it).
+    for f in sweep.json partial.json; do
         [ -f "$W/sweep_$ds/$f" ] && cp "$W/sweep_$ds/$f" "$OUT/sweep_$ds/"; done
-    tail -30 "$OUT/sweep_$ds.log" ;;
+    tail -40 "$OUT/sweep_$ds.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
