@@ -102,6 +102,7 @@ class GraphedFn:
         self.host_graphs = host_graphs
         self.graphs: dict[tuple, _Captured | None] = {}  # None: eager
         self.pool = None
+        self.stream = None
         self.replays = 0
         self.full = False
         self.logged = False
@@ -160,10 +161,21 @@ class GraphedFn:
             else:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
+                    self.stream = torch.cuda.Stream()
+                # capture_begin/end rather than ``torch.cuda.graph``, whose
+                # entry synchronises, collects garbage and empties the
+                # allocator's cache: a new shape mid-run (a batch that
+                # shrinks, a tree cut near max_tokens) costs a capture only.
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool,
-                                      capture_error_mode="thread_local"):
-                    result = self.fn(*inputs, **static)
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    graph.capture_begin(pool=self.pool,
+                                        capture_error_mode="thread_local")
+                    try:
+                        result = self.fn(*inputs, **static)
+                    finally:
+                        graph.capture_end()
+                torch.cuda.current_stream().wait_stream(self.stream)
                 spec = _flatten(result, outputs)
         except Exception as e:  # noqa: BLE001 - any failure: stay eager
             logger.warning("jetspec: could not capture %s as a graph "

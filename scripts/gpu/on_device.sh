@@ -15,6 +15,8 @@
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
 #   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
 #     (env SYNC_MODES="eager graphs")
+#   bash scripts/gpu/on_device.sh trace BUDGETS...  # host/device time per
+#     round, SmolLM2 with graphs (0: plain decoding; scripts/gpu/trace.py)
 #   bash scripts/gpu/on_device.sh sweep "DATASETS" BUDGETS...  # SmolLM2 e2e
 #     sweep, every dataset (prompt file name) through the same engines
 #     (env BATCHES="1 8 32", NPROMPTS=32, MAX_NEW=128, BASELINE=dflash)
@@ -154,5 +156,14 @@ sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
     for f in sweep.json partial.json; do
         [ -f "$W/sweep_$ds/$f" ] && cp "$W/sweep_$ds/$f" "$OUT/sweep_$ds/"; done
     tail -40 "$OUT/sweep_$ds.log" ;;
+trace)  # BUDGETS...: host (cProfile) and device (torch.profiler) time of
+    # SmolLM2 rounds with graphs, batch 1; 0 = plain decoding
+    for b in "$@"; do
+        timeout "${TRACE_SECS:-200}" python3 scripts/gpu/trace.py "$W/trace_$b" "$b" \
+            "${NPROMPTS:-2}" "${MAX_NEW:-64}" > "$OUT/trace_$b.log" 2>&1 \
+            || echo "trace $b rc $?"
+        cp "$W/trace_$b/tables.txt" "$OUT/trace_$b.txt" 2>/dev/null || true
+        grep '^{' "$OUT/trace_$b.log" | tail -1
+    done ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
