@@ -150,3 +150,14 @@ def test_sweep_through_vllm(smollm2, tmp_path):
     for png in ("tau_vs_budget", "speedup_vs_budget"):
         for d in sets:
             assert (out / f"{png}_{d}.png").read_bytes()[:4] == b"\x89PNG"
+    # The AR result is kept for --ar-from; a run with other settings refuses
+    # it before any engine starts.
+    assert json.loads((out / "ar.json").read_text())["result"]["sets"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.sweep", "--num-prompts", "2",
+         "--max-new-tokens", "8", "--budgets", "8", "--batch-sizes", "1",
+         "2", "--dataset", "gsm8k", "humaneval", "--baseline", "none",
+         "--ar-from", str(out / "ar.json"), "--out", str(tmp_path / "s2")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "recorded with other prompts or settings" in proc.stderr

@@ -158,7 +158,7 @@ def load_ar(path: str, job: dict) -> dict:
         d = json.load(f)
     if d.get("job_sha256") != _ar_key(job):
         raise SystemExit(
-            f"bench: --ar-from {path} was recorded with other prompts or "
+            f"--ar-from {path} was recorded with other prompts or "
             f"settings than this run's; run without --ar-from")
     return d["result"]
 

@@ -25,6 +25,11 @@ docs/vllm-integration.md); ``none`` skips it.
 
 Batch size B means the prompts run in groups of B requests that decode
 together; --num-prompts should be a multiple of the largest B.
+
+``--ar-from PATH``: the plain-decoding engine's result of an earlier sweep
+(its ``ar.json``, written by every run) instead of running it again, e.g.
+to add budgets in a second call on a machine with short calls; the
+prompts, batch sizes and engine settings must be the same (checked).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import os
 import time
 
-from .bench import _device
+from .bench import _device, load_ar, save_ar
 from .engine_job import batched_tokens, result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", action="store_true",
                     help="enforce_eager=False for every engine (GPU: "
                          "torch.compile + CUDA graphs; default eager)")
+    ap.add_argument("--ar-from", default=None, metavar="AR_JSON",
+                    help="reuse an earlier sweep's plain-decoding result "
+                         "(its ar.json; same prompts and settings)")
     ap.add_argument("--out", default="sweep")
     args = ap.parse_args(argv)
 
@@ -174,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(plan, desc="sweep engines")
     for method, budget, spec in bar:
         bar.set_postfix(method=method, budget=budget)
-        res = run_job(job(spec, budget))
+        if method == "ar" and args.ar_from:
+            res = load_ar(args.ar_from, job(None, 0))
+        else:
+            res = run_job(job(spec, budget))
         if method == "ar":
             ar = res
+            save_ar(os.path.join(args.out, "ar.json"), res, job(None, 0))
         for name in prompt_sets:
             rows += result_rows(method, budget, res, ar, prompt_set=name)
         # The rows so far: what a run cut short (a time limit) leaves.

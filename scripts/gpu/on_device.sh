@@ -19,6 +19,8 @@
 #     round, SmolLM2 with graphs (0: plain decoding; scripts/gpu/trace.py)
 #   bash scripts/gpu/on_device.sh sweep "DATASETS" BUDGETS...  # SmolLM2 e2e
 #     sweep, every dataset (prompt file name) through the same engines
+#     (env NAME: output name, SWEEP_ARGS e.g. "--ar-from /tmp/jetspec/sweep_all/ar.json"
+#      with BASELINE=none to add budgets in a second call)
 #     (env BATCHES="1 8 32", NPROMPTS=32, MAX_NEW=128, BASELINE=dflash)
 # GRAPHS=1: the bench/sweep engines with torch.compile + CUDA graphs
 # (--graphs); JETSPEC_TEST_EAGER=0: the engine tests likewise.
@@ -149,7 +151,7 @@ sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
     timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --prompts "${files[@]}" \
         --budgets "$@" --batch-sizes ${BATCHES:-1 8 32} \
         --num-prompts "${NPROMPTS:-32}" --max-new-tokens "${MAX_NEW:-128}" \
-        --baseline "${BASELINE:-dflash}" "${G[@]}" --out "$W/sweep_$ds" \
+        --baseline "${BASELINE:-dflash}" "${G[@]}" ${SWEEP_ARGS:-} --out "$W/sweep_$ds" \
         > "$OUT/sweep_$ds.log" 2>&1 || echo "sweep rc $?"
     mkdir -p "$OUT/sweep_$ds"
     # At most 8 files come back: the JSON (plots are redrawn from it).
