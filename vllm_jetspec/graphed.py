@@ -7,16 +7,18 @@ shapes are fixed by (batch size, budget, depth) and none of them waits for
 the device, so each can be captured once per shape as a CUDA graph and
 replayed with one launch.
 
-``GraphedFn(fn)`` wraps a pure function of tensors: ``fn(*tensors,
-**static)`` where ``static`` holds hashable Python values (a budget, an
-algorithm name). Per key (the tensors' shapes and dtypes, and ``static``)
-the first call copies the inputs into static buffers, runs ``fn`` on them
-(the warm-up, whose result that call returns: ``fn`` may write outside its
-outputs, and must do so once per call) and captures it; every later call
-copies its inputs into that key's buffers and replays. The result is ``fn``'s (tensors, tuples, lists and
-dataclasses of them, with non-tensor fields from the capture run) **backed
-by the graph's output buffers: valid until the next call with the same
-key**; a caller that keeps a result longer clones it.
+``GraphedFn(fn)`` wraps a function of tensors, ``fn(*tensors, **static)``
+where ``static`` holds hashable Python values (a budget, an algorithm
+name); besides its result it may write tensors it holds (the runner's K/V
+moves), never read host state that changes between calls. Per key (the
+tensors' shapes and dtypes, and ``static``) the first call copies the
+inputs into static buffers, runs ``fn`` on them (the warm-up, whose result
+that call returns, so side effects happen once per call) and captures it;
+every later call copies its inputs into that key's buffers and replays.
+The result is ``fn``'s (tensors, tuples, lists and dataclasses of them,
+with non-tensor fields from the capture run) **backed by the graph's
+output buffers: valid until the next call with the same key**; a caller
+that keeps a result longer clones it.
 
 Pure torch and engine-agnostic. On CPU tensors, or when disabled, it
 calls ``fn``. With ``host_graphs`` a ``HostGraph`` stands in for
