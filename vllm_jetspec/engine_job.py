@@ -17,8 +17,8 @@ B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
 spec-decode counters of that part (drafts, accepted tokens) and, with
 ``profile``, the runner's step count and seconds per segment. With
-``prompt_sets`` the result's ``sets`` holds that per set (``batches``: the
-first set's).
+``prompt_sets`` the result's ``sets`` holds that per set (and ``batches``
+the first set's).
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def _run(job: dict) -> dict:
             max_tokens=8, ignore_eos=True, detokenize=tok), use_tqdm=False)
     res = {k: _batches(llm, job, prompts, sp, profile)
            for k, prompts in sets.items()}
-    return dict(start_seconds=start_s, batches=next(iter(res.values())),
-                sets=res)
+    out = dict(start_seconds=start_s, batches=next(iter(res.values())))
+    if job.get("prompt_sets"):
+        out["sets"] = res
+    return out
 
 
 def _batches(llm, job, prompts, sp, profile) -> dict:
