@@ -6,6 +6,7 @@ and every bad config gives one clear error at start-up."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -29,6 +30,8 @@ RUN = textwrap.dedent("""
                   max_num_seqs=4, enable_prefix_caching=True,
                   speculative_config=spec, disable_log_stats=False)
         prompts = json.loads(sys.argv[3])
+        if os.environ.get("JETSPEC_PROFILE") == "1":
+            llm.collective_rpc("jetspec_profile")   # reset after start-up
         outs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
             SamplingParams(max_tokens=48, temperature=0, detokenize=False))
@@ -37,7 +40,15 @@ RUN = textwrap.dedent("""
             x.name: getattr(x, "value", None) or getattr(x, "values", None)
             for x in llm.get_metrics()
             if x.name.startswith("vllm:spec_decode_num")})
+        if os.environ.get("JETSPEC_PROFILE") == "1":
+            emit("profile", llm.collective_rpc("jetspec_profile")[0])
 """)
+
+# On a GPU with graphs: jetspec verify steps must replay FULL graphs (every
+# request verifying a whole tree), checked from vLLM's capture log and the
+# runner's count of dispatched modes (JETSPEC_PROFILE=1).
+GPU_GRAPHS = os.environ.get("JETSPEC_TEST_EAGER") == "0" and \
+    torch.cuda.is_available()
 
 # Eight prompts of mixed lengths (batch > 1, chunked prefill at 512 tokens
 # per step with four sequences, a shared prefix for the prefix cache).
@@ -72,11 +83,16 @@ def tiny(tmp_path_factory):
     return d / "target", d / "head"
 
 
-def run(tmp_path, target, spec, env=None):
+def run(tmp_path, target, spec, env=None, profile=False):
+    """tokens, spec-decode metrics, log (and with ``profile`` the runner's
+    profile: JETSPEC_PROFILE=1 in the engine)."""
+    if profile:
+        env = dict(env or {}, JETSPEC_PROFILE="1")
     res, log = run_script(tmp_path / "run.py", RUN,
                           [target, json.dumps(spec), json.dumps(PROMPTS)],
                           env=env)
-    return result(res, "result", log), result(res, "metrics", log), log
+    out = (result(res, "result", log), result(res, "metrics", log), log)
+    return out + (result(res, "profile", log),) if profile else out
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +133,14 @@ def reference_stats(target_dir, head_dir, algo, budget):
 def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget,
                                graphs):
     target, head = tiny
-    tokens, m, log = run(tmp_path, target, {
+    tokens, m, log, *prof = run(tmp_path, target, {
         "method": "jetspec", "model": str(head), "tree_budget": budget,
-        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs})
+        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs},
+        profile=GPU_GRAPHS)
     assert f"jetspec: tree budget {budget}" in log
+    if GPU_GRAPHS:
+        assert "Capturing CUDA graphs (decode, FULL)" in log
+        assert prof[0]["graph_modes"].get("FULL", 0) > 0, prof[0]
     if graphs:
         for what in ("tree construction", "acceptance + compaction"):
             assert f"jetspec: {what} replays a graph per shape (host)" in log

@@ -63,3 +63,94 @@ def test_tree_tiles_setting():
     assert tiles_setting({"JETSPEC_TREE_TILES": "small"}) is False
     with pytest.raises(ValueError, match="JETSPEC_TREE_TILES"):
         tiles_setting({"JETSPEC_TREE_TILES": "huge"})
+
+
+def _builder(budget=20, max_num_seqs=4):
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches.triton_attention import \
+        TritonTreeAttentionMetadataBuilder
+    cfg = NS(speculative_config=NS(num_speculative_tokens=budget - 1),
+             scheduler_config=NS(max_num_seqs=max_num_seqs))
+    return TritonTreeAttentionMetadataBuilder(None, [], cfg,
+                                              torch.device("cpu"))
+
+
+def _common(n, prefix, causal=True):
+    from types import SimpleNamespace as NS
+    qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
+    seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
+    return NS(num_reqs=len(n), causal=causal, query_start_loc_cpu=qsl,
+              query_start_loc=qsl.clone(), seq_lens=seq,
+              block_table_tensor=torch.zeros(len(n), 8, dtype=torch.int32),
+              slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
+              num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
+
+
+def test_builder_writes_masks_and_prefixes_in_place():
+    """Full CUDA graphs replay the kernel arguments of their capture: every
+    step that fits the builder's buffers ([max_num_seqs, budget, W]) gets
+    its masks and prefix lengths written in place (same storage each step,
+    the capture's strides), with the step's content; a step that does not
+    fit (here a 70-token prefill, budget 20) gets fresh tensors."""
+    from vllm_jetspec.vllm_patches import tree_state
+
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(1, 8, 50, generator=g).log_softmax(-1)
+    v, i = logp.topk(5, dim=-1)
+    tree = build_tree(v, i, torch.zeros(1, dtype=torch.long), 20,
+                      algo="accum_logp", width=5)
+    rows = packed_ancestor_mask(tree)[0]
+    b = _builder()
+    seen = set()
+    for n, prefix, trees in (([20, 20], [7, 30], {1: rows}),
+                             ([20, 20, 20], [9, 3, 40], {0: rows}),
+                             ([20, 1, 5], [0, 11, 2], {})):
+        tree_state.set_step_masks(trees)
+        try:
+            m = b.build(0, _common(n, prefix))
+        finally:
+            tree_state.clear()
+        assert m.masks.data_ptr() == b.masks_buf.data_ptr()
+        assert m.masks.stride() == b.masks_buf.stride()
+        assert m.prefix_lens.data_ptr() == b.prefix_buf.data_ptr()
+        assert m.prefix_lens.tolist() == prefix
+        assert m.max_nodes == max(n)
+        for r, nr in enumerate(n):
+            want = _unpack_rows(trees[r], nr) if r in trees else \
+                torch.ones(nr, nr, dtype=torch.bool).tril()
+            assert torch.equal(_unpack_rows(m.masks[r, :nr], nr), want)
+        seen.add(m.masks.data_ptr())
+    assert len(seen) == 1
+    m = b.build(0, _common([70, 3], [0, 5]))
+    assert m.masks.data_ptr() != b.masks_buf.data_ptr()
+    assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
+    assert torch.equal(_unpack_rows(m.masks[0, :70], 70),
+                       torch.ones(70, 70, dtype=torch.bool).tril())
+
+
+def test_full_graph_support_declared_only_where_it_holds(monkeypatch):
+    """UNIFORM_BATCH (vLLM keeps FULL_AND_PIECEWISE: full graphs for
+    verify steps of exactly budget tokens a request) on CUDA with the
+    single-pass kernel; NEVER on CPU, with prefix splits, or with
+    JETSPEC_FULL_GRAPHS=0; a bad value is one clear error."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_jetspec.vllm_patches.triton_attention import (
+        TritonTreeAttentionMetadataBuilder as B, full_graphs_setting)
+
+    for k in ("JETSPEC_FULL_GRAPHS", "JETSPEC_TREE_SPLITS"):
+        monkeypatch.delenv(k, raising=False)
+    assert B.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    monkeypatch.setattr(type(current_platform), "is_cuda",
+                        lambda self: True)
+    assert B.get_cudagraph_support(None, None) == \
+        AttentionCGSupport.UNIFORM_BATCH
+    monkeypatch.setenv("JETSPEC_TREE_SPLITS", "4")
+    assert B.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    monkeypatch.delenv("JETSPEC_TREE_SPLITS")
+    monkeypatch.setenv("JETSPEC_FULL_GRAPHS", "0")
+    assert B.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    with pytest.raises(ValueError, match="JETSPEC_FULL_GRAPHS"):
+        full_graphs_setting({"JETSPEC_FULL_GRAPHS": "yes"})

@@ -28,9 +28,11 @@ method has no replay, so the linear baseline is then jetspec's ``chain``
 (one branch of the head's depth) through the same runner.
 
 ``--graphs``: every engine runs with ``enforce_eager=False`` (on a GPU:
-torch.compile and CUDA graphs; jetspec's are piecewise, its tree attention
-running between the graph pieces, see ``vllm_patches.config.
-graphs_on_gpu``); then the AR row is stock vLLM. Without it every engine
+torch.compile and CUDA graphs; jetspec's verify steps replay full graphs
+when every request verifies a whole tree of budget nodes, else piecewise
+graphs with the tree attention between the pieces, see
+``vllm_patches.triton_attention``; the rows' ``graph_modes`` count which);
+then the AR row is stock vLLM. Without it every engine
 runs eagerly (on CPU vLLM has no graphs: leave it off there).
 
 ``--stock-ar``: one more plain-decoding engine with vLLM's own defaults
@@ -63,7 +65,7 @@ import json
 import os
 import time
 
-from .engine_job import batched_tokens, result_rows, run_job
+from .engine_job import batched_tokens, graph_sizes, result_rows, run_job
 
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
@@ -85,6 +87,8 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
             row[f"{s}_ms"] = 1e3 * secs.get(s, 0.0) / steps if steps else 0.0
         row["other_ms"] = max(0.0, row["round_ms"] - sum(
             row[f"{s}_ms"] for s in SEGMENTS[:-1]))
+        if prof.get("graph_modes"):
+            row["graph_modes"] = dict(sorted(prof["graph_modes"].items()))
         if "budgets" in prof:
             row["auto_budgets"] = {int(k): v for k, v in
                                    sorted(prof["budgets"].items(),
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="drafters replay the target's recorded output")
     ap.add_argument("--graphs", action="store_true",
                     help="every engine with enforce_eager=False (GPU: "
-                         "torch.compile + CUDA graphs; jetspec piecewise)")
+                         "torch.compile + CUDA graphs)")
     ap.add_argument("--stock-ar", action="store_true",
                     help="also plain decoding with vLLM's defaults (CUDA "
                          "graphs, torch.compile): row 'ar_graphs'")
@@ -268,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             depth))
         if args.gpu_memory_utilization is not None:
             engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+        if args.graphs and budget > 1:
+            # A verify step of any batch size pads to a full graph.
+            engine["compilation_config"] = dict(
+                cudagraph_capture_sizes=graph_sizes(budget, maxB))
         return dict(target=target, spec=spec, prompts=prompts,
                     batch_sizes=args.batch_sizes, ignore_eos=True,
                     max_new_tokens=args.max_new_tokens, engine=engine,
@@ -378,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['round_ms']:8.2f} " + " ".join(
                   f"{r[f'{s}_ms']:7.2f}" for s in SEGMENTS)
               + f"  {r['identical_to_ar']}")
+    modes = [r for r in rows if r.get("graph_modes")]
+    if modes:
+        print("CUDA-graph mode of the target's forwards: " + "; ".join(
+            f"{r['method']}{r['budget'] or ''} b{r['batch']} "
+            + ", ".join(f"{k} {v}" for k, v in r["graph_modes"].items())
+            for r in modes))
     for r in rows:
         if r.get("auto_budgets"):
             print(f"auto, batch {r['batch']}: steps per budget "

@@ -172,6 +172,17 @@ def batched_tokens(budget: int, max_seqs: int, depth: int) -> int:
     return tokens
 
 
+def graph_sizes(budget: int, max_seqs: int) -> list[int]:
+    """CUDA-graph capture sizes (tokens) for a speculative engine of
+    ``budget`` tokens per request and step: a whole tree for 1, 2, 4, 8,
+    16, 24, ... requests up to ``max_seqs`` (vLLM's batch buckets), so a
+    verify step of any batch pads to a full graph. vLLM's default stops
+    at 512 tokens (4 trees of 128), above which steps run eagerly."""
+    buckets = [b for b in [1, 2, 4] + list(range(8, 256, 8))
+               + list(range(256, max_seqs + 1, 16)) if b <= max_seqs]
+    return sorted({budget * b for b in buckets + [max_seqs]})
+
+
 if __name__ == "__main__":
     result = _run(json.load(sys.stdin))
     with open(sys.argv[1], "w") as f:

@@ -41,7 +41,7 @@ import os
 import time
 
 from .bench import _device, load_ar, save_ar
-from .engine_job import batched_tokens, result_rows, run_job
+from .engine_job import batched_tokens, graph_sizes, result_rows, run_job
 
 DATASETS = {"math": "math500_subset311", "humaneval": "humaneval",
             "gsm8k": "gsm8k", "mtbench": "mtbench"}
@@ -155,15 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     def job(spec, budget):
+        engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
+                      max_num_seqs=maxB, enforce_eager=not args.graphs,
+                      max_num_batched_tokens=batched_tokens(budget, maxB,
+                                                            depth))
+        if args.graphs and budget > 1:
+            engine["compilation_config"] = dict(
+                cudagraph_capture_sizes=graph_sizes(budget, maxB))
         return dict(target=target, spec=spec, prompt_sets=prompt_sets,
                     batch_sizes=args.batch_sizes,
-                    max_new_tokens=args.max_new_tokens,
-                    engine=dict(dtype=args.dtype,
-                                max_model_len=args.max_model_len,
-                                max_num_seqs=maxB,
-                                enforce_eager=not args.graphs,
-                                max_num_batched_tokens=batched_tokens(
-                                    budget, maxB, depth)))
+                    max_new_tokens=args.max_new_tokens, engine=engine)
 
     plan = [("ar", 0, None)]
     if args.baseline == "chain":

@@ -45,8 +45,8 @@ PATCHES += [
               "tree keys; they are validated and removed, the rest runs as "
               "'dflash' with the tree settings attached; async scheduling "
               "is turned off (vLLM enables it for dflash on CUDA; its runner "
-              "then expects device-side draft tokens); on GPUs piecewise "
-              "CUDA graphs unless enforce_eager or JETSPEC_EAGER=1",
+              "then expects device-side draft tokens); on GPUs vLLM's "
+              "compile + CUDA graphs unless enforce_eager or JETSPEC_EAGER=1",
           when="always (inert unless method is 'jetspec')"),
     Patch(replaces="vllm.config.speculative:SpeculativeConfig."
                    "max_num_new_slots_for_drafting",

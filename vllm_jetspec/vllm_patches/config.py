@@ -215,16 +215,18 @@ EAGER_ENV = "JETSPEC_EAGER"   # "1": a jetspec engine on a GPU runs eagerly
 def graphs_on_gpu(engine_args, model_config, on_cpu: bool | None = None,
                   env=None) -> None:
     """CUDA graphs on a GPU: unless ``enforce_eager`` is given, a jetspec
-    engine is compiled like any vLLM engine and captures *piecewise* CUDA
-    graphs (vLLM downgrades its default FULL_AND_PIECEWISE because the tree
-    backend reports no full-graph support): every layer's projections, MLP,
-    norms and the LM head replay from graphs captured per token-count
-    bucket (batch x tree size, padded to vLLM's capture sizes), the
-    attention ops (KV write and the tree kernel, which reads this step's
-    ancestor masks) run eagerly between the pieces. Same for the DFlash
-    draft pass. ``JETSPEC_EAGER=1`` forces eager mode (as
-    ``enforce_eager=True``). ``model_config`` is built before the
-    speculative config, so both are set."""
+    engine is compiled like any vLLM engine with vLLM's default
+    FULL_AND_PIECEWISE graphs: the tree backend reports uniform-batch
+    support (``triton_attention.TritonTreeAttentionMetadataBuilder``), so
+    a verify step in which every request has exactly budget tokens
+    replays one full graph, and every other step (prefill, trees cut by
+    the scheduler, plain decoding; ``JETSPEC_FULL_GRAPHS=0``) piecewise
+    graphs: projections, MLP, norms and the LM head from graphs per
+    token-count bucket, the attention ops between the pieces. The DFlash
+    draft pass is piecewise (vLLM's V1 drafter captures nothing else).
+    ``JETSPEC_EAGER=1`` forces eager mode (as ``enforce_eager=True``).
+    ``model_config`` is built before the speculative config, so both are
+    set."""
     env = os.environ if env is None else env
     if on_cpu is None:
         from vllm.platforms import current_platform
@@ -237,8 +239,8 @@ def graphs_on_gpu(engine_args, model_config, on_cpu: bool | None = None,
         engine_args.enforce_eager = True
         model_config.enforce_eager = True
         return
-    logger.info("jetspec: torch.compile and piecewise CUDA graphs (the tree "
-                "attention runs eagerly between graph pieces); %s=1 or "
+    logger.info("jetspec: torch.compile and CUDA graphs (full graphs for "
+                "verify steps of whole trees, piecewise otherwise); %s=1 or "
                 "enforce_eager=True to run eagerly", EAGER_ENV)
 
 

@@ -17,7 +17,9 @@ seen by the runner hooks in ``runner.py`` (any engine: AR, dflash, jetspec):
 
 On CUDA every boundary synchronises the device, so the segments are real
 GPU time and the run is a little slower than unprofiled. The step count is
-the number of ``_prepare_inputs`` calls (engine steps that ran a forward).
+the number of ``_prepare_inputs`` calls (engine steps that ran a forward);
+``graph_modes`` counts the CUDA-graph mode (FULL / PIECEWISE / NONE) vLLM
+dispatched each target forward to.
 Read and reset through the worker RPC ``jetspec_profile`` (``LLM.
 collective_rpc("jetspec_profile")``), added to vLLM's ``WorkerBase``.
 """
@@ -42,6 +44,8 @@ class StepProfiler:
     def reset(self) -> None:
         self.seconds = dict.fromkeys(SEGMENTS, 0.0)
         self.steps = 0
+        # CUDA-graph mode of each target forward (runner._count_graph_modes)
+        self.graph_modes: dict[str, int] = {}
         self._mark: float | None = None
 
     def now(self) -> float:
@@ -75,7 +79,8 @@ class StepProfiler:
 
     def snapshot(self, reset: bool = False) -> dict:
         out = dict(enabled=self.enabled, steps=self.steps,
-                   seconds=dict(self.seconds))
+                   seconds=dict(self.seconds),
+                   graph_modes=dict(self.graph_modes))
         if reset:
             self.reset()
         return out

@@ -245,6 +245,7 @@ def wrap_init(orig):
         self._jetspec_root_pos: list[int] | None = None
         if isinstance(getattr(self, "drafter", None), JetSpecProposer):
             self.drafter.prof = self._jetspec_prof
+        _count_graph_modes(self)
         # One CUDA graph per (batch, budget) shape of acceptance + KV
         # compaction (reads the KV caches and vLLM's persistent slot
         # mapping in place).
@@ -265,6 +266,26 @@ def wrap_init(orig):
                     "its first %d nodes; raise max_num_batched_tokens",
                     cap, s.budget, cap)
     return __init__
+
+
+def _count_graph_modes(self) -> None:
+    """With profiling on, count the CUDA-graph mode vLLM's dispatcher picks
+    for each forward of the target (FULL, PIECEWISE, NONE): whether verify
+    steps replay full graphs is a question of every request having
+    exactly budget tokens, which the bench reports per engine."""
+    d = getattr(self, "cudagraph_dispatcher", None)
+    if d is None or not self._jetspec_prof.enabled:
+        return
+    orig = d.dispatch
+
+    def dispatch(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        modes = self._jetspec_prof.graph_modes
+        name = getattr(out[0], "name", str(out[0]))
+        modes[name] = modes.get(name, 0) + 1
+        return out
+
+    d.dispatch = dispatch
 
 
 def _valid_counts(sampled_token_ids, R: int) -> list[int]:

@@ -51,10 +51,16 @@ def chain_words(n: int, words: int, device) -> torch.Tensor:
 
 def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
                trees: dict[int, torch.Tensor], device) -> torch.Tensor:
-    """[R, N, W] int64 packed masks of one step: tree rows where given,
-    else causal chains (or, not causal, every new token for every row).
-    Built on the host (``trees`` are host tensors), one copy to
-    ``device``."""
+    """``step_masks_host`` copied to ``device``."""
+    return async_tensor_h2d(step_masks_host(query_start_loc_cpu, causal,
+                                            trees), device)
+
+
+def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
+                    trees: dict[int, torch.Tensor]) -> torch.Tensor:
+    """[R, N, W] int64 packed masks of one step on the host: tree rows
+    where given, else causal chains (or, not causal, every new token for
+    every row); ``trees`` are host tensors."""
     n = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
     R, N = len(n), max(n, default=0)
     W = max(1, (N + BITS - 1) // BITS)
@@ -67,7 +73,7 @@ def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
             masks[r, :t.shape[0], :t.shape[1]] = t
         elif not causal and nr:
             masks[r] = chain[nr - 1]
-    return async_tensor_h2d(masks, device)
+    return masks
 
 
 @dataclass
@@ -82,26 +88,107 @@ class TritonTreeAttentionMetadata:
     max_seq_len: int                   # bounds every prefix (host int)
 
 
+def _copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """``dst.copy_(host)`` without waiting for the device (from pinned
+    memory on CUDA)."""
+    if dst.is_cuda:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
+
+
+FULL_GRAPHS_ENV = "JETSPEC_FULL_GRAPHS"
+
+
+def full_graphs_setting(env=None) -> bool:
+    """``JETSPEC_FULL_GRAPHS``: ``1`` (default) lets vLLM capture FULL CUDA
+    graphs of verify steps in which every request has exactly ``1 +
+    num_speculative_tokens`` (= budget) tokens; ``0`` keeps the backend at
+    piecewise graphs (attention eager between graph pieces)."""
+    v = (os.environ if env is None else env).get(FULL_GRAPHS_ENV, "1").strip()
+    if v not in ("0", "1"):
+        raise ValueError(f"jetspec: {FULL_GRAPHS_ENV} must be 0 or 1, "
+                         f"got {v!r}")
+    return v == "1"
+
+
 class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
+    """Metadata of one step, shared by its layers.
+
+    Full CUDA graphs (vLLM's ``FULL_AND_PIECEWISE``): the builder reports
+    ``UNIFORM_BATCH`` support, so vLLM replays one graph of the whole
+    forward for a verify step in which every request schedules exactly
+    ``N = 1 + num_speculative_tokens`` tokens (a full tree), and piecewise
+    graphs otherwise (prefill, trees cut by the scheduler, plain decoding).
+    A graph replays the kernel arguments of its capture, so every tensor
+    the kernel reads must keep its address: vLLM's query_start_loc,
+    seq_lens, block table and slot mapping do (runner buffers), and the
+    step's masks and prefix lengths are written in place into buffers this
+    builder owns (``[max_num_seqs, N, W]`` and ``[max_num_seqs]``) whenever
+    the step fits them. Steps that do not fit (prefill chunks longer than
+    N, the draft pass when its 1 + depth slots exceed N) never run as a
+    full graph and get fresh tensors. The launch shape comes from
+    capture-time values only: the grid from the padded request count and
+    ``max_nodes`` (= N in every uniform step), one prefix split
+    (``JETSPEC_TREE_SPLITS`` other than 1 turns full graphs off)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        spec = vllm_config.speculative_config
+        n = 1 + (spec.num_speculative_tokens or 0) if spec is not None else 1
+        rows = vllm_config.scheduler_config.max_num_seqs
+        words = (n + BITS - 1) // BITS
+        self.masks_buf = torch.zeros(rows, n, words, dtype=torch.long,
+                                     device=device)
+        self.prefix_buf = torch.zeros(rows, dtype=torch.int32, device=device)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backend import AttentionCGSupport
+        if not current_platform.is_cuda() or not full_graphs_setting():
+            return AttentionCGSupport.NEVER
+        if splits_setting() != 1:
+            logger.info_once("jetspec: %s is not 1, verify steps use "
+                             "piecewise CUDA graphs (split workspaces are "
+                             "sized per step)", SPLITS_ENV)
+            return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_BATCH
 
     def build(self, common_prefix_len: int,
               common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TritonTreeAttentionMetadata:
         m = common_attn_metadata
+        R = m.num_reqs
         causal = m.causal if isinstance(m.causal, bool) else True
-        qsl_cpu = m.query_start_loc_cpu[:m.num_reqs + 1]
-        dev = m.query_start_loc.device
+        qsl_cpu = m.query_start_loc_cpu[:R + 1]
+        qsl = m.query_start_loc[:R + 1]
         n = (qsl_cpu[1:] - qsl_cpu[:-1])
-        trees = tree_state.masks_for_step(m.num_reqs) if causal else {}
+        max_nodes = int(n.max()) if R else 0
+        trees = tree_state.masks_for_step(R) if causal else {}
+        host = step_masks_host(qsl_cpu, causal, trees)
+        rows, N, W = self.masks_buf.shape
+        if R <= rows and max_nodes <= N:
+            # In place (stream-ordered after the previous step's reads);
+            # rows past a request's tokens and words past its tree are
+            # never read.
+            nn, ww = host.shape[1], host.shape[2]
+            _copy_in(self.masks_buf[:R] if (nn, ww) == (N, W)
+                     else self.masks_buf[:R, :nn, :ww], host)
+            masks = self.masks_buf[:R]
+            prefix = torch.sub(m.seq_lens[:R], qsl[1:] - qsl[:-1],
+                               out=self.prefix_buf[:R])
+        else:
+            masks = async_tensor_h2d(host, qsl.device)
+            prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).to(torch.int32)
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            query_start_loc=m.query_start_loc[:m.num_reqs + 1],
-            prefix_lens=(m.seq_lens[:m.num_reqs] - async_tensor_h2d(
-                n, m.seq_lens.device)).to(torch.int32),
-            block_table=m.block_table_tensor[:m.num_reqs],
+            query_start_loc=qsl,
+            prefix_lens=prefix,
+            block_table=m.block_table_tensor[:R],
             slot_mapping=m.slot_mapping,
-            masks=step_masks(qsl_cpu, causal, trees, dev),
-            max_nodes=int(n.max()) if len(n) else 0,
+            masks=masks,
+            max_nodes=max_nodes,
             max_seq_len=int(m.max_seq_len))
 
 
