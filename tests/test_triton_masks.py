@@ -122,9 +122,17 @@ def test_builder_writes_masks_and_prefixes_in_place():
             assert torch.equal(_unpack_rows(m.masks[r, :nr], nr), want)
         seen.add(m.masks.data_ptr())
     assert len(seen) == 1
+    # vLLM's CUDA-graph memory profile warms up with sequence lengths
+    # shorter than the queries: the prefix is 0, never negative.
+    short = _common([20, 20], [0, 0])
+    short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)
+    assert b.build(0, short).prefix_lens.tolist() == [0, 0]
     m = b.build(0, _common([70, 3], [0, 5]))
     assert m.masks.data_ptr() != b.masks_buf.data_ptr()
     assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
+    short = _common([70, 3], [0, 0])
+    short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)
+    assert b.build(0, short).prefix_lens.tolist() == [0, 0]
     assert torch.equal(_unpack_rows(m.masks[0, :70], 70),
                        torch.ones(70, 70, dtype=torch.bool).tril())
 

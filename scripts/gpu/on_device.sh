@@ -13,6 +13,8 @@
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 #     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
+#   bash scripts/gpu/on_device.sh one BUDGET SEQS [BATCH]  # one 8B-shape engine
+#     starts and generates (capture check; env TAG, ONE_SECS)
 #   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
 #     (env SYNC_MODES="eager graphs")
 #   bash scripts/gpu/on_device.sh trace BUDGETS...  # host/device time per
@@ -136,6 +138,14 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
         --max-model-len 2048 --gpu-memory-utilization 0.85 \
         --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
     keep "$name"; tail -30 "$OUT/$name.log" ;;
+one)  # BUDGET SEQS [BATCH]: start one 8B-shape jetspec engine, 64 tokens
+    # (scripts/gpu/one_engine.py; env ONE_SECS, TAG: log name suffix)
+    python3 scripts/gpu/shapes.py "$W/shapes" > /dev/null
+    log="$OUT/one_$1_$2${TAG:-}.log"
+    timeout "${ONE_SECS:-200}" python3 scripts/gpu/one_engine.py "$W/shapes" "$@" \
+        > "$log" 2>&1 || echo "one rc $?"
+    grep -v "^frame" "$log" | grep -E "started in|generated|Error|error:|File \"/work" \
+        | head -30 ;;
 syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
     for mode in ${SYNC_MODES:-eager graphs}; do
         flag=(); [ $mode = graphs ] && flag=(--graphs)

@@ -130,7 +130,13 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
     full graph and get fresh tensors. The launch shape comes from
     capture-time values only: the grid from the padded request count and
     ``max_nodes`` (= N in every uniform step), one prefix split
-    (``JETSPEC_TREE_SPLITS`` other than 1 turns full graphs off)."""
+    (``JETSPEC_TREE_SPLITS`` other than 1 turns full graphs off).
+
+    Prefix lengths are clamped at 0: vLLM's CUDA-graph memory profile
+    (``profile_cudagraph_memory``) warms full graphs up with dummy
+    sequence lengths shorter than their queries (``max_num_tokens //
+    num_tokens``), which made the prefix negative and the kernel read
+    before its pages (an illegal address on the H100, 2026-11-24)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -176,11 +182,12 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             _copy_in(self.masks_buf[:R] if (nn, ww) == (N, W)
                      else self.masks_buf[:R, :nn, :ww], host)
             masks = self.masks_buf[:R]
-            prefix = torch.sub(m.seq_lens[:R], qsl[1:] - qsl[:-1],
-                               out=self.prefix_buf[:R])
+            prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
+                                 min=0, out=self.prefix_buf[:R])
         else:
             masks = async_tensor_h2d(host, qsl.device)
-            prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).to(torch.int32)
+            prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
+                min=0).to(torch.int32)
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl,
