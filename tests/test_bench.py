@@ -82,3 +82,23 @@ def test_ar_result_round_trip(tmp_path):
     assert load_ar(str(tmp_path / "ar.json"), dict(job)) == res
     with pytest.raises(SystemExit, match="other prompts or settings"):
         load_ar(str(tmp_path / "ar.json"), dict(job, max_new_tokens=5))
+
+
+def test_graph_sizes_give_every_batch_a_whole_tree_graph():
+    """bench/sweep engines with --graphs capture budget x vLLM's batch
+    buckets: every batch size up to max_num_seqs pads to a captured size
+    that is a whole number of trees, the largest being max_num_seqs trees
+    (vLLM's own default stops at 512 tokens)."""
+    from vllm_jetspec.engine_job import graph_sizes
+
+    for budget in (4, 16, 128, 256):
+        for seqs in (1, 3, 8, 32, 300):
+            sizes = graph_sizes(budget, seqs)
+            assert sizes == sorted(set(sizes))
+            assert all(s % budget == 0 for s in sizes)
+            assert sizes[-1] == budget * seqs
+            for b in range(1, seqs + 1):
+                pad = min(s for s in sizes if s >= b * budget) - b * budget
+                # vLLM's buckets: powers of two to 8, then steps of 8 / 16.
+                assert pad <= min(b - 1, 15) * budget, (budget, seqs, b)
+    assert graph_sizes(16, 8) == [16, 32, 64, 128]
