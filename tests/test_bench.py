@@ -49,6 +49,9 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
         assert r["steps"] > 0 and r["verify_ms"] > 0
         assert sum(r[f"{s}_ms"] for s in segs) <= r["round_ms"]
         assert (r["draft_ms"] > 0) == (m != "ar")
+        # Every target forward's CUDA-graph mode (CPU: none, eager).
+        assert set(r["graph_modes"]) == {"NONE"} and \
+            r["graph_modes"]["NONE"] >= r["steps"], r
     meta = res["meta"]
     assert meta["replay"] and meta["depth"] == 7
     cost = json.loads((out / "cost_model.json").read_text())

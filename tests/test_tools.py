@@ -140,6 +140,11 @@ def test_sweep_through_vllm(smollm2, tmp_path):
             assert got[(d, m, b, 1)]["tau"] == got[(d, m, b, 2)]["tau"]
             assert got[(d, m, b, 1)]["rounds"] == got[(d, m, b, 2)]["rounds"]
             assert float(got[(d, m, b, 1)]["tau"]) > 1.0
+    # The CUDA-graph mode of every target forward is counted (on CPU:
+    # none, eager).
+    for r in json.loads((out / "sweep.json").read_text())["rows"]:
+        assert set(r["graph_modes"]) == {"NONE"}, r
+        assert r["graph_modes"]["NONE"] > 0, r
     meta = json.loads((out / "sweep.json").read_text())["meta"]
     assert meta["num_prompts"] == {"gsm8k": 2, "humaneval": 2}
     assert meta["baseline"] == "chain"

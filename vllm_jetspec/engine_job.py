@@ -16,7 +16,9 @@ token ids in and out), ``profile`` (measure the round-time split, see
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
 spec-decode counters of that part (drafts, accepted tokens) and, with
-``profile``, the runner's step count and seconds per segment. With
+``profile``, the runner's step count and seconds per segment (without it,
+only the count of CUDA-graph modes the target's forwards were dispatched
+to, ``graph_modes``, which rows carry when non-empty). With
 ``prompt_sets`` the result's ``sets`` holds that per set (and ``batches``
 the first set's).
 """
@@ -55,10 +57,13 @@ def _run(job: dict) -> dict:
         os.environ["JETSPEC_PROFILE"] = "1"
 
     def profile(reset):
-        if not job.get("profile"):
-            return None
-        return llm.collective_rpc("jetspec_profile",
+        """The runner's profile (without ``job["profile"]`` only its count
+        of CUDA-graph modes, which needs no timing)."""
+        prof = llm.collective_rpc("jetspec_profile",
                                   kwargs=dict(reset=reset))[0]
+        if job.get("profile"):
+            return prof
+        return dict(graph_modes=prof.get("graph_modes") or {})
 
     t0 = time.perf_counter()
     llm = LLM(job["target"], speculative_config=job["spec"], **kw)
@@ -128,6 +133,9 @@ def result_rows(method: str, budget: int, res: dict, ar: dict,
             tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
             identical_to_ar=r["ids"] == base["ids"], tokens=r["tokens"],
             seconds=r["seconds"], rounds=r["drafts"]))
+        modes = (r.get("profile") or {}).get("graph_modes")
+        if modes:
+            rows[-1]["graph_modes"] = dict(sorted(modes.items()))
         if prompt_set is not None:
             rows[-1] = dict(dataset=prompt_set, **rows[-1])
     return rows

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.perf_counter() - t0, 1)), f, indent=1)
     bar.close()
     with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['batch']:5d} "
               f"{r['tau']:6.2f} {r['tok_s']:8.1f} {r['speedup']:7.2f}  "
               f"{r['identical_to_ar']}")
+    modes = [r for r in rows if r.get("graph_modes")]
+    if modes and args.graphs:
+        print("CUDA-graph mode of the target's forwards: " + "; ".join(
+            f"{r['dataset']} {r['method']}{r['budget'] or ''} b{r['batch']} "
+            + ", ".join(f"{k} {v}" for k, v in r["graph_modes"].items())
+            for r in modes))
     print(f"wrote {args.out}/sweep.csv, sweep.json"
           + "".join(f", {os.path.basename(p)}" for p in pngs))
     return 0 if all(r["identical_to_ar"] for r in rows) else 1

@@ -269,12 +269,13 @@ def wrap_init(orig):
 
 
 def _count_graph_modes(self) -> None:
-    """With profiling on, count the CUDA-graph mode vLLM's dispatcher picks
-    for each forward of the target (FULL, PIECEWISE, NONE): whether verify
-    steps replay full graphs is a question of every request having
-    exactly budget tokens, which the bench reports per engine."""
+    """Count the CUDA-graph mode vLLM's dispatcher picks for each forward
+    of the target (FULL, PIECEWISE, NONE; one dict update a step, with or
+    without profiling): whether verify steps replay full graphs is a
+    question of every request having exactly budget tokens, which the
+    bench and the sweep report per engine (``jetspec_profile``)."""
     d = getattr(self, "cudagraph_dispatcher", None)
-    if d is None or not self._jetspec_prof.enabled:
+    if d is None:
         return
     orig = d.dispatch
 
