@@ -10,7 +10,7 @@ import torch
 from vllm_jetspec.kernels.tree_attention_ref import _unpack_rows
 from vllm_jetspec.tree import build_tree, packed_ancestor_mask
 from vllm_jetspec.vllm_patches.triton_attention import (chain_words,
-                                                        step_masks)
+                                                        step_masks_host)
 
 
 def test_chain_words_are_causal_rows():
@@ -28,14 +28,14 @@ def test_step_masks_mix_chains_blocks_and_trees():
                       algo="accum_logp", width=5)
     rows = packed_ancestor_mask(tree)[0]                 # [20, 1]
     qsl = torch.tensor([0, 70, 71, 91, 94])              # n = 70, 1, 20, 3
-    m = step_masks(qsl, True, {2: rows}, "cpu")
+    m = step_masks_host(qsl, True, {2: rows})
     assert m.shape == (4, 70, 2)
     for r, n in enumerate((70, 1, 20, 3)):
         want = torch.ones(n, n, dtype=torch.bool).tril() if r != 2 \
             else _unpack_rows(rows, 20)
         assert torch.equal(_unpack_rows(m[r, :n], n), want), r
     # Not causal (the drafter's block): each row sees all of its request.
-    m = step_masks(qsl, False, {}, "cpu")
+    m = step_masks_host(qsl, False, {})
     for r, n in enumerate((70, 1, 20, 3)):
         assert _unpack_rows(m[r, :n], n).all(), r
         assert not _unpack_rows(m[r, :n], 70)[:, n:].any(), r

@@ -92,6 +92,14 @@ PATCHES += [
           when="jetspec engines: on CUDA always (checked on an H100), "
                "on CPU with JETSPEC_ATTENTION=triton (Triton's "
                "interpreter: a test of the integration)"),
+    Patch(replaces="vllm.v1.cudagraph_dispatcher:CudagraphDispatcher."
+                   "dispatch (the target runner's instance)",
+          by="vllm_jetspec.vllm_patches.runner:_count_graph_modes",
+          why="counts the CUDA-graph mode (FULL / PIECEWISE / NONE) of "
+              "every target forward, so the bench and the sweep can say "
+              "whether verify steps replayed full graphs; calls vLLM's "
+              "dispatch unchanged",
+          when="always (a dict update per step)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",
           by="vllm_jetspec.vllm_patches.profile:worker_profile",

@@ -52,13 +52,6 @@ def chain_words(n: int, words: int, device) -> torch.Tensor:
     return torch.where(b == BITS, -one, (one << b.clamp(max=BITS - 1)) - 1)
 
 
-def step_masks(query_start_loc_cpu: torch.Tensor, causal: bool,
-               trees: dict[int, torch.Tensor], device) -> torch.Tensor:
-    """``step_masks_host`` copied to ``device``."""
-    return async_tensor_h2d(step_masks_host(query_start_loc_cpu, causal,
-                                            trees), device)
-
-
 def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
                     trees: dict[int, torch.Tensor]) -> torch.Tensor:
     """[R, N, W] int64 packed masks of one step on the host: tree rows
