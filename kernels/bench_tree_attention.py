@@ -4,11 +4,17 @@
 
 Qwen3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16,
 block size 16, scattered pages; per (batch, prefix, budget): kernel time
-(CUDA events, median of repeats) and achieved bandwidth = K/V bytes of the
-prefixes and trees / time (the floor of a memory-bound kernel), and as a
-fraction of the bandwidth of a 1 GiB device-to-device copy measured in the
-same run. On CPU it
+and achieved bandwidth = K/V bytes of the prefixes and trees / time (the
+floor of a memory-bound kernel), and as a fraction of the bandwidth of a
+1 GiB device-to-device copy measured in the same run. On CPU it
 runs a tiny shape in Triton's interpreter (a smoke run, no timing claims).
+
+Two times per row on CUDA. ``us``: device time, the median over repeats of
+one CUDA-graph replay of ``--graph-calls`` back-to-back calls divided by
+their number -- what a verify step replaying a full graph pays. ``us_eager``:
+CUDA events around one eager call (median of repeats), which also holds the
+host's launch of the kernel (Triton's launcher with its ~30 arguments):
+what a piecewise-graph step pays per layer when the host is the bottleneck.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["small", "large"],
                     help="program tiles to time: 'small' (the default "
                     "kernel) and/or 'large' (128-row tiles for large trees)")
+    ap.add_argument("--tile", nargs="+", default=[], metavar="N:B:W:S",
+                    help="explicit program tiles to time as well (tuning): "
+                    "nodes per program : keys per step (16/32/64) : warps : "
+                    "pipeline stages, e.g. 8:64:4:3")
+    ap.add_argument("--graph-calls", type=int, default=20,
+                    help="calls captured in the CUDA graph timed for 'us' "
+                    "(0: no graph timing)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -52,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         args.batch, args.prefix, args.budget, args.repeats = [1], [64], [8], 1
     splits = [x if x == "auto" else int(x) for x in args.splits]
-    variants = [(tiles, sp) for tiles in args.tiles for sp in splits]
+    variants = [(tiles, sp) for tiles in args.tiles + args.tile
+                for sp in splits]
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for B in args.batch:
@@ -87,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
                     call = lambda: tree_attention(  # noqa: E731
                         q, k, v, bt, prefix, qsl, mask, D ** -0.5,
                         max_nodes=N, out=out, num_splits=sp, max_prefix=P,
-                        large_tiles=tiles == "large")
+                        large_tiles=tiles == "large",
+                        tile=None if tiles in ("small", "large") else
+                        tuple(int(x) for x in tiles.split(":")))
                     call()
                     # Every variant against the first one timed (the
                     # kernel's tests check each against the reference).
@@ -95,26 +111,18 @@ def main(argv: list[str] | None = None) -> None:
                         (out.float() - first).abs().max().item()
                     if first is None:
                         first = out.float().clone()
-                    times = []
-                    for _ in range(args.repeats):
-                        if cuda:
-                            s, e = (torch.cuda.Event(enable_timing=True),
-                                    torch.cuda.Event(enable_timing=True))
-                            s.record()
-                            call()
-                            e.record()
-                            torch.cuda.synchronize()
-                            times.append(s.elapsed_time(e) / 1e3)
-                        else:
-                            t = time.perf_counter()
-                            call()
-                            times.append(time.perf_counter() - t)
-                    t = statistics.median(times)
+                    t_eager = time_eager(call, args.repeats, cuda)
+                    t = t_eager
+                    if cuda and args.graph_calls > 0:
+                        t = time_graph(call, args.repeats, args.graph_calls)
                     nbytes = 2 * B * L * hkv * D * k.element_size() \
                         + 2 * q.numel() * q.element_size()
                     row = dict(batch=B, prefix=P, budget=N, tiles=tiles,
                                splits=sp,
                                us=round(t * 1e6, 1),
+                               us_eager=round(t_eager * 1e6, 1),
+                               timing="graph" if cuda and args.graph_calls
+                               > 0 else "events" if cuda else "wall",
                                gbps=round(nbytes / t / 1e9, 1),
                                max_diff_vs_first=diff)
                     rows.append(row)
@@ -131,6 +139,52 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)
+
+
+def time_eager(call, repeats: int, cuda: bool) -> float:
+    """Median seconds of one eager ``call``: CUDA events around it on a GPU
+    (the host's launch included), wall time on CPU."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            s, e = (torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True))
+            s.record()
+            call()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_graph(call, repeats: int, calls: int) -> float:
+    """Median device seconds of one ``call`` replayed from a CUDA graph of
+    ``calls`` back-to-back calls (no host launch inside the timed span)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()                                  # warm-up off the default
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        s, e = (torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True))
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:

@@ -194,3 +194,16 @@ def test_large_tiles_match_reference(dtype, splits, hq, hkv, D):
     args = make_case(seed, [1, 40, 130, 256], hq, hkv, D, [0, 5, 300, 64],
                      dtype=dtype, layout="fused")
     check(args, dtype, large_tiles=True, num_splits=splits)
+
+
+@pytest.mark.parametrize("tile", [(4, 16, 4, 2), (16, 64, 8, 3), (1, 32, 2, 1)])
+def test_tile_override_matches_reference(tile):
+    """A tuning run's explicit tile (nodes, keys per step, warps, stages)
+    gives the same attention; bad tiles are refused."""
+    dtype = DTYPES[-1]
+    args = make_case(1200 + tile[0], [1, 40, 130], 8, 2, 64, [0, 37, 300],
+                     dtype=dtype)
+    check(args, dtype, tile=tile)
+    check(args, dtype, tile=tile, num_splits=2)
+    with pytest.raises(ValueError, match="tile"):
+        tree_attention(*args, tile=(4, 48, 4, 2))

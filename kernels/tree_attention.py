@@ -303,6 +303,7 @@ def tree_attention(
     num_splits: int | str = 1,
     max_prefix: int | None = None,
     large_tiles: bool = False,
+    tile: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
 
@@ -315,7 +316,9 @@ def tree_attention(
     when not given). 1 is the single-pass kernel. ``large_tiles``: 128-row
     programs for large trees and prefills (``tile_config``; tested in
     Triton's interpreter, not yet run on a GPU, hence off by default).
-    Returns ``[T, Hq, D]`` in ``q``'s dtype.
+    ``tile``: (nodes per program, keys per step, warps, pipeline stages),
+    overriding ``tile_config`` (for tuning runs; keys per step must divide
+    64). Returns ``[T, Hq, D]`` in ``q``'s dtype.
     """
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -332,8 +335,17 @@ def tree_attention(
             if R else 0
     if T == 0 or max_nodes == 0:
         return out
-    nodes, rows, block_n, warps = tile_config(max_nodes, group, D,
-                                              large=large_tiles)
+    stages = {}
+    if tile is not None:
+        nodes, block_n, warps, st = (int(x) for x in tile)
+        if nodes < 1 or block_n < 16 or 64 % block_n or warps < 1 or st < 1:
+            raise ValueError(f"tile {tile}: nodes >= 1, keys per step 16, "
+                             "32 or 64, warps and stages >= 1")
+        rows = max(16, triton.next_power_of_2(nodes * group))
+        stages = dict(num_stages=st)
+    else:
+        nodes, rows, block_n, warps = tile_config(max_nodes, group, D,
+                                                  large=large_tiles)
     tiles = triton.cdiv(max_nodes, nodes)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     splits = num_splits
@@ -367,7 +379,7 @@ def tree_attention(
             *block_table.stride(), *tree_mask.stride(),
             BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
             D=D, BLOCK_N=block_n, PREC=prec, SPLITS=splits,
-            num_warps=warps)
+            num_warps=warps, **stages)
         _tree_attn_combine_kernel[(T, Hq)](
             mw, lw, aw, out, T, Hq, *out.stride(), splits, D=D)
         return out
@@ -378,5 +390,5 @@ def tree_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), *tree_mask.stride(),
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-        D=D, BLOCK_N=block_n, PREC=prec, num_warps=warps)
+        D=D, BLOCK_N=block_n, PREC=prec, num_warps=warps, **stages)
     return out

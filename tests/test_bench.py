@@ -52,6 +52,14 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
         # Every target forward's CUDA-graph mode (CPU: none, eager).
         assert set(r["graph_modes"]) == {"NONE"} and \
             r["graph_modes"]["NONE"] >= r["steps"], r
+        # Per-span statistics: one verify span per step; the median and
+        # max bracket the mean.
+        st = r["segment_stats"]
+        assert st["verify"]["n"] == r["steps"], r
+        assert st["verify"]["median_ms"] <= st["verify"]["p90_ms"] <= \
+            st["verify"]["max_ms"]
+        assert st["verify"]["max_ms"] >= r["verify_ms"] - 1e-3
+        assert ("draft" in st) == (m != "ar")
     meta = res["meta"]
     assert meta["replay"] and meta["depth"] == 7
     cost = json.loads((out / "cost_model.json").read_text())

@@ -89,6 +89,10 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
             row[f"{s}_ms"] for s in SEGMENTS[:-1]))
         if prof.get("graph_modes"):
             row["graph_modes"] = dict(sorted(prof["graph_modes"].items()))
+        if prof.get("stats"):
+            row["segment_stats"] = prof["stats"]
+        if prof.get("alloc"):
+            row["alloc"] = prof["alloc"]
         if "budgets" in prof:
             row["auto_budgets"] = {int(k): v for k, v in
                                    sorted(prof["budgets"].items(),
@@ -392,6 +396,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['method']}{r['budget'] or ''} b{r['batch']} "
             + ", ".join(f"{k} {v}" for k, v in r["graph_modes"].items())
             for r in modes))
+    stats = [r for r in rows if r.get("segment_stats")]
+    if stats:
+        print("per span, median / p90 / max ms: " + "; ".join(
+            f"{r['method']}{r['budget'] or ''} b{r['batch']} " + ", ".join(
+                f"{seg} {v['median_ms']:.2f}/{v['p90_ms']:.2f}/"
+                f"{v['max_ms']:.2f}" for seg, v in
+                r["segment_stats"].items() if seg in ("verify", "draft"))
+            for r in stats))
+    alloc = [r for r in rows if r.get("alloc")]
+    if alloc:
+        print("caching allocator (cudaMalloc / cudaFree / retries): "
+              + "; ".join(f"{r['method']}{r['budget'] or ''} b{r['batch']} "
+                          f"{r['alloc']['num_device_alloc']} / "
+                          f"{r['alloc']['num_device_free']} / "
+                          f"{r['alloc']['num_alloc_retries']}"
+                          for r in alloc))
     for r in rows:
         if r.get("auto_budgets"):
             print(f"auto, batch {r['batch']}: steps per budget "

@@ -10,9 +10,10 @@
 #   bash scripts/gpu/on_device.sh engine-tests [SECS] [pytest args] # on CUDA
 #     (env TESTS: test files, LOG: log name, default engine_tests)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
+#     (env CHECK_BUDGETS="16 64", BATCHES="1 4", NPROMPTS=4)
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 #     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
-#      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json")
+#      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json", GMU=0.85)
 #   bash scripts/gpu/on_device.sh one BUDGET SEQS [BATCH]  # one 8B-shape engine
 #     starts and generates (capture check; env TAG, ONE_SECS)
 #   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
@@ -103,15 +104,26 @@ eval)
             --json "$OUT/tau_$s.json" --quiet
     done ;;
 kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
-    timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
-        > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
-    tail -5 "$OUT/kernel_tests.log"
+    # (device time from CUDA-graph replays, and eager time with the launch),
+    # then a tile sweep on engine-like shapes (env KTESTS=0: no tests)
+    if [ "${KTESTS:-1}" = 1 ]; then
+        timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
+            > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
+        tail -5 "$OUT/kernel_tests.log"
+    fi
     timeout 240 python3 -m vllm_jetspec.kernels.bench_tree_attention \
-        --batch 1 8 32 --prefix 512 4096 8192 --budget 16 64 128 256 \
+        --batch 1 8 32 --prefix 512 4096 8192 --budget 16 128 256 \
         --tiles small large --splits 1 auto --repeats 20 \
         --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
         || echo "kernel bench rc $?"
-    tail -3 "$OUT/kernel_bench.log" ;;
+    tail -3 "$OUT/kernel_bench.log"
+    timeout 200 python3 -m vllm_jetspec.kernels.bench_tree_attention \
+        --batch 1 8 --prefix 768 4096 --budget 16 128 --tiles small large \
+        --tile 2:64:4:3 4:64:4:3 8:64:4:3 8:64:4:4 16:64:4:3 8:16:2:3 \
+        4:32:2:3 --splits 1 auto --repeats 10 \
+        --json "$OUT/kernel_tiles.json" > "$OUT/kernel_tiles.log" 2>&1 \
+        || echo "kernel tile sweep rc $?"
+    tail -2 "$OUT/kernel_tiles.log" ;;
 engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
     timeout "$secs" python3 -m pytest -q -rA \
@@ -120,8 +132,9 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     python3 -m vllm_jetspec.bench --dtype float32 \
-        --prompts "$W/prompts/gsm8k.jsonl" --num-prompts 4 --max-new-tokens 128 \
-        --budgets 16 64 --batch-sizes 1 4 --gpu-memory-utilization 0.5 \
+        --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
+        --max-new-tokens 128 --budgets ${CHECK_BUDGETS:-16 64} \
+        --batch-sizes ${BATCHES:-1 4} --gpu-memory-utilization 0.5 \
         "${G[@]}" --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
         || echo "cuda-check rc $?"
     keep bench_smollm2; tail -20 "$OUT/cuda_check.log" ;;
@@ -135,7 +148,7 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
         --prompt-len 512 --max-new-tokens 256 --replay \
         --batch-sizes ${BATCHES:-1 8} --num-prompts "${NPROMPTS:-8}" \
         --baseline "$base" --budgets "$@" ${BENCH_ARGS:-} "${G[@]}" \
-        --max-model-len 2048 --gpu-memory-utilization 0.85 \
+        --max-model-len 2048 --gpu-memory-utilization "${GMU:-0.85}" \
         --out "$W/$name" > "$OUT/$name.log" 2>&1 || echo "bench8b rc $?"
     keep "$name"; tail -30 "$OUT/$name.log" ;;
 one)  # BUDGET SEQS [BATCH]: start one 8B-shape jetspec engine, 64 tokens

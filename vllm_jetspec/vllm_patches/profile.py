@@ -19,7 +19,16 @@ On CUDA every boundary synchronises the device, so the segments are real
 GPU time and the run is a little slower than unprofiled. The step count is
 the number of ``_prepare_inputs`` calls (engine steps that ran a forward);
 ``graph_modes`` counts the CUDA-graph mode (FULL / PIECEWISE / NONE) vLLM
-dispatched each target forward to.
+dispatched each target forward to. ``stats`` gives, per segment, the
+number of timed spans and their median / 90th-percentile / largest
+milliseconds (the first ``MAX_SAMPLES`` spans since the last reset): a
+segment whose mean is far above its median holds a few slow steps (e.g. a
+one-time cost in the timed window), one with median = mean is uniformly
+slow. ``alloc`` (CUDA only): how often PyTorch's caching allocator
+called ``cudaMalloc`` / ``cudaFree`` and had to free its cache and retry
+(``num_alloc_retries``) since the last reset -- in steady state all three
+stay near 0; retries every step mean the engine runs at the edge of its
+memory and pays a device-wide cache flush per step.
 Read and reset through the worker RPC ``jetspec_profile`` (``LLM.
 collective_rpc("jetspec_profile")``), added to vLLM's ``WorkerBase``.
 """
@@ -33,6 +42,15 @@ import torch
 
 PROFILE_ENV = "JETSPEC_PROFILE"
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree")
+MAX_SAMPLES = 4096      # per segment and reset
+ALLOC_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def _alloc_counters() -> dict[str, int]:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
 
 
 class StepProfiler:
@@ -46,6 +64,8 @@ class StepProfiler:
         self.steps = 0
         # CUDA-graph mode of each target forward (runner._count_graph_modes)
         self.graph_modes: dict[str, int] = {}
+        self.samples: dict[str, list[float]] = {s: [] for s in SEGMENTS}
+        self._alloc0 = _alloc_counters()
         self._mark: float | None = None
 
     def now(self) -> float:
@@ -63,11 +83,28 @@ class StepProfiler:
             return None
         t = self.now()
         self.seconds[segment] += t - since
+        if len(self.samples[segment]) < MAX_SAMPLES:
+            self.samples[segment].append(t - since)
         return t
 
     def sub(self, segment: str, seconds: float) -> None:
+        """Take ``seconds`` off ``segment`` (and off its last span)."""
         if self.enabled:
             self.seconds[segment] -= seconds
+            if self.samples[segment]:
+                self.samples[segment][-1] -= seconds
+
+    def stats(self) -> dict:
+        """Per segment with spans: count, median, p90 and max in ms."""
+        out = {}
+        for seg, xs in self.samples.items():
+            if xs:
+                ys = sorted(xs)
+                out[seg] = dict(
+                    n=len(ys), median_ms=round(1e3 * ys[len(ys) // 2], 3),
+                    p90_ms=round(1e3 * ys[int(0.9 * (len(ys) - 1))], 3),
+                    max_ms=round(1e3 * ys[-1], 3))
+        return out
 
     def mark(self, t: float | None) -> None:
         """Remember the end of ``_prepare_inputs`` (start of ``verify``)."""
@@ -80,7 +117,10 @@ class StepProfiler:
     def snapshot(self, reset: bool = False) -> dict:
         out = dict(enabled=self.enabled, steps=self.steps,
                    seconds=dict(self.seconds),
-                   graph_modes=dict(self.graph_modes))
+                   graph_modes=dict(self.graph_modes), stats=self.stats())
+        now = _alloc_counters()
+        if now:
+            out["alloc"] = {k: now[k] - self._alloc0.get(k, 0) for k in now}
         if reset:
             self.reset()
         return out
