@@ -131,7 +131,7 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
         > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
     tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
-    python3 -m vllm_jetspec.bench --dtype float32 \
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
         --max-new-tokens 128 --budgets ${CHECK_BUDGETS:-16 64} \
         --batch-sizes ${BATCHES:-1 4} --gpu-memory-utilization 0.5 \
