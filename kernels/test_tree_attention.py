@@ -165,17 +165,26 @@ def test_tile_config():
     from vllm_jetspec.kernels.tree_attention import tile_config
 
     # Qwen3-8B shape (group 4, head dim 128): decode steps and trees of up
-    # to 31 nodes take the small tile (8 nodes, 32 rows, 32 keys a step),
-    # larger trees and prefills 32 nodes x 4 heads = 128 rows, 64 keys,
-    # 8 warps: budget 128 reads each prefix 4 times instead of 16.
-    assert tile_config(1, 4, 128) == (8, 32, 32, 4)
-    assert tile_config(16, 4, 128) == (8, 32, 32, 4)
+    # to 31 nodes take the small tile (16 nodes x 4 heads = 64 rows: a
+    # whole budget-16 tree), larger trees and prefills 32 nodes x 4 heads =
+    # 128 rows with 8 warps (budget 128 reads each prefix 4 times, not 16);
+    # 64 keys a step.
+    assert tile_config(1, 4, 128) == (16, 64, 64, 4)
+    assert tile_config(16, 4, 128) == (16, 64, 64, 4)
+    assert tile_config(31, 4, 128) == (16, 64, 64, 4)
     assert tile_config(32, 4, 128) == (32, 128, 64, 8)
     assert tile_config(512, 4, 128) == (32, 128, 64, 8)
-    # Without large tiles (the default of tree_attention): one variant.
-    assert tile_config(512, 4, 128, large=False) == (8, 32, 32, 4)
+    # Without large tiles: the small one for every launch.
+    assert tile_config(512, 4, 128, large=False) == (16, 64, 64, 4)
+    # SmolLM2 (group 3, head dim 64): 21 nodes in 64 rows, 42 in 128.
+    assert tile_config(16, 3, 64) == (21, 64, 64, 4)
+    assert tile_config(64, 3, 64) == (42, 128, 64, 8)
+    # Head dim 256: half the rows and keys.
+    assert tile_config(1, 4, 256) == (8, 32, 32, 4)
+    assert tile_config(64, 4, 256) == (16, 64, 32, 8)
     # Only two variants per (group, head dim): compilations stay few.
-    for group, D in [(1, 64), (3, 64), (4, 128), (8, 128), (16, 64)]:
+    for group, D in [(1, 64), (3, 64), (4, 128), (8, 128), (16, 64),
+                     (4, 256)]:
         assert len({tile_config(n, group, D) for n in range(1, 300)}) == 2
         for n in range(1, 300):
             nodes, rows, block_n, _ = tile_config(n, group, D)
@@ -183,17 +192,40 @@ def test_tile_config():
             assert rows & (rows - 1) == 0 and 64 % block_n == 0
 
 
+def test_precision():
+    """fp32 dot products in IEEE fp32 by default; ``tf32`` (vLLM's own
+    choice for fp32 attention) within TF32's 10-bit mantissa on a GPU;
+    anything else refused."""
+    args = make_case(77, [1, 16, 40], 8, 2, 64, [0, 37, 300])
+    check(args, torch.float32, precision="ieee")
+    q, k, v, bt, prefix, qsl, mask, scale = args
+    want = tree_attention_ref(q, k, v, bt.long(), prefix.long(), qsl.long(),
+                              mask, scale)
+    got = tree_attention(q, k, v, bt, prefix, qsl, mask, scale,
+                         precision="tf32")
+    # TF32 rounds inputs to 10 mantissa bits (2^-11 relative); the
+    # interpreter on CPU computes in fp32.
+    tol = 5e-3 if DEV == "cuda" else 2e-4
+    err = (got - want).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), err
+    with pytest.raises(ValueError, match="precision"):
+        tree_attention(q, k, v, bt, prefix, qsl, mask, scale,
+                       precision="fp64")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("large", [True, False])
 @pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
-def test_large_tiles_match_reference(dtype, splits, hq, hkv, D):
-    """128-row programs (large trees, long chunks): trees of 1-256 nodes
-    (several large tiles per request), prefixes across pages, with and
-    without the split-prefix pass."""
-    seed = 900 + hq + D + DTYPES.index(dtype) + splits
+def test_tiles_match_reference(dtype, splits, large, hq, hkv, D):
+    """128-row programs (large trees, long chunks; the default) and 64-row
+    programs for every launch (``large_tiles=False``): trees of 1-256 nodes
+    (several tiles per request), prefixes across pages, with and without
+    the split-prefix pass."""
+    seed = 900 + hq + D + DTYPES.index(dtype) + splits + 7 * large
     args = make_case(seed, [1, 40, 130, 256], hq, hkv, D, [0, 5, 300, 64],
                      dtype=dtype, layout="fused")
-    check(args, dtype, large_tiles=True, num_splits=splits)
+    check(args, dtype, large_tiles=large, num_splits=splits)
 
 
 @pytest.mark.parametrize("tile", [(4, 16, 4, 2), (16, 64, 8, 3), (1, 32, 2, 1)])

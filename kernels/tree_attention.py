@@ -118,7 +118,16 @@ def _attend(
     return m_i, l_i, acc
 
 
-@triton.jit
+# Arguments whose values change from step to step (the packed masks' shape
+# follows the step's longest request) are not specialised: Triton would
+# otherwise compile a new variant for each divisibility class (== 1,
+# multiple of 16, other) of each stride, and a compilation inside a served
+# step costs seconds (H100, 2026-11-24: a 5 s verify step in the first
+# prefill of a SmolLM2 run, reported by vLLM's JIT monitor).
+_PER_STEP = ["s_mr", "s_mn", "s_mw"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP)
 def _tree_attn_kernel(
     Q, K, V, O, BT, PREFIX, QSL, MASK,
     scale,
@@ -165,7 +174,7 @@ def _tree_attn_kernel(
              mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["split_len", "T", "HQ", "SPLITS"])
+@triton.jit(do_not_specialize=["split_len", "T", "HQ", "SPLITS"] + _PER_STEP)
 def _tree_attn_split_kernel(
     Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
     scale, split_len, T, HQ,
@@ -252,6 +261,7 @@ WORKSPACE_BYTES = 256 << 20     # at most this much fp32 split workspace
 
 
 LARGE_ROWS = 128    # rows of a program for large trees and prefills
+SMALL_ROWS = 64     # rows of a program otherwise
 
 
 def tile_config(max_nodes: int, group: int, D: int,
@@ -261,22 +271,31 @@ def tile_config(max_nodes: int, group: int, D: int,
     ``max_nodes`` new tokens.
 
     Every node tile reads its request's whole prefix, so small tiles on a
-    large tree re-read the prefix many times (budget 128 at 8 nodes a tile:
-    16 reads; H100, 2026-11-24: 2-7 % of copy bandwidth). With ``large``,
-    launches with at least ``LARGE_ROWS`` rows of work per KV head (large
-    trees, prefills) take tiles of 128 rows (32 nodes of a GQA group of 4)
-    with 64 keys a step and 8 warps; the rest (decode steps, small trees,
-    and every launch without ``large``) the small tile.
+    large tree re-read the prefix many times. Launches with at least
+    ``LARGE_ROWS`` rows of work per KV head (large trees, prefills) take
+    tiles of 128 rows (32 nodes of a GQA group of 4) with 8 warps, the rest
+    (decode steps, small trees) tiles of 64 rows (16 nodes of a group of 4,
+    i.e. a whole budget-16 tree) with 4 warps; 64 keys a step for both.
+    H100, 2026-11-24 (device time, Qwen3-8B attention shape, bf16): against
+    the former 32-row tiles with 32 keys a step, 64 rows cut a budget-16
+    step by 20-30 % (batch 8, prefix 768: 25.6 vs 32.8 us) and 128 rows a
+    budget-128 one by 2-2.6x (batch 8, prefix 4096: 291 vs 747 us).
+    ``large=False`` keeps the 64-row tile for every launch. Head dims above
+    128 take half the rows and keys (register room for the fp32 output
+    accumulator), untimed.
     Two variants per (head dim, group, dtype) only: each distinct value is
     a separate Triton compilation, and compilations must not land in timed
     rounds (on the H100 a per-tree-size tile cost a 157 ms verify step)."""
-    if large and max_nodes * group >= LARGE_ROWS:
-        nodes = max(1, LARGE_ROWS // group)
-        return (nodes, max(16, triton.next_power_of_2(nodes * group)), 64,
+    wide = D > 128
+    big, small = (LARGE_ROWS // 2, SMALL_ROWS // 2) if wide else \
+        (LARGE_ROWS, SMALL_ROWS)
+    keys = 32 if wide else 64
+    if large and max_nodes * group >= big:
+        nodes = max(1, big // group)
+        return (nodes, max(16, triton.next_power_of_2(nodes * group)), keys,
                 8)
-    nodes = max(1, 64 // group) if D <= 64 else max(1, 32 // group)
-    return (nodes, max(16, triton.next_power_of_2(nodes * group)),
-            64 if D <= 64 else 32, 4)
+    nodes = max(1, small // group)
+    return (nodes, max(16, triton.next_power_of_2(nodes * group)), keys, 4)
 
 
 def choose_splits(programs: int, max_prefix: int, block_n: int,
@@ -302,8 +321,9 @@ def tree_attention(
     out: torch.Tensor | None = None,
     num_splits: int | str = 1,
     max_prefix: int | None = None,
-    large_tiles: bool = False,
+    large_tiles: bool = True,
     tile: tuple[int, int, int, int] | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
 
@@ -314,8 +334,11 @@ def tree_attention(
     workspaces); ``"auto"`` picks it from the grid size, the SM count and
     ``max_prefix`` (an upper bound of ``prefix_lens``; read from the device
     when not given). 1 is the single-pass kernel. ``large_tiles``: 128-row
-    programs for large trees and prefills (``tile_config``; tested in
-    Triton's interpreter, not yet run on a GPU, hence off by default).
+    programs for large trees and prefills (``tile_config``; False: 64-row
+    programs for every launch). ``precision`` of the fp32 dot products
+    (``tl.dot`` input precision): ``"ieee"`` (the default for fp32 inputs)
+    or ``"tf32"`` (what vLLM's own Triton attention uses for fp32; ~1e-3
+    relative error); bf16/fp16 inputs ignore it.
     ``tile``: (nodes per program, keys per step, warps, pipeline stages),
     overriding ``tile_config`` (for tuning runs; keys per step must divide
     64). Returns ``[T, Hq, D]`` in ``q``'s dtype.
@@ -347,7 +370,9 @@ def tree_attention(
         nodes, rows, block_n, warps = tile_config(max_nodes, group, D,
                                                   large=large_tiles)
     tiles = triton.cdiv(max_nodes, nodes)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"precision {precision!r}: 'ieee' or 'tf32'")
+    prec = (precision or "ieee") if q.dtype == torch.float32 else "tf32"
     splits = num_splits
     if splits == "auto":
         if max_prefix is None:

@@ -55,14 +55,24 @@ def test_tree_splits_setting():
 
 
 def test_tree_tiles_setting():
-    """JETSPEC_TREE_TILES: small (default) or large; else one clear error."""
+    """JETSPEC_TREE_TILES: large (default) or small; else one clear error."""
     from vllm_jetspec.vllm_patches.triton_attention import tiles_setting
 
-    assert tiles_setting({}) is False
+    assert tiles_setting({}) is True
     assert tiles_setting({"JETSPEC_TREE_TILES": "large"}) is True
     assert tiles_setting({"JETSPEC_TREE_TILES": "small"}) is False
     with pytest.raises(ValueError, match="JETSPEC_TREE_TILES"):
         tiles_setting({"JETSPEC_TREE_TILES": "huge"})
+
+
+def test_tree_precision_setting():
+    """JETSPEC_TREE_PRECISION: ieee (default) or tf32; else one error."""
+    from vllm_jetspec.vllm_patches.triton_attention import precision_setting
+
+    assert precision_setting({}) == "ieee"
+    assert precision_setting({"JETSPEC_TREE_PRECISION": "tf32"}) == "tf32"
+    with pytest.raises(ValueError, match="JETSPEC_TREE_PRECISION"):
+        precision_setting({"JETSPEC_TREE_PRECISION": "bf16"})
 
 
 def _builder(budget=20, max_num_seqs=4):

@@ -12,7 +12,9 @@ Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 datasets through one engine), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
 (extra ``LLM`` kwargs), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
 token ids in and out), ``profile`` (measure the round-time split, see
-``vllm_patches/profile.py``). For each batch size B the prompts run in groups of
+``vllm_patches/profile.py``). ``JETSPEC_JIT_VERBOSE=1`` in the environment
+turns on vLLM's ``jit_monitor_verbose`` (every Triton compilation after
+warm-up logged with its specialisation). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
 result per B holds the output ids, generated tokens, wall seconds and the
 spec-decode counters of that part (drafts, accepted tokens) and, with
@@ -55,6 +57,10 @@ def _run(job: dict) -> dict:
     if job.get("profile"):
         # Read by the runner hooks in this process and the engine core's.
         os.environ["JETSPEC_PROFILE"] = "1"
+    if os.environ.get("JETSPEC_JIT_VERBOSE") == "1":
+        # vLLM's JIT monitor logs every kernel compiled after warm-up, with
+        # its specialisation (by default only the first per kernel name).
+        kw.setdefault("jit_monitor_verbose", True)
 
     def profile(reset):
         """The runner's profile (without ``job["profile"]`` only its count

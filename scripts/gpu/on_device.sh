@@ -105,12 +105,14 @@ eval)
     done ;;
 kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     # (device time from CUDA-graph replays, and eager time with the launch),
-    # then a tile sweep on engine-like shapes (env KTESTS=0: no tests)
+    # then a tile sweep on engine-like shapes (env KTESTS=0: no tests,
+    # KBENCH=0: tests only)
     if [ "${KTESTS:-1}" = 1 ]; then
         timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
             > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
         tail -5 "$OUT/kernel_tests.log"
     fi
+    [ "${KBENCH:-1}" = 1 ] || exit 0
     timeout 240 python3 -m vllm_jetspec.kernels.bench_tree_attention \
         --batch 1 8 32 --prefix 512 4096 8192 --budget 16 128 256 \
         --tiles small large --splits 1 auto --repeats 20 \

@@ -215,15 +215,31 @@ TILES_ENV = "JETSPEC_TREE_TILES"
 
 
 def tiles_setting(env=None) -> bool:
-    """``JETSPEC_TREE_TILES``: ``small`` (default: the kernel checked on
-    the H100) or ``large`` (128-row programs for large trees and prefills,
-    ``kernels.tree_attention.tile_config``; tested in Triton's interpreter,
-    not yet run on a GPU). True for large."""
-    v = (os.environ if env is None else env).get(TILES_ENV, "small").strip()
+    """``JETSPEC_TREE_TILES``: ``large`` (default: 128-row programs for
+    large trees and prefills, 64-row ones otherwise; ``kernels.
+    tree_attention.tile_config``) or ``small`` (64-row programs for every
+    launch). True for large."""
+    v = (os.environ if env is None else env).get(TILES_ENV, "large").strip()
     if v not in ("small", "large"):
         raise ValueError(f"jetspec: {TILES_ENV} must be 'small' or 'large', "
                          f"got {v!r}")
     return v == "large"
+
+
+PRECISION_ENV = "JETSPEC_TREE_PRECISION"
+
+
+def precision_setting(env=None) -> str:
+    """``JETSPEC_TREE_PRECISION``: precision of the tree kernel's dot
+    products for fp32 models, ``ieee`` (default) or ``tf32`` (what vLLM's
+    own Triton attention uses for fp32: faster on tensor cores, ~1e-3
+    relative error). bf16/fp16 models are unaffected."""
+    v = (os.environ if env is None else env).get(PRECISION_ENV,
+                                                 "ieee").strip()
+    if v not in ("ieee", "tf32"):
+        raise ValueError(f"jetspec: {PRECISION_ENV} must be 'ieee' or "
+                         f"'tf32', got {v!r}")
+    return v
 
 
 class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
@@ -232,6 +248,7 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         super().__init__(*args, **kwargs)
         self.splits = splits_setting()
         self.large_tiles = tiles_setting()
+        self.precision = precision_setting()
 
     def do_kv_cache_update(self, layer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -268,7 +285,8 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        m.prefix_lens, m.query_start_loc, m.masks,
                        self.scale, max_nodes=m.max_nodes, out=out,
                        num_splits=self.splits, max_prefix=m.max_seq_len,
-                       large_tiles=self.large_tiles)
+                       large_tiles=self.large_tiles,
+                       precision=self.precision)
         return output
 
 
