@@ -10,7 +10,8 @@
 #   bash scripts/gpu/on_device.sh engine-tests [SECS] [pytest args] # on CUDA
 #     (env TESTS: test files, LOG: log name, default engine_tests)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
-#     (env CHECK_BUDGETS="16 64", BATCHES="1 4", NPROMPTS=4)
+#     (env CHECK_BUDGETS="16 64", BATCHES="1 4", NPROMPTS=4, BASELINE=dflash,
+#      NAME: output name, BENCH_ARGS e.g. "--ar-from /tmp/jetspec/bench_smollm2/ar.json")
 #   bash scripts/gpu/on_device.sh bench8b NAME chain 16 64 128  # replay, 8B shape
 #     (env BATCHES="1 8", NPROMPTS=8, BENCH_SECS=540,
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json", GMU=0.85)
@@ -106,7 +107,7 @@ eval)
 kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     # (device time from CUDA-graph replays, and eager time with the launch),
     # then a tile sweep on engine-like shapes (env KTESTS=0: no tests,
-    # KBENCH=0: tests only)
+    # KBENCH=0: tests only, KTILES=0: no tile sweep)
     if [ "${KTESTS:-1}" = 1 ]; then
         timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
             > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
@@ -119,6 +120,7 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
         --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
         || echo "kernel bench rc $?"
     tail -3 "$OUT/kernel_bench.log"
+    [ "${KTILES:-1}" = 1 ] || exit 0
     timeout 200 python3 -m vllm_jetspec.kernels.bench_tree_attention \
         --batch 1 8 --prefix 768 4096 --budget 16 128 --tiles small large \
         --tile 2:64:4:3 4:64:4:3 8:64:4:3 8:64:4:4 16:64:4:3 8:16:2:3 \
@@ -137,9 +139,10 @@ cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
         --max-new-tokens 128 --budgets ${CHECK_BUDGETS:-16 64} \
         --batch-sizes ${BATCHES:-1 4} --gpu-memory-utilization 0.5 \
-        "${G[@]}" --out "$W/bench_smollm2" > "$OUT/cuda_check.log" 2>&1 \
+        --baseline "${BASELINE:-dflash}" ${BENCH_ARGS:-} \
+        "${G[@]}" --out "$W/${NAME:-bench_smollm2}" > "$OUT/${NAME:-cuda_check}.log" 2>&1 \
         || echo "cuda-check rc $?"
-    keep bench_smollm2; tail -20 "$OUT/cuda_check.log" ;;
+    keep "${NAME:-bench_smollm2}"; tail -20 "$OUT/${NAME:-cuda_check}.log" ;;
 bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
     name=$1 base=$2; shift 2
     python3 scripts/gpu/shapes.py "$W/shapes"
