@@ -107,9 +107,9 @@ eval)
 kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     # (device time from CUDA-graph replays, and eager time with the launch),
     # then a tile sweep on engine-like shapes (env KTESTS=0: no tests,
-    # KBENCH=0: tests only, KTILES=0: no tile sweep)
+    # KBENCH=0: tests only, KTILES=0: no tile sweep, KTEST_SECS=240)
     if [ "${KTESTS:-1}" = 1 ]; then
-        timeout 240 python3 -m pytest -q -p no:cacheprovider kernels \
+        timeout "${KTEST_SECS:-240}" python3 -m pytest -q -p no:cacheprovider kernels \
             > "$OUT/kernel_tests.log" 2>&1 || echo "kernel tests rc $?"
         tail -5 "$OUT/kernel_tests.log"
     fi
