@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", nargs="+", default=["1"],
                     help="prefix splits to time: integers and/or 'auto' "
                     "(one row each)")
-    ap.add_argument("--tiles", nargs="+", default=["small"],
+    ap.add_argument("--tiles", nargs="+", default=["large"],
                     choices=["small", "large"],
-                    help="program tiles to time: 'small' (the default "
-                    "kernel) and/or 'large' (128-row tiles for large trees)")
+                    help="program tiles to time: 'large' (the engine's "
+                    "default: 64-row programs, 128-row ones for large trees) "
+                    "and/or 'small' (64-row programs everywhere)")
     ap.add_argument("--tile", nargs="+", default=[], metavar="N:B:W:S",
                     help="explicit program tiles to time as well (tuning): "
                     "nodes per program : keys per step (16/32/64) : warps : "
@@ -53,7 +54,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="calls captured in the CUDA graph timed for 'us' "
                     "(0: no graph timing)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None,
+                    help="also plot device time and %% of copy bandwidth "
+                    "against the budget, a line per (batch, prefix)")
+    ap.add_argument("--plot-from", default=None, metavar="JSON",
+                    help="no timing: redraw --png from an earlier --json")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        if not args.png:
+            ap.error("--plot-from needs --png")
+        with open(args.plot_from) as f:
+            print(plot(json.load(f), args.png))
+        return
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -139,6 +151,53 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)
+    if args.png:
+        print(plot(info, args.png))
+
+
+def plot(info: dict, path: str) -> str:
+    """Device time (log scale) and fraction of the copy bandwidth against
+    the budget, one line per (batch, prefix), for one variant: the default
+    tiles without prefix splits when timed, else the first one. Returns
+    ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = info["rows"]
+    variants = [(r["tiles"], str(r["splits"])) for r in rows]
+    pick = ("large", "1") if ("large", "1") in variants else variants[0]
+    rows = [r for r in rows if (r["tiles"], str(r["splits"])) == pick]
+    frac = all("frac_of_copy" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if frac else 1, figsize=(11 if frac else 6,
+                                                           4.2), squeeze=False)
+    keys = sorted({(r["batch"], r["prefix"]) for r in rows})
+    for b, p in keys:
+        line = sorted((r["budget"], r) for r in rows
+                      if (r["batch"], r["prefix"]) == (b, p))
+        x = [n for n, _ in line]
+        axes[0][0].plot(x, [r["us"] for _, r in line], marker="o",
+                        label=f"batch {b}, prefix {p}")
+        if frac:
+            axes[0][1].plot(x, [100 * r["frac_of_copy"] for _, r in line],
+                            marker="o", label=f"batch {b}, prefix {p}")
+    timing = rows[0].get("timing", "events") if rows else ""
+    axes[0][0].set(xscale="log", yscale="log", xlabel="tree budget (nodes)",
+                   ylabel=f"kernel time, us ({timing})")
+    if frac:
+        axes[0][1].set(xscale="log", xlabel="tree budget (nodes)",
+                       ylabel="% of copy bandwidth", ylim=(0, 100))
+        axes[0][1].axhline(60, color="grey", lw=0.8, ls="--")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"tree attention, {info.get('device', '')}, "
+                 f"{info.get('dtype', '')}, tiles {pick[0]}, splits "
+                 f"{pick[1]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def time_eager(call, repeats: int, cuda: bool) -> float:

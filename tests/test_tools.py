@@ -166,3 +166,27 @@ def test_sweep_through_vllm(smollm2, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "recorded with other prompts or settings" in proc.stderr
+
+
+def test_kernel_bench_plot_from_json(tmp_path):
+    """The kernel bench redraws its PNG from an earlier JSON (no timing):
+    the default variant's rows, time and % of copy bandwidth."""
+    rows = [dict(batch=b, prefix=p, budget=n, tiles=t, splits=s,
+                 us=10.0 * n / b, us_eager=50.0, timing="graph",
+                 gbps=1.0, frac_of_copy=0.1 * b, max_diff_vs_first=0.0)
+            for b in (1, 8) for p in (512,) for n in (16, 128)
+            for t, s in (("large", 1), ("small", "auto"))]
+    src = tmp_path / "k.json"
+    src.write_text(json.dumps(dict(device="test", dtype="bf16", rows=rows)))
+    png = tmp_path / "k.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.kernels.bench_tree_attention",
+         "--plot-from", str(src), "--png", str(png)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # --plot-from without --png is one clear error.
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.kernels.bench_tree_attention",
+         "--plot-from", str(src)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--plot-from needs --png" in proc.stderr

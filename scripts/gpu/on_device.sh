@@ -117,7 +117,8 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     timeout 240 python3 -m vllm_jetspec.kernels.bench_tree_attention \
         --batch 1 8 32 --prefix 512 4096 8192 --budget 16 128 256 \
         --tiles small large --splits 1 auto --repeats 20 \
-        --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1 \
+        --json "$OUT/kernel_bench.json" --png "$OUT/kernel_bench.png" \
+        > "$OUT/kernel_bench.log" 2>&1 \
         || echo "kernel bench rc $?"
     tail -3 "$OUT/kernel_bench.log"
     [ "${KTILES:-1}" = 1 ] || exit 0
