@@ -6,7 +6,9 @@ Qwen3-8B attention shape (32 query heads, 8 KV heads, head dim 128), bf16,
 block size 16, scattered pages; per (batch, prefix, budget): kernel time
 and achieved bandwidth = K/V bytes of the prefixes and trees / time (the
 floor of a memory-bound kernel), and as a fraction of the bandwidth of a
-1 GiB device-to-device copy measured in the same run. On CPU it
+1 GiB device-to-device copy measured in the same run; dot-product work as
+TFLOP/s, against a bf16 matmul measured in the same run, and the fraction
+of the roofline (the larger of the memory and compute floors). On CPU it
 runs a tiny shape in Triton's interpreter (a smoke run, no timing claims).
 
 Two times per row on CUDA. ``us``: device time, the median over repeats of
@@ -136,23 +138,79 @@ def main(argv: list[str] | None = None) -> None:
                                timing="graph" if cuda and args.graph_calls
                                > 0 else "events" if cuda else "wall",
                                gbps=round(nbytes / t / 1e9, 1),
+                               tflops=round(attention_flops(
+                                   B, N, P, hq, D) / t / 1e12, 1),
                                max_diff_vs_first=diff)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     hbm = copy_bandwidth_gbps() if cuda else None
+    mm = matmul_tflops(dtype=dtype) if cuda else None
     if hbm:
-        for row in rows:
-            row["frac_of_copy"] = round(row["gbps"] / hbm, 3)
-        print(json.dumps(dict(copy_gbps=round(hbm, 1))), flush=True)
+        add_roofline(rows, hbm, mm)
+        print(json.dumps(dict(copy_gbps=round(hbm, 1),
+                              matmul_tflops=round(mm, 1))), flush=True)
     info = dict(device=torch.cuda.get_device_name() if cuda else "cpu "
                 "(Triton interpreter; no timing claim)", dtype=str(dtype),
                 shape=dict(hq=hq, hkv=hkv, head_dim=D, block_size=bs),
-                copy_gbps=hbm, rows=rows)
+                copy_gbps=hbm, matmul_tflops=mm, rows=rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)
     if args.png:
         print(plot(info, args.png))
+
+
+def attention_flops(batch: int, budget: int, prefix: int, hq: int,
+                    D: int) -> int:
+    """Multiply-adds x 2 of a launch's two dot products (QK^T and PV) over
+    every key a node's program visits: the whole prefix and the tree's
+    slots (masked ones included, as the kernel computes them)."""
+    return 4 * batch * budget * hq * D * (prefix + budget)
+
+
+def add_roofline(rows: list[dict], copy_gbps: float,
+                 matmul_tflops: float | None) -> None:
+    """Per row: ``frac_of_copy`` (bandwidth / copy bandwidth) and, with a
+    measured matmul rate, ``frac_of_matmul`` (tflops / matmul rate),
+    ``bound`` (``memory`` when the K/V bytes at copy bandwidth take longer
+    than the dot products at the matmul rate, else ``compute``) and
+    ``frac_of_roofline`` (that larger floor / the kernel's time): how close
+    the kernel is to what the device allows for this shape. Large trees are
+    compute-bound: a bandwidth target cannot be met there."""
+    for row in rows:
+        row["frac_of_copy"] = round(row["gbps"] / copy_gbps, 3)
+        if not matmul_tflops:
+            continue
+        t = row["us"] * 1e-6
+        mem = row["gbps"] * 1e9 * t / (copy_gbps * 1e9)
+        comp = row["tflops"] * 1e12 * t / (matmul_tflops * 1e12)
+        row["frac_of_matmul"] = round(row["tflops"] / matmul_tflops, 3)
+        row["bound"] = "memory" if mem >= comp else "compute"
+        row["frac_of_roofline"] = round(max(mem, comp) / t, 3)
+
+
+def matmul_tflops(n: int = 8192, repeats: int = 10, dtype=torch.bfloat16,
+                  device: str = "cuda") -> float:
+    """Measured dense matmul rate: an ``n x n x n`` product in ``dtype``,
+    median of ``repeats`` (the compute ceiling the roofline uses)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            s, e = (torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True))
+            s.record()
+            a @ b
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
 def plot(info: dict, path: str) -> str:

@@ -190,3 +190,24 @@ def test_kernel_bench_plot_from_json(tmp_path):
         [sys.executable, "-m", "vllm_jetspec.kernels.bench_tree_attention",
          "--plot-from", str(src)], capture_output=True, text=True)
     assert proc.returncode == 2 and "--plot-from needs --png" in proc.stderr
+
+
+def test_kernel_bench_roofline():
+    """The roofline fields: a shape whose bytes take longer than its dot
+    products is memory-bound, the other way round compute-bound; the
+    fraction of the roofline is the larger floor over the time."""
+    from vllm_jetspec.kernels.bench_tree_attention import (
+        add_roofline, attention_flops, matmul_tflops)
+
+    assert attention_flops(2, 16, 100, 4, 8) == 4 * 2 * 16 * 4 * 8 * 116
+    rows = [dict(us=100.0, gbps=1500.0, tflops=100.0),    # memory
+            dict(us=100.0, gbps=300.0, tflops=400.0)]     # compute
+    add_roofline(rows, copy_gbps=3000.0, matmul_tflops=800.0)
+    assert rows[0]["bound"] == "memory" and rows[1]["bound"] == "compute"
+    assert rows[0]["frac_of_roofline"] == 0.5 == rows[0]["frac_of_copy"]
+    assert rows[1]["frac_of_roofline"] == 0.5 == rows[1]["frac_of_matmul"]
+    rows = [dict(us=1.0, gbps=1.0, tflops=1.0)]
+    add_roofline(rows, copy_gbps=2.0, matmul_tflops=None)
+    assert rows[0]["frac_of_copy"] == 0.5 and "bound" not in rows[0]
+    assert matmul_tflops(n=64, repeats=2, dtype=torch.float32,
+                         device="cpu") > 0
