@@ -24,7 +24,8 @@ number of timed spans and their median / 90th-percentile / largest
 milliseconds (the first ``MAX_SAMPLES`` spans since the last reset): a
 segment whose mean is far above its median holds a few slow steps (e.g. a
 one-time cost in the timed window), one with median = mean is uniformly
-slow. ``alloc`` (CUDA only): how often PyTorch's caching allocator
+slow; a span ten times its segment's typical one (and >= 50 ms) is
+logged with its step number. ``alloc`` (CUDA only): how often PyTorch's caching allocator
 called ``cudaMalloc`` / ``cudaFree`` and had to free its cache and retry
 (``num_alloc_retries``) since the last reset -- in steady state all three
 stay near 0; retries every step mean the engine runs at the edge of its
@@ -40,9 +41,18 @@ import time
 
 import torch
 
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.jetspec.profile")
+
 PROFILE_ENV = "JETSPEC_PROFILE"
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree")
 MAX_SAMPLES = 4096      # per segment and reset
+# A span this many times its segment's typical one (the median of the
+# first 8 since the reset), and at least SLOW_MIN_S, is logged with its
+# step, so that it can be matched with other log lines (e.g. vLLM's JIT
+# monitor naming a kernel compiled inside a served step).
+SLOW_FACTOR, SLOW_MIN_S = 10.0, 0.05
 ALLOC_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
 
 
@@ -83,8 +93,15 @@ class StepProfiler:
             return None
         t = self.now()
         self.seconds[segment] += t - since
-        if len(self.samples[segment]) < MAX_SAMPLES:
-            self.samples[segment].append(t - since)
+        xs = self.samples[segment]
+        if len(xs) < MAX_SAMPLES:
+            xs.append(t - since)
+        if len(xs) > 8:
+            typical = sorted(xs[:8])[4]
+            if t - since > max(SLOW_MIN_S, SLOW_FACTOR * typical):
+                logger.info("jetspec profile: slow %s span, %.1f ms at step "
+                            "%d (typical %.2f ms)", segment,
+                            1e3 * (t - since), self.steps, 1e3 * typical)
         return t
 
     def sub(self, segment: str, seconds: float) -> None:
