@@ -11,9 +11,10 @@ TFLOP/s, against a bf16 matmul measured in the same run, and the fraction
 of the roofline (the larger of the memory and compute floors). On CPU it
 runs a tiny shape in Triton's interpreter (a smoke run, no timing claims).
 
-Two times per row on CUDA. ``us``: device time, the median over repeats of
-one CUDA-graph replay of ``--graph-calls`` back-to-back calls divided by
-their number -- what a verify step replaying a full graph pays. ``us_eager``:
+Two times per row on CUDA. ``us``: device time, the median over replays of
+a CUDA graph of back-to-back calls (``--graph-ms`` of them; Triton's
+``do_bench_cudagraph``) per call -- what a verify step replaying a full
+graph pays. ``us_eager``:
 CUDA events around one eager call (median of repeats), which also holds the
 host's launch of the kernel (Triton's launcher with its ~30 arguments):
 what a piecewise-graph step pays per layer when the host is the bottleneck.
@@ -52,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="explicit program tiles to time as well (tuning): "
                     "nodes per program : keys per step (16/32/64) : warps : "
                     "pipeline stages, e.g. 8:64:4:3")
-    ap.add_argument("--graph-calls", type=int, default=20,
-                    help="calls captured in the CUDA graph timed for 'us' "
-                    "(0: no graph timing)")
+    ap.add_argument("--graph-ms", type=float, default=20.0,
+                    help="milliseconds of back-to-back calls per CUDA-graph "
+                    "replay timed for 'us' (0: no graph timing)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None,
                     help="also plot device time and %% of copy bandwidth "
@@ -127,15 +128,15 @@ def main(argv: list[str] | None = None) -> None:
                         first = out.float().clone()
                     t_eager = time_eager(call, args.repeats, cuda)
                     t = t_eager
-                    if cuda and args.graph_calls > 0:
-                        t = time_graph(call, args.repeats, args.graph_calls)
+                    if cuda and args.graph_ms > 0:
+                        t = time_graph(call, args.graph_ms)
                     nbytes = 2 * B * L * hkv * D * k.element_size() \
                         + 2 * q.numel() * q.element_size()
                     row = dict(batch=B, prefix=P, budget=N, tiles=tiles,
                                splits=sp,
                                us=round(t * 1e6, 1),
                                us_eager=round(t_eager * 1e6, 1),
-                               timing="graph" if cuda and args.graph_calls
+                               timing="graph" if cuda and args.graph_ms
                                > 0 else "events" if cuda else "wall",
                                gbps=round(nbytes / t / 1e9, 1),
                                tflops=round(attention_flops(
@@ -278,30 +279,12 @@ def time_eager(call, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def time_graph(call, repeats: int, calls: int) -> float:
-    """Median device seconds of one ``call`` replayed from a CUDA graph of
-    ``calls`` back-to-back calls (no host launch inside the timed span)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()                                  # warm-up off the default
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = (torch.cuda.Event(enable_timing=True),
-                torch.cuda.Event(enable_timing=True))
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / calls)
-    return statistics.median(times)
+def time_graph(call, rep_ms: float) -> float:
+    """Median device seconds of one ``call``, from CUDA-graph replays of
+    back-to-back calls (Triton's ``do_bench_cudagraph``: as many calls as
+    fit ``rep_ms``; no host launch inside the timed span)."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(call, rep=rep_ms, return_mode="median") / 1e3
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
