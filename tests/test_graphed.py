@@ -133,3 +133,36 @@ def test_function_that_waits(device):
         assert fn.replays == 0
     else:
         assert fn.replays == 2
+
+
+def test_draft_graphs_setting():
+    """JETSPEC_DRAFT_GRAPHS: 1 (default), 0, host; anything else is one
+    clear error. CUDA graphs of the draft pass only on CUDA engines that
+    capture graphs themselves; host everywhere when asked."""
+    from types import SimpleNamespace as NS
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_jetspec.vllm_patches.draft_pass import (draft_graphs_setting,
+                                                      draft_graphs_wanted)
+    assert draft_graphs_setting({}) == "1"
+    for v in ("0", "1", "host"):
+        assert draft_graphs_setting({"JETSPEC_DRAFT_GRAPHS": v}) == v
+    with pytest.raises(ValueError, match="JETSPEC_DRAFT_GRAPHS"):
+        draft_graphs_setting({"JETSPEC_DRAFT_GRAPHS": "yes"})
+
+    def cfg(eager=False, mode=CUDAGraphMode.FULL_AND_PIECEWISE, dp=1):
+        return NS(model_config=NS(enforce_eager=eager),
+                  compilation_config=NS(cudagraph_mode=mode),
+                  parallel_config=NS(data_parallel_size=dp))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert draft_graphs_wanted(cfg(), cuda, {}) == "cuda"
+    assert draft_graphs_wanted(cfg(), cpu, {}) is None
+    assert draft_graphs_wanted(cfg(eager=True), cuda, {}) is None
+    assert draft_graphs_wanted(cfg(mode=CUDAGraphMode.NONE), cuda, {}) \
+        is None
+    assert draft_graphs_wanted(cfg(dp=2), cuda, {}) is None
+    assert draft_graphs_wanted(cfg(), cuda,
+                               {"JETSPEC_DRAFT_GRAPHS": "0"}) is None
+    assert draft_graphs_wanted(cfg(eager=True), cpu,
+                               {"JETSPEC_DRAFT_GRAPHS": "host"}) == "host"

@@ -124,9 +124,11 @@ def reference_stats(target_dir, head_dir, algo, budget):
     # than the scheduler's draft slots (buffers sized for the depth).
     ("accum_logp", 4, None), ("accum_logp", 8, None),
     ("accum_logp", 64, None),
-    # Tree construction and acceptance + K/V compaction of every round
-    # through the graphs' static buffers (graphed.HostGraph standing in for
-    # CUDA graphs): batch sizes 1-4 and tree sizes change between rounds.
+    # Tree construction, acceptance + K/V compaction and the draft pass
+    # (draft_pass.py: vLLM's propose split into host work and a graphed
+    # body) of every round through the graphs' static buffers
+    # (graphed.HostGraph standing in for CUDA graphs): batch sizes 1-4 and
+    # tree sizes change between rounds.
     ("topb_prefix", 64, "host"),
     ("top2gap_fanout", 64, None), ("chain", 8, None),
 ])
@@ -135,15 +137,19 @@ def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget,
     target, head = tiny
     tokens, m, log, *prof = run(tmp_path, target, {
         "method": "jetspec", "model": str(head), "tree_budget": budget,
-        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs},
+        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs,
+                                            "JETSPEC_DRAFT_GRAPHS": graphs},
         profile=GPU_GRAPHS)
     assert f"jetspec: tree budget {budget}" in log
     if GPU_GRAPHS:
         assert "Capturing CUDA graphs (decode, FULL)" in log
         assert prof[0]["graph_modes"].get("FULL", 0) > 0, prof[0]
     if graphs:
-        for what in ("tree construction", "acceptance + compaction"):
+        for what in ("tree construction", "acceptance + compaction",
+                     "draft pass"):
             assert f"jetspec: {what} replays a graph per shape (host)" in log
+        assert "jetspec: the draft pass replays one host graph per shape" \
+            in log
     assert tokens == no_spec
     # Round by round the engine does what the oracle does: the same number
     # of tree rounds, and the same accepted depth in each (vLLM's

@@ -125,6 +125,12 @@ def test_builder_writes_masks_and_prefixes_in_place():
         assert m.masks.stride() == b.masks_buf.stride()
         assert m.prefix_lens.data_ptr() == b.prefix_buf.data_ptr()
         assert m.prefix_lens.tolist() == prefix
+        # The query offsets too (a DFlash draft pass makes a new tensor of
+        # them each step): the draft pass's graphs rely on graph_safe.
+        assert m.query_start_loc.data_ptr() == b.qsl_buf.data_ptr()
+        assert m.query_start_loc.tolist() == [0] + torch.tensor(
+            n).cumsum(0).tolist()
+        assert m.graph_safe
         assert m.max_nodes == max(n)
         for r, nr in enumerate(n):
             want = _unpack_rows(trees[r], nr) if r in trees else \
@@ -139,6 +145,7 @@ def test_builder_writes_masks_and_prefixes_in_place():
     assert b.build(0, short).prefix_lens.tolist() == [0, 0]
     m = b.build(0, _common([70, 3], [0, 5]))
     assert m.masks.data_ptr() != b.masks_buf.data_ptr()
+    assert not m.graph_safe
     assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
     short = _common([70, 3], [0, 0])
     short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)

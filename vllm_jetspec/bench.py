@@ -89,6 +89,8 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
             row[f"{s}_ms"] for s in SEGMENTS[:-1]))
         if prof.get("graph_modes"):
             row["graph_modes"] = dict(sorted(prof["graph_modes"].items()))
+        if prof.get("draft_modes"):
+            row["draft_modes"] = dict(sorted(prof["draft_modes"].items()))
         if prof.get("stats"):
             row["segment_stats"] = prof["stats"]
         if prof.get("alloc"):
@@ -396,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['method']}{r['budget'] or ''} b{r['batch']} "
             + ", ".join(f"{k} {v}" for k, v in r["graph_modes"].items())
             for r in modes))
+    drafts = [r for r in rows if r.get("draft_modes")]
+    if drafts:
+        print("draft passes (graph: one graph per shape; vllm: vLLM's "
+              "propose): " + "; ".join(
+                  f"{r['method']}{r['budget'] or ''} b{r['batch']} "
+                  + ", ".join(f"{k} {v}" for k, v in r["draft_modes"].items())
+                  for r in drafts))
     stats = [r for r in rows if r.get("segment_stats")]
     if stats:
         print("per span, median / p90 / max ms: " + "; ".join(

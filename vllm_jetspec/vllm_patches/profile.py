@@ -19,7 +19,8 @@ On CUDA every boundary synchronises the device, so the segments are real
 GPU time and the run is a little slower than unprofiled. The step count is
 the number of ``_prepare_inputs`` calls (engine steps that ran a forward);
 ``graph_modes`` counts the CUDA-graph mode (FULL / PIECEWISE / NONE) vLLM
-dispatched each target forward to. ``stats`` gives, per segment, the
+dispatched each target forward to, ``draft_modes`` how each draft pass ran
+(``graph``: ``draft_pass.py``; ``vllm``: vLLM's propose). ``stats`` gives, per segment, the
 number of timed spans and their median / 90th-percentile / largest
 milliseconds (the first ``MAX_SAMPLES`` spans since the last reset): a
 segment whose mean is far above its median holds a few slow steps (e.g. a
@@ -74,6 +75,9 @@ class StepProfiler:
         self.steps = 0
         # CUDA-graph mode of each target forward (runner._count_graph_modes)
         self.graph_modes: dict[str, int] = {}
+        # How each jetspec draft pass ran: "graph" (draft_pass.py, one
+        # graph replay or capture) or "vllm" (vLLM's propose)
+        self.draft_modes: dict[str, int] = {}
         self.samples: dict[str, list[float]] = {s: [] for s in SEGMENTS}
         self._alloc0 = _alloc_counters()
         self._mark: float | None = None
@@ -134,7 +138,8 @@ class StepProfiler:
     def snapshot(self, reset: bool = False) -> dict:
         out = dict(enabled=self.enabled, steps=self.steps,
                    seconds=dict(self.seconds),
-                   graph_modes=dict(self.graph_modes), stats=self.stats())
+                   graph_modes=dict(self.graph_modes),
+                   draft_modes=dict(self.draft_modes), stats=self.stats())
         now = _alloc_counters()
         if now:
             out["alloc"] = {k: now[k] - self._alloc0.get(k, 0) for k in now}

@@ -38,6 +38,7 @@ from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_target_tokens)
 from . import tree_state
 from .config import settings_of
+from .draft_pass import DraftPass, draft_graphs_wanted
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
 
@@ -112,10 +113,38 @@ class JetSpecProposer(DFlashProposer):
         # One CUDA graph per (batch, budget) shape of tree construction.
         self.build = tree_graphs(_build, "tree construction", vllm_config,
                                  device)
+        # The draft pass as one CUDA graph per shape (draft_pass.py); set
+        # in load_model, where the head is known to be causal.
+        self.draft_mode = draft_graphs_wanted(vllm_config, device) \
+            if s is not None else None
+        self.draft_pass: DraftPass | None = None
+
+    def _create_draft_vllm_config(self):
+        cfg = super()._create_draft_vllm_config()
+        if getattr(self, "draft_mode", None) != "cuda" or \
+                not self.dflash_causal or \
+                self.speculative_config.attention_backend is not None:
+            return cfg
+        # The draft layers on our Triton backend (vLLM would pick its own,
+        # e.g. FLASH_ATTN): its metadata builder writes every per-step
+        # tensor into buffers it owns, so the draft pass can replay a
+        # graph (draft_pass.py).
+        from dataclasses import replace
+
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        return replace(cfg, attention_config=replace(
+            cfg.attention_config, backend=AttentionBackendEnum.CUSTOM))
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
-        if self.jetspec is None or self.device.type != "cpu":
+        if self.jetspec is None:
+            return
+        if self.draft_mode is not None and self.dflash_causal:
+            self.draft_pass = DraftPass(self, self.draft_mode)
+            logger.info("jetspec: the draft pass replays one %s graph per "
+                        "shape", "CUDA" if self.draft_mode == "cuda"
+                        else "host")
+        if self.device.type != "cpu":
             return
         inner = getattr(self.model, "model", None)
         if inner is None or not hasattr(inner, "_k_norm_weights"):
@@ -132,6 +161,12 @@ class JetSpecProposer(DFlashProposer):
                                                 sampling_metadata)
         logp = self.model.compute_logits(hidden_states).float().log_softmax(-1)
         v, i = logp.topk(min(self.jetspec.width, logp.shape[-1]), dim=-1)
+        self._topk = self._replayed(v, i)
+        return i[:, 0], None
+
+    def _replayed(self, v, i):
+        """Replay mode: this step's recorded tokens first in each depth's
+        top-K (``force_top1``); otherwise ``(v, i)``."""
         rt, self.replay_tokens = self.replay_tokens, None
         # [R, s.depth] recorded tokens; this pass may draft fewer slots
         # (tree_budget "auto").
@@ -139,8 +174,7 @@ class JetSpecProposer(DFlashProposer):
                 and v.shape[0] // rt.shape[0] <= rt.shape[1]:
             d = v.shape[0] // rt.shape[0]
             v, i = force_top1(v, i, rt[:, :d].reshape(-1))
-        self._topk = (v, i)
-        return i[:, 0], None
+        return v, i
 
     def propose(self, num_speculative_tokens, *args, **kwargs):
         if self.jetspec is None:
@@ -151,8 +185,16 @@ class JetSpecProposer(DFlashProposer):
             limit = self.policy.next_limit()
             if s.causal:
                 depth = max(1, min(s.depth, limit - 1))
-        super().propose(depth, *args, **kwargs)
-        v, i = self._topk
+        topk = None
+        if self.draft_pass is not None and not args:
+            topk = self.draft_pass(depth, s.width, kwargs)
+        how = "graph" if topk is not None else "vllm"
+        self.prof.draft_modes[how] = self.prof.draft_modes.get(how, 0) + 1
+        if topk is not None:
+            v, i = self._replayed(*topk)
+        else:
+            super().propose(depth, *args, **kwargs)
+            v, i = self._topk
         anchor = kwargs["next_token_ids"]
         R = anchor.shape[0]
         t = self.prof.start()

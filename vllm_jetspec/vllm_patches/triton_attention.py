@@ -82,6 +82,10 @@ class TritonTreeAttentionMetadata:
     masks: torch.Tensor                # [R, N, W] int64
     max_nodes: int                     # new tokens of the longest request
     max_seq_len: int                   # bounds every prefix (host int)
+    # Every tensor above in the builder's or vLLM's persistent buffers, so
+    # a CUDA graph captured with this step's metadata replays correctly
+    # with a later step's of the same shape (draft_pass.py checks it).
+    graph_safe: bool = False
 
 
 def _copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
@@ -119,9 +123,12 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
     A graph replays the kernel arguments of its capture, so every tensor
     the kernel reads must keep its address: vLLM's query_start_loc,
     seq_lens, block table and slot mapping do (runner buffers), and the
-    step's masks and prefix lengths are written in place into buffers this
-    builder owns (``[max_num_seqs, N, W]`` and ``[max_num_seqs]``) whenever
-    the step fits them. Steps that do not fit (prefill chunks longer than
+    step's masks, prefix lengths and query start offsets are written in
+    place into buffers this builder owns (``[max_num_seqs, N, W]``,
+    ``[max_num_seqs]`` and ``[max_num_seqs + 1]``; the metadata then says
+    ``graph_safe``) whenever the step fits them. The DFlash draft pass,
+    when it runs on this backend, uses the same buffers of its own builder
+    (``draft_pass.py``). Steps that do not fit (prefill chunks longer than
     N, the draft pass when its 1 + depth slots exceed N) never run as a
     full graph and get fresh tensors. The launch shape comes from
     capture-time values only: the grid from the padded request count and
@@ -143,6 +150,10 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         self.masks_buf = torch.zeros(rows, n, words, dtype=torch.long,
                                      device=device)
         self.prefix_buf = torch.zeros(rows, dtype=torch.int32, device=device)
+        # vLLM's query_start_loc is a runner buffer for target steps but a
+        # new tensor in each DFlash draft pass (set_inputs_first_pass).
+        self.qsl_buf = torch.zeros(rows + 1, dtype=torch.int32,
+                                   device=device)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -170,7 +181,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         trees = tree_state.masks_for_step(R) if causal else {}
         host = step_masks_host(qsl_cpu, causal, trees)
         rows, N, W = self.masks_buf.shape
-        if R <= rows and max_nodes <= N:
+        safe = R <= rows and max_nodes <= N
+        if safe:
             # In place (stream-ordered after the previous step's reads);
             # rows past a request's tokens and words past its tree are
             # never read.
@@ -180,6 +192,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             masks = self.masks_buf[:R]
             prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
                                  min=0, out=self.prefix_buf[:R])
+            qsl = self.qsl_buf[:R + 1].copy_(qsl)
         else:
             masks = async_tensor_h2d(host, qsl.device)
             prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
@@ -192,7 +205,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             slot_mapping=m.slot_mapping,
             masks=masks,
             max_nodes=max_nodes,
-            max_seq_len=int(m.max_seq_len))
+            max_seq_len=int(m.max_seq_len),
+            graph_safe=safe)
 
 
 SPLITS_ENV = "JETSPEC_TREE_SPLITS"
