@@ -55,3 +55,24 @@ def test_span_stats_and_slow_span_log(monkeypatch):
     off = P.StepProfiler(enabled=False)
     assert off.start() is None and off.add("draft", None) is None
     assert off.snapshot()["stats"] == {}
+
+
+def test_parts_are_stats_only():
+    """A part of a segment (the draft pass's host inputs, its graph) is
+    kept for the per-span stats, not added to the segment seconds; off
+    when profiling is off."""
+    from vllm_jetspec.vllm_patches.profile import StepProfiler
+
+    p = StepProfiler(enabled=True)
+    t = p.start()
+    t = p.part("draft_inputs", t)
+    p.part("draft_body", t)
+    st = p.stats()
+    assert st["draft_inputs"]["n"] == 1 and st["draft_body"]["n"] == 1
+    assert sum(p.seconds.values()) == 0.0
+    assert "draft_inputs" not in p.seconds
+    p.reset()
+    assert "draft_inputs" not in p.stats()
+    off = StepProfiler(enabled=False)
+    assert off.part("draft_inputs", off.start()) is None
+    assert off.stats() == {}

@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['method']}{r['budget'] or ''} b{r['batch']} " + ", ".join(
                 f"{seg} {v['median_ms']:.2f}/{v['p90_ms']:.2f}/"
                 f"{v['max_ms']:.2f}" for seg, v in
-                r["segment_stats"].items() if seg in ("verify", "draft"))
+                r["segment_stats"].items() if seg in (
+                    "verify", "draft", "draft_prepare", "draft_inputs",
+                    "draft_body"))
             for r in stats))
     alloc = [r for r in rows if r.get("alloc")]
     if alloc:

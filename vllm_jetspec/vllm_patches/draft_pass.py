@@ -126,6 +126,8 @@ class DraftPass:
             # draft pass, mixed batches): shapes seen once, not worth a
             # capture each.
             return None
+        prof = p.prof
+        t = prof.start()
         p.num_speculative_tokens = depth
         p._last_draft_probs = None
         hidden = kwargs["target_hidden_states"]
@@ -142,6 +144,8 @@ class DraftPass:
         safe = self.mode == "host" or (
             bool(mds) and all(getattr(m, "graph_safe", False) for m in mds))
         slots = p._get_slot_mapping(num_query, cad.slot_mapping)
+        # Profile (JETSPEC_PROFILE=1): the host part, then the graph.
+        t = prof.part("draft_inputs", t)
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import set_forward_context
         with set_forward_context(per_layer, p.vllm_config,
@@ -162,6 +166,7 @@ class DraftPass:
                              num_query)
                 v, i = _body(p, hidden, rows, num_query=num_query,
                              width=width, ptrs=())
+        prof.part("draft_body", t)
         return v, i
 
     def _ptrs(self, mds) -> tuple:

@@ -81,6 +81,7 @@ class StepProfiler:
         self.samples: dict[str, list[float]] = {s: [] for s in SEGMENTS}
         self._alloc0 = _alloc_counters()
         self._mark: float | None = None
+        self.draft_t0: float | None = None   # start of the draft segment
 
     def now(self) -> float:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -106,6 +107,17 @@ class StepProfiler:
                 logger.info("jetspec profile: slow %s span, %.1f ms at step "
                             "%d (typical %.2f ms)", segment,
                             1e3 * (t - since), self.steps, 1e3 * typical)
+        return t
+
+    def part(self, name: str, since: float | None) -> float | None:
+        """A span of a part of a segment (``draft_inputs``, ...): kept
+        for ``stats`` only, not added to ``seconds``; returns now."""
+        if since is None:
+            return None
+        t = self.now()
+        xs = self.samples.setdefault(name, [])
+        if len(xs) < MAX_SAMPLES:
+            xs.append(t - since)
         return t
 
     def sub(self, segment: str, seconds: float) -> None:

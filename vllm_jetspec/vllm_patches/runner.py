@@ -121,14 +121,19 @@ class JetSpecProposer(DFlashProposer):
 
     def _create_draft_vllm_config(self):
         cfg = super()._create_draft_vllm_config()
-        if getattr(self, "draft_mode", None) != "cuda" or \
-                not self.dflash_causal or \
+        if getattr(self, "jetspec", None) is None or \
+                self.device.type != "cuda" or \
                 self.speculative_config.attention_backend is not None:
             return cfg
-        # The draft layers on our Triton backend (vLLM would pick its own,
-        # e.g. FLASH_ATTN): its metadata builder writes every per-step
-        # tensor into buffers it owns, so the draft pass can replay a
-        # graph (draft_pass.py).
+        # The draft layers on our Triton backend too (vLLM would pick its
+        # own, FLASH_ATTN for bf16 on the H100): its metadata builder
+        # writes every per-step tensor into buffers it owns, so the draft
+        # pass can replay a graph (draft_pass.py). With FLASH_ATTN, vLLM's
+        # own propose stopped a jetspec engine on the H100 (2026-11-24,
+        # Qwen3-8B shape, budget 16: "out must have shape (total_q,
+        # num_heads, head_size_v)" in the head's attention; cause not
+        # established), so the draft layers use ours whether or not the
+        # pass is graphed. (On CPU ours replaces CPU_ATTN for every layer.)
         from dataclasses import replace
 
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -185,6 +190,10 @@ class JetSpecProposer(DFlashProposer):
             limit = self.policy.next_limit()
             if s.causal:
                 depth = max(1, min(s.depth, limit - 1))
+        # Profile: the runner's work before the drafter (vLLM's next-token
+        # and input kernels, the hidden states' concatenation, our
+        # reorder), from propose_draft_token_ids' start.
+        self.prof.part("draft_prepare", self.prof.draft_t0)
         topk = None
         if self.draft_pass is not None and not args:
             topk = self.draft_pass(depth, s.width, kwargs)
@@ -380,6 +389,7 @@ def wrap_propose(orig):
     def propose_draft_token_ids(self, *args, **kwargs):
         prof = self._jetspec_prof
         t0 = prof.start()
+        prof.draft_t0 = t0
         self._jetspec_tree_s = 0.0
         try:
             return _propose(self, orig, *args, **kwargs)
