@@ -144,9 +144,12 @@ def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget,
     if GPU_GRAPHS:
         assert "Capturing CUDA graphs (decode, FULL)" in log
         assert prof[0]["graph_modes"].get("FULL", 0) > 0, prof[0]
-        # ... and draft passes replayed graphs of their own (draft_pass.py)
-        assert prof[0]["draft_modes"].get("graph", 0) > 0, prof[0]
-        assert "jetspec: draft pass replays a graph per shape (CUDA)" in log
+        if os.environ.get("JETSPEC_DRAFT_GRAPHS", "1") == "1":
+            # ... and draft passes replayed graphs of their own
+            # (draft_pass.py)
+            assert prof[0]["draft_modes"].get("graph", 0) > 0, prof[0]
+            assert "jetspec: draft pass replays a graph per shape (CUDA)" \
+                in log
     if graphs:
         for what in ("tree construction", "acceptance + compaction",
                      "draft pass"):
