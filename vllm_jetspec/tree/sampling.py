@@ -73,3 +73,52 @@ def sample_target_tokens(
     sampled = (probs / q).argmax(dim=-1)
     return torch.where((temperature < SAMPLING_EPS)[:, None], greedy_tok,
                        sampled)
+
+
+# Elements per chunk of ``sample_nodes``: every fp32 temporary of one
+# chunk (scaled logits, probabilities, noise, their ratio) is at most
+# 128 MiB. Unchunked, batch 32 x budget 128 x Qwen3's 151,936-token
+# vocabulary made ~2.5 GB per temporary and ran a GPU out of memory
+# mid-run (H100, 2026-11-24): memory vLLM's profile run does not reserve.
+SAMPLE_CHUNK_ELEMS = 1 << 25
+
+
+def sample_nodes(logits: torch.Tensor, counts: list[int], N: int,
+                 temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+                 top_p: torch.Tensor | None = None,
+                 generators: dict[int, torch.Generator] | None = None,
+                 max_elems: int = SAMPLE_CHUNK_ELEMS) -> torch.Tensor:
+    """``sample_target_tokens`` over a flat batch, a few requests at a time.
+
+    Args:
+        logits: [sum(counts), V] one row per node, request after request.
+        counts: nodes of each request (<= N).
+        N: nodes per request in the result.
+        temperature, top_k, top_p, generators: as ``sample_target_tokens``
+            (per request of the whole batch).
+        max_elems: at most this many ``[requests, N, V]`` elements per chunk
+            (at least one request).
+
+    Returns: [R, N] int64, padding nodes' entries arbitrary. A seeded
+    request draws its noise exactly as in one ``sample_target_tokens``
+    call over the batch (node by node from its generator), so chunking
+    changes no seeded result.
+    """
+    R, V = len(counts), logits.shape[-1]
+    out = torch.empty((R, N), dtype=torch.long, device=logits.device)
+    step = max(1, max_elems // max(1, N * V))
+    gens = generators or {}
+    start = 0
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        node_logits = logits.new_zeros((r1 - r0, N, V))
+        for r in range(r0, r1):
+            node_logits[r - r0, :counts[r]] = logits[start:start + counts[r]]
+            start += counts[r]
+        sl = slice(r0, r1)
+        out[sl] = sample_target_tokens(
+            node_logits, temperature[sl],
+            None if top_k is None else top_k[sl],
+            None if top_p is None else top_p[sl],
+            {i - r0: g for i, g in gens.items() if r0 <= i < r1})
+    return out

@@ -35,7 +35,7 @@ from ..autobudget import BudgetPolicy, CostModel
 from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
-                    packed_ancestor_mask, sample_target_tokens)
+                    packed_ancestor_mask, sample_nodes)
 from . import tree_state
 from .config import settings_of
 from .draft_pass import DraftPass, draft_graphs_wanted
@@ -606,7 +606,6 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         return orig(self, logits, spec_decode_metadata)
     tree = step.tree
     R, N = tree.tokens.shape
-    V = logits.shape[-1]
     # Sampled rows per request (host counts: vLLM's cu_num_sampled_tokens
     # lives on the device).
     n_s = [d + 1 for d in spec_decode_metadata.num_draft_tokens[:R]]
@@ -637,12 +636,11 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
             tgt = flat.new_zeros(R * N).index_copy_(
                 0, async_tensor_h2d(idx, logits.device), flat).view(R, N)
     else:
-        node_logits = logits.new_full((R, N, V), 0.0)
-        for r in range(R):
-            node_logits[r, :cu[r + 1] - cu[r]] = logits[cu[r]:cu[r + 1]]
+        # A few requests at a time: [R, N, V] temporaries would not fit
+        # (tree.sampling.SAMPLE_CHUNK_ELEMS).
         temp, top_k, top_p, gens = node_sampling_inputs(md, R,
                                                         logits.device)
-        tgt = sample_target_tokens(node_logits, temp, top_k, top_p, gens)
+        tgt = sample_nodes(logits, n_s, N, temp, top_k, top_p, gens)
     # Acceptance at a static depth (the settings' unless a chain of
     # fallback drafts is deeper), so a graph serves every step of a shape;
     # the rows hold PAD past each request's tokens either way.
