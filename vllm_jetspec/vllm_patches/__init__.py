@@ -67,22 +67,29 @@ PATCHES += [
               "too small when the budget is below the depth)",
           when="always (a subclass that is DFlash unless jetspec)"),
     Patch(replaces="vllm.v1.spec_decode.llm_base_proposer:"
-                   "SpecDecodeBaseProposer.propose (for jetspec drafts) / "
-                   "vllm.v1.spec_decode.dflash:DFlashProposer."
-                   "_create_draft_vllm_config",
-          by="vllm_jetspec.vllm_patches.draft_pass:DraftPass / "
-             "vllm_jetspec.vllm_patches.runner:JetSpecProposer."
-             "_create_draft_vllm_config",
+                   "SpecDecodeBaseProposer.propose (jetspec draft passes "
+                   "after uniform verify steps)",
+          by="vllm_jetspec.vllm_patches.draft_pass:DraftPass",
           why="vLLM's drafter captures piecewise graphs at most: the head's "
-              "attention, the context K/V projection and the LM head run "
-              "eagerly (3.6-5.2 ms a draft pass for the Qwen3-8B shape on "
-              "the H100). The same pass with the host work (DFlash input "
-              "kernel, metadata) outside and the device work in one CUDA "
-              "graph per shape; the draft layers on our Triton backend, "
-              "whose metadata lives in persistent buffers",
+              "attention, the context K/V projection and the LM head ran "
+              "eagerly (draft median 7.2 ms vs 4.0 graphed, Qwen3-8B shape, "
+              "batch 1, H100). The same pass with the host work (DFlash "
+              "input kernel, metadata) outside and the device work in one "
+              "CUDA graph per shape",
           when="jetspec engines on CUDA that capture graphs, causal heads "
                "(JETSPEC_DRAFT_GRAPHS=0: vLLM's propose; =host: the CPU "
                "test's stand-in graphs)"),
+    Patch(replaces="vllm.v1.spec_decode.dflash:DFlashProposer."
+                   "_create_draft_vllm_config",
+          by="vllm_jetspec.vllm_patches.runner:JetSpecProposer."
+             "_create_draft_vllm_config",
+          why="the draft layers on our Triton backend (attention_config."
+              "backend = CUSTOM) instead of vLLM's pick: its metadata lives "
+              "in persistent buffers (needed by the draft graphs), and "
+              "vLLM's FLASH_ATTN draft stopped a jetspec engine on the H100 "
+              "(out must have shape (total_q, num_heads, head_size_v))",
+          when="jetspec engines on CUDA, unless the speculative config "
+               "names an attention_backend"),
     Patch(replaces="vllm.model_executor.models.qwen3_dflash:"
                    "DFlashQwen3Model._normalize_context_k (per instance)",
           by="vllm_jetspec.vllm_patches.runner:per_layer_context_k_norm",

@@ -4,13 +4,13 @@ Same paged layout and semantics as ``torch_attention`` (its reference),
 but every request of a step goes through one launch of
 ``vllm_jetspec.kernels.tree_attention`` per layer: a request verifying a
 tree uses its packed ancestor rows from ``tree_state``; every other request
-(prefill, chunked prefill, plain decode; on CPU also the draft pass) is a
+(prefill, chunked prefill, plain decode, the DFlash draft pass) is a
 chain, i.e. the causal mask in the same packed form (all of a request's new
 tokens when the metadata is not causal). The masks are built once per step
-by the metadata builder, shared by all layers. On CUDA the DFlash draft
-layers run on the backend vLLM picks for the drafter itself
-(``_create_draft_vllm_config`` in vLLM's ``llm_base_proposer.py`` does not
-inherit the target's; read from the source, not checked on a GPU).
+by the metadata builder, shared by all layers. The DFlash draft layers run
+on this backend too, with their own builder: on CPU because it replaces
+``CPU_ATTN``, on CUDA through ``JetSpecProposer._create_draft_vllm_config``
+(vLLM would pick its own backend for the drafter).
 
 Registered as ``AttentionBackendEnum.CUSTOM`` for jetspec engines on CUDA
 (``TritonTreeAttentionBackend``), and, to test it without a GPU, in place
