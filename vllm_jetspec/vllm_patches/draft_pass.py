@@ -79,12 +79,12 @@ def draft_graphs_wanted(vllm_config, device, env=None) -> str | None:
     return "cuda"
 
 
-def _body(p, hidden, sample_rows, *, num_query, width, ptrs):
-    """The graphed part of a draft pass (``p`` the proposer; every other
-    tensor it reads lives in ``p``'s or the metadata builder's persistent
-    buffers). ``ptrs`` only keys the graph."""
-    h = p.model.combine_hidden_states(hidden)
-    n_ctx = h.shape[0]
+def _body(p, hidden_buf, sample_rows, *, n_ctx, num_query, width, ptrs):
+    """The graphed part of a draft pass (``p`` the proposer; every tensor
+    it reads lives in ``p``'s, the metadata builder's or ``hidden_buf``'s
+    persistent memory, but ``sample_rows``). ``ptrs`` only keys the
+    graph."""
+    h = p.model.combine_hidden_states(hidden_buf[:n_ctx])
     p.model.precompute_and_store_context_kv(
         h, p._context_positions_buffer[:n_ctx],
         p._context_slot_mapping_buffer[:n_ctx])
@@ -102,8 +102,18 @@ class DraftPass:
     def __init__(self, proposer, mode: str) -> None:
         self.p = proposer
         self.mode = mode                      # "cuda" or "host"
+        # The target's hidden states of a step are copied into one buffer
+        # that every graph reads (a graph input would be a copy per
+        # graph: up to 64 x 200 MB for the Qwen3-8B shape at batch 32,
+        # budget 256); allocated at the first graphed pass, the most
+        # tokens a uniform verify step can have.
+        self.hidden_buf: torch.Tensor | None = None
+        sched = proposer.vllm_config.scheduler_config
+        self.max_ctx = min(sched.max_num_batched_tokens,
+                           sched.max_num_seqs * proposer.jetspec.budget)
         self.graphs = GraphedFn(
-            lambda *t, **s: tuple(_body(proposer, *t, **s)), "draft pass",
+            lambda rows, **s: tuple(_body(proposer, self.hidden_buf, rows,
+                                          **s)), "draft pass",
             host_graphs=mode == "host")
         self.eager_steps = 0
         self.graph_steps = 0
@@ -120,8 +130,9 @@ class DraftPass:
             return None
         cad = kwargs["common_attn_metadata"]
         R, q = cad.batch_size(), cad.max_query_len
-        if q * R != kwargs["target_token_ids"].shape[0] or \
-                q > p.jetspec.budget:
+        hidden = kwargs["target_hidden_states"]
+        n_ctx = kwargs["target_token_ids"].shape[0]
+        if q * R != n_ctx or q > p.jetspec.budget or n_ctx > self.max_ctx:
             # Not a round after verifying R trees of one size (a prefill's
             # draft pass, mixed batches): shapes seen once, not worth a
             # capture each.
@@ -130,7 +141,6 @@ class DraftPass:
         t = prof.start()
         p.num_speculative_tokens = depth
         p._last_draft_probs = None
-        hidden = kwargs["target_hidden_states"]
         num_query, rows, cad = p.set_inputs_first_pass(
             target_token_ids=kwargs["target_token_ids"],
             next_token_ids=kwargs["next_token_ids"],
@@ -153,9 +163,16 @@ class DraftPass:
                                  num_tokens_across_dp=None,
                                  cudagraph_runtime_mode=CUDAGraphMode.NONE,
                                  slot_mapping=slots):
+            if self.hidden_buf is None or \
+                    self.hidden_buf.shape[1:] != hidden.shape[1:] or \
+                    self.hidden_buf.dtype != hidden.dtype:
+                self.hidden_buf = hidden.new_empty(
+                    (self.max_ctx, *hidden.shape[1:]))
+                self.graphs.graphs.clear()    # captured with the old one
+            self.hidden_buf[:n_ctx].copy_(hidden)
             if safe:
                 self.graph_steps += 1
-                v, i = self.graphs(hidden, rows, num_query=num_query,
+                v, i = self.graphs(rows, n_ctx=n_ctx, num_query=num_query,
                                    width=width, ptrs=self._ptrs(mds))
             else:
                 # The metadata lives in per-step tensors (e.g. a step
@@ -164,8 +181,8 @@ class DraftPass:
                 self.eager_steps += 1
                 logger.debug("jetspec: draft pass eager for %d queries",
                              num_query)
-                v, i = _body(p, hidden, rows, num_query=num_query,
-                             width=width, ptrs=())
+                v, i = _body(p, self.hidden_buf, rows, n_ctx=n_ctx,
+                             num_query=num_query, width=width, ptrs=())
         prof.part("draft_body", t)
         return v, i
 
@@ -176,7 +193,8 @@ class DraftPass:
         if self.mode == "host":
             return ()
         p = self.p
-        out = [p.input_ids.data_ptr(), p.positions.data_ptr(),
+        out = [self.hidden_buf.data_ptr(),
+               p.input_ids.data_ptr(), p.positions.data_ptr(),
                p._context_positions_buffer.data_ptr(),
                p._context_slot_mapping_buffer.data_ptr()]
         for m in mds:
