@@ -145,7 +145,9 @@ def test_builder_writes_masks_and_prefixes_in_place():
     assert b.build(0, short).prefix_lens.tolist() == [0, 0]
     m = b.build(0, _common([70, 3], [0, 5]))
     assert m.masks.data_ptr() != b.masks_buf.data_ptr()
-    assert not m.graph_safe
+    assert not m.graph_safe and m.causal
+    # A non-causal DFlash head's draft pass: vLLM asserts causal is False.
+    assert b.build(0, _common([4, 4], [3, 9], causal=False)).causal is False
     assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
     short = _common([70, 3], [0, 0])
     short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)

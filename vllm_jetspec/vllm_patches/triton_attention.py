@@ -86,6 +86,10 @@ class TritonTreeAttentionMetadata:
     # a CUDA graph captured with this step's metadata replays correctly
     # with a later step's of the same shape (draft_pass.py checks it).
     graph_safe: bool = False
+    # The step's requests attend causally among their new tokens (chains)
+    # or not; DFlash's proposer asserts ``causal is False`` on the draft
+    # metadata of a non-causal head.
+    causal: bool = True
 
 
 def _copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
@@ -206,7 +210,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             masks=masks,
             max_nodes=max_nodes,
             max_seq_len=int(m.max_seq_len),
-            graph_safe=safe)
+            graph_safe=safe,
+            causal=causal)
 
 
 SPLITS_ENV = "JETSPEC_TREE_SPLITS"
