@@ -115,8 +115,6 @@ class DraftPass:
             lambda rows, **s: tuple(_body(proposer, self.hidden_buf, rows,
                                           **s)), "draft pass",
             host_graphs=mode == "host")
-        self.eager_steps = 0
-        self.graph_steps = 0
 
     def __call__(self, depth: int, width: int, kwargs: dict):
         """Per-depth top-K ``(log-probs, ids)`` [R * depth, width] of this
@@ -171,14 +169,12 @@ class DraftPass:
                 self.graphs.graphs.clear()    # captured with the old one
             self.hidden_buf[:n_ctx].copy_(hidden)
             if safe:
-                self.graph_steps += 1
                 v, i = self.graphs(rows, n_ctx=n_ctx, num_query=num_query,
                                    width=width, ptrs=self._ptrs(mds))
             else:
                 # The metadata lives in per-step tensors (e.g. a step
                 # larger than the builder's buffers): the same work,
                 # eagerly.
-                self.eager_steps += 1
                 logger.debug("jetspec: draft pass eager for %d queries",
                              num_query)
                 v, i = _body(p, self.hidden_buf, rows, n_ctx=n_ctx,
