@@ -20,7 +20,8 @@ GPU time and the run is a little slower than unprofiled. The step count is
 the number of ``_prepare_inputs`` calls (engine steps that ran a forward);
 ``graph_modes`` counts the CUDA-graph mode (FULL / PIECEWISE / NONE) vLLM
 dispatched each target forward to, ``draft_modes`` how each draft pass ran
-(``graph``: ``draft_pass.py``; ``vllm``: vLLM's propose). ``stats`` gives, per segment, the
+(``graph``: ``draft_pass.py``; ``vllm``: vLLM's propose). ``stats`` gives,
+per segment, the
 number of timed spans and their median / 90th-percentile / largest
 milliseconds (the first ``MAX_SAMPLES`` spans since the last reset): a
 segment whose mean is far above its median holds a few slow steps (e.g. a
