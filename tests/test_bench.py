@@ -81,6 +81,26 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "recorded with other prompts or settings" in proc.stderr
+    # --resume: the same command again starts no engine (every engine's
+    # rows are in partial.json) and writes the same rows; another run's
+    # settings refuse the folder.
+    cmd = [sys.executable, "-m", "vllm_jetspec.bench", "--target",
+           str(target), "--head", str(head), "--prompt-len", "20",
+           "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
+           "2", "--num-prompts", "2", "--replay", "--baseline", "none",
+           "--auto", "--out", str(out), "--resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    again = json.loads((out / "bench.json").read_text())
+    assert again["rows"] == json.loads(json.dumps(res["rows"]))
+    assert again["meta"]["engine_start_seconds"] == \
+        res["meta"]["engine_start_seconds"]
+    assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
+    assert proc.stdout.count("resumed from") == 3       # ar, jetspec4, auto
+    cmd[cmd.index("24")] = "16"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "written with other prompts or settings" in proc.stderr
 
 
 def test_ar_result_round_trip(tmp_path):

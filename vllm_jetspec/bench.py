@@ -44,6 +44,12 @@ runs eagerly (on CPU vLLM has no graphs: leave it off there).
 machines with short calls; the prompts, token counts, batch sizes and
 engine settings must be the same (checked).
 
+``--resume``: reuse the rows (and the AR result) that an earlier run with
+the same prompts and settings left in ``--out`` (its ``partial.json``,
+written after every engine) and run only the engines it lacks: a sweep
+split over several calls of a machine with short calls (the auto
+engine's cost model then holds every static row).
+
 ``--auto``: after the static budgets, one more engine with
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
@@ -173,6 +179,29 @@ def load_ar(path: str, job: dict) -> dict:
     return d["result"]
 
 
+def _resumed(out: str, run_key: str) -> dict:
+    """``(method, budget) -> (rows, start seconds)`` of the engines an
+    earlier run with the same ``run_key`` finished in ``out`` (none if it
+    left no ``partial.json``); another run's file is refused."""
+    path = os.path.join(out, "partial.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        d = json.load(f)
+    meta = d.get("meta") or {}
+    if meta.get("run_sha256") != run_key:
+        raise SystemExit(
+            f"--resume: {path} was written with other prompts or settings "
+            f"than this run's; use another --out or run without --resume")
+    done: dict = {}
+    for r in d.get("rows") or []:
+        key = (r["method"], r["budget"])
+        start = (meta.get("engine_start_seconds") or {}).get(
+            f"{r['method']}{r['budget'] or ''}", 0.0)
+        done.setdefault(key, ([], start))[0].append(r)
+    return done
+
+
 def _cost_model(rows: list[dict], meta: dict):
     from .autobudget import CostModel
     return CostModel.from_bench_rows(rows, meta)
@@ -226,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ar-from", default=None, metavar="AR_JSON",
                     help="reuse the AR engine's result (ar.json) of an "
                          "earlier run with the same settings")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the engines an earlier run with the same "
+                         "settings finished in --out (its partial.json)")
     ap.add_argument("--auto", action="store_true",
                     help="also run tree_budget 'auto' on this run's costs")
     ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
@@ -317,9 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         auto.update(tree_budget="auto", cost_model=cost_path)
         plan.append(("auto", max(args.budgets), auto))
     rows, ar, starts = [], None, {}
+    # What makes rows of two runs comparable: the AR job (prompts, lengths,
+    # batch sizes, engine settings) and the jetspec settings of every row.
+    run_key = _ar_key(dict(ar=job(None, 0), algo=args.tree_algo,
+                           replay=args.replay, split=not args.no_split,
+                           depth=depth))
+    done = _resumed(args.out, run_key) if args.resume else {}
 
     def meta_now():
         return dict(target=target, head=head, dtype=args.dtype,
+                    run_sha256=run_key,
                     load_format=args.load_format, device=_device(),
                     mean_prompt_tokens=sum(map(len, prompts)) / len(prompts),
                     max_new_tokens=args.max_new_tokens,
@@ -331,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(plan, desc="bench engines")
     for method, budget, spec in bar:
         bar.set_postfix(method=method, budget=budget)
+        if (method, budget) in done:
+            old_rows, old_start = done[(method, budget)]
+            if method == "ar":
+                ar = load_ar(os.path.join(args.out, "ar.json"), job(None, 0))
+            rows += old_rows
+            starts[f"{method}{budget or ''}"] = old_start
+            print(f"bench: {method}{budget or ''} resumed from "
+                  f"{args.out}/partial.json")
+            continue
         if method == "auto":
             _cost_model(rows, meta_now()).save(cost_path)
         if method == "ar" and args.ar_from:

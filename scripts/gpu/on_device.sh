@@ -196,5 +196,14 @@ trace)  # BUDGETS...: host (cProfile) and device (torch.profiler) time of
         cp "$W/trace_$b/tables.txt" "$OUT/trace_$b.txt" 2>/dev/null || true
         grep '^{' "$OUT/trace_$b.log" | tail -1
     done ;;
+trace8b)  # BUDGETS...: Qwen3-8B shape replay, batch 1: device idle by host
+    # Python frame, device time by kernel (0 first: plain decoding, writes the replay)
+    python3 scripts/gpu/shapes.py "$W/shapes" > /dev/null
+    for b in "$@"; do
+        timeout "${TRACE_SECS:-240}" python3 scripts/gpu/trace8b.py "$W/shapes" "$W/trace8b" \
+            "$b" "${MAX_NEW:-64}" > "$OUT/trace8b_$b.log" 2>&1 || echo "trace8b $b rc $?"
+        cp "$W/trace8b/trace8b_$b.txt" "$W/trace8b/trace8b_$b.json.gz" "$OUT/" 2>/dev/null || true
+        grep '^{' "$OUT/trace8b_$b.log" | tail -1
+    done ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
