@@ -99,20 +99,27 @@ def test_choice_follows_load_and_falls_back_to_ar():
 
 def test_limit_climbs_one_candidate_per_step():
     """The largest budget a step may pick (and so the draft depth of a
-    causal head) is one candidate above the previous choice; the first
-    step may pick any."""
+    causal head) is one candidate above the last tree budget chosen; the
+    first step may pick any; a plain step does not move the ladder."""
     pol = BudgetPolicy(cost(), max_budget=64)
     assert pol.next_limit() == 64
     good = tree_logp([0.95] * 15)
     assert pol.choose(tree_logp([0.01] * 15), 8, limit=64) == 1
-    assert pol.next_limit() == 4
+    assert pol.next_limit() == 64
+    assert pol.choose(good, 1, limit=4) == 4
+    assert pol.next_limit() == 16
+    assert pol.choose(tree_logp([0.01] * 15), 8, limit=16) == 1
+    assert pol.next_limit() == 16         # not back to the first rung
     # The best budget at batch 1 (16 here: 64 adds only unlikely
-    # siblings) is reached one rung per step, and kept.
+    # siblings) is reached one rung per step from the smallest tree, and
+    # kept.
     e = pol.expected_tokens(good)
     rates = {b: e[b] / cost().round(b, 1) for b in (4, 16, 64)}
     assert max(rates, key=rates.get) == 16
+    pol = BudgetPolicy(cost(), max_budget=64)
+    assert pol.choose(good, 1, limit=4) == 4
     assert [pol.choose(good, 1, limit=pol.next_limit())
-            for _ in range(4)] == [4, 16, 16, 16]
+            for _ in range(3)] == [16, 16, 16]
     assert pol.next_limit() == 64
 
 
@@ -125,3 +132,21 @@ def test_calibration_tracks_accepted_over_estimated():
     assert pol.calibration == pytest.approx(0.25, abs=1e-6)
     pol.observe(accepted=1.0, estimated=0.0)         # ignored
     assert pol.calibration == pytest.approx(0.25, abs=1e-6)
+
+
+def test_cost_model_from_bench_rows():
+    """AR step times from the runner's profile, or, for an AR row whose
+    profile saw no step (vLLM's async scheduling on CUDA, 2026-11-25),
+    from its output: one token per request per step."""
+    seg = dict(draft_ms=2.0, tree_ms=0.5)
+    rows = [dict(method="ar", budget=0, batch=1, round_ms=7.0, tokens=10,
+                 seconds=1.0),
+            dict(method="ar", budget=0, batch=8, round_ms=0.0, tokens=4096,
+                 seconds=4.0),
+            dict(method="jetspec", budget=16, batch=1, round_ms=16.0, **seg),
+            dict(method="jetspec", budget=4, batch=1, round_ms=12.0, **seg),
+            dict(method="auto", budget=16, batch=1, round_ms=1.0, **seg)]
+    c = CostModel.from_bench_rows(rows)
+    assert c.ar_ms == {1: 7.0, 8: pytest.approx(1e3 * 4.0 * 8 / 4096)}
+    assert c.round_ms == {16: {1: 16.0}, 4: {1: 12.0}}
+    assert c.draft_ms == {1: 2.5}

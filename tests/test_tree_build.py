@@ -13,6 +13,7 @@ from tree_oracles import frontier_values, node_paths, topb_values
 from vllm_jetspec.tree import (TREE_ALGOS, ancestor_mask, build_tree,
                                pack_mask, packed_ancestor_mask, positions,
                                top2gap_fanout, unpack_mask)
+from vllm_jetspec.tree.masks import packed_rows_host
 
 
 def draft(seed: int, R: int, D: int, K: int, V: int = 50,
@@ -184,6 +185,36 @@ def test_masks_and_positions(seed, R, D, K, B, algo):
     assert packed.dtype == torch.int64
     assert packed.shape == (R, B, (B + 63) // 64)
     assert torch.equal(unpack_mask(packed, B), dense)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 16),
+       st.integers(1, 4), st.integers(1, 256), st.sampled_from(TREE_ALGOS))
+def test_host_rows_equal_packed_mask(seed, R, D, K, B, algo):
+    """``packed_rows_host`` (Python integers, one tree) gives the rows of
+    ``packed_ancestor_mask`` for every valid node, words above 63 and
+    the sign bit included (budgets up to 256: 1-4 words)."""
+    v, i = draft(seed, R, D, K)
+    t = build_tree(v, i, torch.zeros(R, dtype=torch.long), B, algo=algo)
+    packed = packed_ancestor_mask(t)
+    W = packed.shape[2]
+    for r in range(R):
+        n = int(t.num_nodes[r])
+        rows = packed_rows_host(t.parents[r, :n].tolist(), W)
+        assert rows is not None and rows.dtype == torch.int64
+        assert torch.equal(rows, packed[r, :n])
+
+
+def test_host_rows_chain_words_and_order():
+    # A 130-node chain: row i has bits 0..i over three words.
+    rows = packed_rows_host(list(range(-1, 129)), 3)
+    dense = unpack_mask(rows, 130)
+    assert torch.equal(dense, torch.ones(130, 130, dtype=torch.bool).tril())
+    # A child listed before its parent: None (the caller falls back).
+    assert packed_rows_host([-1, 2, 0], 1) is None
+    assert packed_rows_host([-1, 1], 1) is None           # its own parent
+    with pytest.raises(ValueError):
+        packed_rows_host([-1] + list(range(64)), 1)        # 65 nodes
 
 
 def test_pack_mask_bit_layout():

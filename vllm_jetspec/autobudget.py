@@ -127,8 +127,13 @@ class CostModel:
     def from_bench_rows(cls, rows: list[dict], meta: dict | None = None
                         ) -> "CostModel":
         """From ``bench`` rows (method 'ar' and 'jetspec', not replayed)."""
-        ar = {r["batch"]: r["round_ms"] for r in rows
-              if r["method"] == "ar" and r["round_ms"] > 0}
+        # An AR row without a step count (the runner's profile saw no
+        # step: e.g. vLLM's async scheduling on CUDA) times its steps from
+        # its output: every step emits one token per request.
+        ar = {r["batch"]: r["round_ms"] if r["round_ms"] > 0 else
+              1e3 * r["seconds"] * r["batch"] / r["tokens"] for r in rows
+              if r["method"] == "ar" and (r["round_ms"] > 0 or (
+                  r.get("tokens") and r.get("seconds")))}
         rounds: dict[int, dict[int, float]] = {}
         draft: dict[int, float] = {}
         for r in sorted(rows, key=lambda r: -r["budget"]):
@@ -157,7 +162,8 @@ class BudgetPolicy:
 
     def next_limit(self) -> int:
         """The largest budget this step may pick: one candidate above the
-        previous step's choice (the largest at first). A causal head then
+        last tree budget chosen (the largest at first; plain steps do not
+        count). A causal head then
         drafts only ``limit - 1`` slots: trees of every budget up to the
         limit are exactly those of a full-depth draft (a tree of ``b``
         nodes is at most ``b - 1`` deep), and the draft pass costs what a
@@ -187,7 +193,14 @@ class BudgetPolicy:
             if rate > best_rate:
                 best, best_rate = b, rate
         self.choices[best] = self.choices.get(best, 0) + 1
-        self.last = best
+        if best > 1:
+            # A plain step leaves the ladder where it was: a low estimate
+            # of one step (a prefill's draft, one hard token) must not send
+            # the next rounds back to the smallest trees (a request then
+            # needs one round per rung to climb back: on the H100, 8B
+            # shape, replay, a fifth of the rounds of 128-token requests,
+            # 2026-11-25).
+            self.last = best
         return best
 
     def observe(self, accepted: float, estimated: float) -> None:

@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             old_rows, old_start = done[(method, budget)]
             if method == "ar":
                 ar = load_ar(os.path.join(args.out, "ar.json"), job(None, 0))
+                if args.replay:
+                    save_replay(replay_path, prompts, ar["batches"][
+                        str(args.batch_sizes[0])]["ids"])
             rows += old_rows
             starts[f"{method}{budget or ''}"] = old_start
             print(f"bench: {method}{budget or ''} resumed from "

@@ -112,7 +112,7 @@ def main() -> None:
     llm = LLM(os.path.join(shapes, "qwen3-8b"), load_format="dummy",
               dtype="bfloat16", max_model_len=2048, max_num_seqs=1,
               skip_tokenizer_init=True, gpu_memory_utilization=0.85,
-              speculative_config=spec, **kw)
+              disable_log_stats=False, speculative_config=spec, **kw)
     sp = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True,
                         detokenize=False)
     tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]

@@ -84,3 +84,28 @@ def packed_ancestor_mask(tree: DraftTree) -> torch.Tensor:
         level = (tree.depth == d)[:, :, None]
         words = torch.where(level, own | words.gather(1, par), words)
     return words
+
+
+def packed_rows_host(parents: list[int], words: int) -> torch.Tensor | None:
+    """[n, words] int64 packed ancestor rows of one tree from its parent
+    list on the host (node ``i``'s parent ``parents[i]``, the root's -1),
+    built with Python integers: a row is its parent's row plus its own bit,
+    one pass over the nodes. Equal to ``packed_ancestor_mask`` of the tree
+    (rows of valid nodes) at a fraction of its host time for one tree (no
+    tensor op per depth level); None when a parent does not come before
+    its child (then use ``packed_ancestor_mask``)."""
+    n = len(parents)
+    if n > words * BITS:
+        raise ValueError(f"{n} nodes do not fit {words} words")
+    rows = [0] * n
+    for i, p in enumerate(parents):
+        if p >= i:
+            return None
+        rows[i] = (rows[p] if p >= 0 else 0) | (1 << i)
+    low, sign = (1 << BITS) - 1, 1 << (BITS - 1)
+    flat = []
+    for r in rows:
+        for w in range(words):
+            v = (r >> (BITS * w)) & low
+            flat.append(v - (1 << BITS) if v & sign else v)
+    return torch.tensor(flat, dtype=torch.long).view(n, words)
