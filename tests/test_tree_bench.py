@@ -13,6 +13,7 @@ def test_tree_bench_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 2 * 2
     assert all(r["total_ms"] > 0 for r in rows)
+    assert all(r["host_rows_ms"] > 0 for r in rows)      # CPU rows
 
 
 def test_tree_bench_help():

@@ -5,7 +5,9 @@
 Per (device, algorithm, batch, budget): milliseconds per call of
 ``build_tree``, ``packed_ancestor_mask`` and ``accept`` + ``compaction_plan``
 (median over ``--iters`` after warm-up), on random draft top-K with the
-shapes of a real round (depth 15, width 7 by default).
+shapes of a real round (depth 15, width 7 by default); on the CPU also
+``packed_rows_host`` over the batch's trees ("host rows": what the runner
+uses for steps of up to 256 nodes).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from .accept import accept, compaction_plan
 from .build import TREE_ALGOS, build_tree
-from .masks import packed_ancestor_mask
+from .masks import packed_ancestor_mask, packed_rows_host
 
 
 def _sync(device: str) -> None:
@@ -57,9 +59,16 @@ def bench_one(device: str, algo: str, batch: int, budget: int, depth: int,
     mask_ms = _time(lambda: packed_ancestor_mask(tree), device, iters)
     accept_ms = _time(lambda: compaction_plan(accept(tree, tgt)), device,
                       iters)
+    host_rows_ms = None
+    if device == "cpu":
+        W = (budget + 63) // 64
+        par = [tree.parents[r, :int(tree.num_nodes[r])] for r in range(batch)]
+        host_rows_ms = _time(lambda: [packed_rows_host(p.tolist(), W)
+                                      for p in par], device, iters)
     return dict(device=device, algo=algo, batch=batch, budget=budget,
                 depth=depth, width=width, build_ms=build_ms,
-                mask_ms=mask_ms, accept_ms=accept_ms,
+                mask_ms=mask_ms, host_rows_ms=host_rows_ms,
+                accept_ms=accept_ms,
                 total_ms=build_ms + mask_ms + accept_ms)
 
 
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                           torch.cuda.is_available() else []))
     rows = []
     hdr = (f"{'device':<6} {'algo':<14} {'batch':>5} {'budget':>6} "
-           f"{'build ms':>9} {'mask ms':>8} {'accept ms':>9} {'total ms':>9}")
+           f"{'build ms':>9} {'mask ms':>8} {'host rows':>9} "
+           f"{'accept ms':>9} {'total ms':>9}")
     print(hdr)
     print("-" * len(hdr))
     for dev in devices:
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append(r)
                     print(f"{dev:<6} {algo:<14} {b:>5} {n:>6} "
                           f"{r['build_ms']:>9.3f} {r['mask_ms']:>8.3f} "
+                          + (f"{r['host_rows_ms']:>9.3f} "
+                             if r['host_rows_ms'] is not None
+                             else f"{'-':>9} ") +
                           f"{r['accept_ms']:>9.3f} {r['total_ms']:>9.3f}",
                           flush=True)
     if args.json:

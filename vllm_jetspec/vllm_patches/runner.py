@@ -588,9 +588,9 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
 
 # Up to this many nodes in a step, the masks are built per tree with Python
 # integers (``packed_rows_host``), above it with ``packed_ancestor_mask``'s
-# tensor ops per depth level (host times on the 2-core CPU, 2026-11-25:
-# one 128-node tree 0.07 vs 0.41 ms; 8 trees of 64 nodes 0.26 vs 0.34;
-# 32 of 16 0.56 vs 0.48).
+# tensor ops per depth level (``python -m vllm_jetspec.tree.bench``, 2-core
+# CPU, 2026-11-25: one 128-node tree 0.07 vs 0.22 ms; 8 trees of 16 nodes
+# 0.09 vs 0.20; 32 trees of 16 nodes 0.34 vs 0.22).
 HOST_INT_MASK_NODES = 256
 
 
