@@ -128,8 +128,9 @@ class CostModel:
                         ) -> "CostModel":
         """From ``bench`` rows (method 'ar' and 'jetspec', not replayed)."""
         # An AR row without a step count (the runner's profile saw no
-        # step: e.g. vLLM's async scheduling on CUDA) times its steps from
-        # its output: every step emits one token per request.
+        # step: the bench's CUDA engines without speculation, 2026-11-25,
+        # why not established) times its steps from its output: every
+        # step emits one token per request.
         ar = {r["batch"]: r["round_ms"] if r["round_ms"] > 0 else
               1e3 * r["seconds"] * r["batch"] / r["tokens"] for r in rows
               if r["method"] == "ar" and (r["round_ms"] > 0 or (
