@@ -136,8 +136,8 @@ def test_calibration_tracks_accepted_over_estimated():
 
 def test_cost_model_from_bench_rows():
     """AR step times from the runner's profile, or, for an AR row whose
-    profile saw no step (vLLM's async scheduling on CUDA, 2026-11-25),
-    from its output: one token per request per step."""
+    profile saw no step (the bench's CUDA engines without speculation,
+    2026-11-25), from its output: one token per request per step."""
     seg = dict(draft_ms=2.0, tree_ms=0.5)
     rows = [dict(method="ar", budget=0, batch=1, round_ms=7.0, tokens=10,
                  seconds=1.0),

@@ -21,7 +21,7 @@ import torch
 
 from .accept import accept, compaction_plan
 from .build import TREE_ALGOS, build_tree
-from .masks import packed_ancestor_mask, packed_rows_host
+from .masks import BITS, packed_ancestor_mask, packed_rows_host
 
 
 def _sync(device: str) -> None:
@@ -61,7 +61,7 @@ def bench_one(device: str, algo: str, batch: int, budget: int, depth: int,
                       iters)
     host_rows_ms = None
     if device == "cpu":
-        W = (budget + 63) // 64
+        W = (budget + BITS - 1) // BITS
         par = [tree.parents[r, :int(tree.num_nodes[r])] for r in range(batch)]
         host_rows_ms = _time(lambda: [packed_rows_host(p.tolist(), W)
                                       for p in par], device, iters)
