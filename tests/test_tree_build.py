@@ -226,3 +226,40 @@ def test_pack_mask_bit_layout():
     assert w[0, 1] == 1
     assert w[0, 2] == 2
 
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 8),
+       st.integers(1, 7), st.integers(2, 80), st.integers(1, 80),
+       st.sampled_from(["accum_logp", "topb_prefix"]), st.booleans(),
+       st.sampled_from([0.0, 0.3, 4.0]))
+def test_truncated_tree_equals_the_smaller_build(seed, R, D, K, big, small,
+                                                 algo, holes, sharp):
+    """``tree_budget: "auto"`` builds the largest tree once and cuts it to
+    the budget it chose: the same tree as building at that budget. Where
+    path log-probs tie exactly (sharp 0: every log-prob equal), ``topk``
+    may pick either of the tied candidates in either build, so there the
+    cut tree is checked to be a valid tree of the same size and the same
+    path log-probs (as good a tree)."""
+    from vllm_jetspec.tree import truncate_tree
+
+    small = min(small, big)
+    v, i = draft(seed, R, D, K, sharp=sharp, holes=holes)
+    a = torch.arange(R) + 1
+    cut = truncate_tree(build_tree(v, i, a, big, algo=algo), small)
+    want = build_tree(v, i, a, small, algo=algo)
+    assert torch.equal(cut.num_nodes, want.num_nodes)
+    assert cut.tokens.shape == want.tokens.shape == (R, small)
+    if sharp > 0:
+        for f in ("tokens", "parents", "depth", "cum_logp"):
+            assert torch.equal(getattr(cut, f), getattr(want, f)), f
+        return
+    for r in range(R):
+        n = int(cut.num_nodes[r])
+        assert sorted(cut.cum_logp[r, :n].tolist()) == \
+            sorted(want.cum_logp[r, :n].tolist())
+        assert cut.parents[r, 0] == -1 and cut.depth[r, 0] == 0
+        for j in range(1, n):
+            p = int(cut.parents[r, j])
+            assert 0 <= p < j and cut.depth[r, j] == cut.depth[r, p] + 1
+        assert (cut.tokens[r, n:] == -1).all()

@@ -2,7 +2,8 @@
 acceptance and KV compaction plans. Pure torch; never imports an engine."""
 
 from .accept import accept, accept_greedy, compaction_plan
-from .build import MAX_BUDGET, TREE_ALGOS, build_tree, top2gap_fanout
+from .build import (MAX_BUDGET, TREE_ALGOS, build_tree, top2gap_fanout,
+                    truncate_tree)
 from .masks import (ancestor_mask, pack_mask, packed_ancestor_mask,
                     positions, unpack_mask)
 from .sampling import apply_top_k_top_p, sample_nodes, sample_target_tokens
@@ -14,5 +15,5 @@ __all__ = [
     "apply_top_k_top_p", "build_tree", "compaction_plan", "pack_mask",
     "packed_ancestor_mask", "positions", "sample_nodes",
     "sample_target_tokens",
-    "top2gap_fanout", "unpack_mask",
+    "top2gap_fanout", "truncate_tree", "unpack_mask",
 ]

@@ -230,3 +230,40 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
     cum_out[:, body] = torch.where(keep, cum.gather(1, sel), -math.inf)
     num_nodes = 1 + keep.sum(1)
     return DraftTree(tokens, parents, depth, cum_out, num_nodes, depth_limit)
+
+
+def truncate_tree(tree: DraftTree, budget: int) -> DraftTree:
+    """The tree of ``budget`` nodes (root included) that ``build_tree`` makes
+    with the same top-K for ``accum_logp`` and ``topb_prefix`` (up to exact
+    ties in path log-prob, where ``topk`` may pick either candidate), from
+    one it made with a larger budget: its ``budget - 1`` best nodes by
+    cumulative log-prob, ties to the shallower, then to the earlier node (what the
+    stable sort in ``_select_best_prefixes`` does; nodes are laid out by
+    depth, then by that rank), kept in their layout. Prefix-closed for the
+    same reason. Any device; no synchronisation. ``max_depth`` is kept (a
+    static bound)."""
+    R, N = tree.tokens.shape
+    if budget >= N:
+        return tree
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    dev = tree.device
+    ar = torch.arange(N, device=dev)
+    valid = ar[None, :] < tree.num_nodes[:, None]
+    key = torch.where(valid, tree.cum_logp.float(), -math.inf)
+    key[:, 0] = math.inf                                   # the root first
+    order = key.sort(dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, ar.expand(R, N))
+    keep = valid & (rank < budget)
+    new_index = keep.long().cumsum(1) - 1
+    # The kept nodes in their layout order, then the rest.
+    pos = torch.where(keep, ar, N + ar).argsort(dim=1)[:, :budget]
+    kept = keep.gather(1, pos)
+    par = tree.parents.gather(1, pos)
+    parents = torch.where(kept & (par >= 0),
+                          new_index.gather(1, par.clamp(min=0)), PAD)
+    return DraftTree(
+        torch.where(kept, tree.tokens.gather(1, pos), PAD), parents,
+        torch.where(kept, tree.depth.gather(1, pos), PAD),
+        torch.where(kept, tree.cum_logp.gather(1, pos), -math.inf),
+        keep.sum(1), tree.max_depth)
