@@ -188,6 +188,38 @@ def test_triton_backend_equals_no_spec(tiny, no_spec, tmp_path):
     assert sum(acc) > 0
 
 
+@pytest.mark.engine
+def test_auto_budget_equals_no_spec(tiny, no_spec, tmp_path):
+    """``tree_budget: "auto"`` choosing among budgets 4, 8 and 16 (and
+    plain steps) step by step: tokens equal no-spec. On a GPU with graphs
+    (JETSPEC_TEST_EAGER=0) its verify steps of every chosen budget replay
+    full graphs of their own query length (vllm_patches.budget_graphs)."""
+    from vllm_jetspec.autobudget import CostModel
+
+    target, head = tiny
+    # Nearly flat costs: the head's confidence decides the budget.
+    flat = {1: 1.0, 4: 1.0}
+    cost = CostModel(ar_ms=dict(flat), round_ms={
+        4: {B: 1.05 for B in flat}, 8: {B: 1.1 for B in flat},
+        16: {B: 1.2 for B in flat}})
+    cost.save(str(tmp_path / "cost.json"))
+    tokens, m, log, prof = run(tmp_path, target, {
+        "method": "jetspec", "model": str(head), "tree_budget": "auto",
+        "cost_model": str(tmp_path / "cost.json"),
+        "tree_algo": "accum_logp"}, profile=True)
+    assert tokens == no_spec
+    chosen = {b: n for b, n in prof["budgets"].items() if int(b) > 1}
+    assert chosen and m["vllm:spec_decode_num_drafts"] > 0, prof
+    if GPU_GRAPHS:
+        assert "jetspec: full CUDA graphs for verify steps of 1/4/8/16 " \
+            "tokens a request" in log
+        modes = prof["graph_modes"]
+        # every budget chosen in more than a few steps ran full graphs
+        for b, n in chosen.items():
+            if n >= 4:
+                assert modes.get(f"FULL@{b}", 0) > 0, (b, prof)
+
+
 # --- start-up errors (in-process, no engine) ----------------------------------
 
 @pytest.fixture(scope="module")

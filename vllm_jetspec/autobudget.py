@@ -128,9 +128,10 @@ class CostModel:
                         ) -> "CostModel":
         """From ``bench`` rows (method 'ar' and 'jetspec', not replayed)."""
         # An AR row without a step count (the runner's profile saw no
-        # step: the bench's CUDA engines without speculation, 2026-11-25,
-        # why not established) times its steps from its output: every
-        # step emits one token per request.
+        # step: on CUDA, vLLM 0.26 runs engines without speculation on its
+        # V2 model runner, vllm/v1/worker/gpu/model_runner.py (the AR trace
+        # of 2026-11-25), which our V1-runner hooks do not see) times its
+        # steps from its output: every step emits one token per request.
         ar = {r["batch"]: r["round_ms"] if r["round_ms"] > 0 else
               1e3 * r["seconds"] * r["batch"] / r["tokens"] for r in rows
               if r["method"] == "ar" and (r["round_ms"] > 0 or (

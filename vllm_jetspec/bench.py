@@ -71,7 +71,8 @@ import json
 import os
 import time
 
-from .engine_job import batched_tokens, graph_sizes, result_rows, run_job
+from .engine_job import (auto_graph_sizes, batched_tokens, graph_sizes,
+                         result_rows, run_job)
 
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
     dummy = args.load_format == "dummy"
 
-    def job(spec, budget, eager=True):
+    def job(spec, budget, eager=True, auto=False):
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=eager and not args.graphs,
                       max_num_seqs=maxB, load_format=args.load_format,
@@ -313,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.graphs and budget > 1:
             # A verify step of any batch size pads to a full graph.
             engine["compilation_config"] = dict(
-                cudagraph_capture_sizes=graph_sizes(budget, maxB))
+                cudagraph_capture_sizes=auto_graph_sizes(
+                    args.budgets, maxB) if auto
+                else graph_sizes(budget, maxB))
         return dict(target=target, spec=spec, prompts=prompts,
                     batch_sizes=args.batch_sizes, ignore_eos=True,
                     max_new_tokens=args.max_new_tokens, engine=engine,
@@ -387,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         if method == "ar" and args.ar_from:
             res = load_ar(args.ar_from, job(None, 0))
         else:
-            res = run_job(job(spec, budget, eager=method != "ar_graphs"))
+            res = run_job(job(spec, budget, eager=method != "ar_graphs",
+                              auto=method == "auto"))
         if method == "ar":
             save_ar(os.path.join(args.out, "ar.json"), res, job(None, 0))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)

@@ -197,6 +197,15 @@ def graph_sizes(budget: int, max_seqs: int) -> list[int]:
     return sorted({budget * b for b in buckets + [max_seqs]})
 
 
+def auto_graph_sizes(budgets: list[int], max_seqs: int) -> list[int]:
+    """Capture sizes of a ``tree_budget: "auto"`` engine choosing among
+    ``budgets``: ``graph_sizes`` of each and of 1 (plain steps), so a
+    verify step of every budget and batch pads to a full graph of its own
+    query length (``vllm_patches.budget_graphs``)."""
+    return sorted({x for b in {1, *budgets}
+                   for x in graph_sizes(b, max_seqs)})
+
+
 if __name__ == "__main__":
     result = _run(json.load(sys.stdin))
     with open(sys.argv[1], "w") as f:

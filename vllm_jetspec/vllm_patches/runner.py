@@ -35,13 +35,14 @@ from ..autobudget import BudgetPolicy, CostModel
 from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
-                    packed_ancestor_mask, sample_nodes)
+                    packed_ancestor_mask, sample_nodes, truncate_tree)
 from ..tree.masks import BITS, packed_rows_host
-from . import tree_state
+from . import budget_graphs, tree_state
 from .config import settings_of
 from .draft_pass import DraftPass, draft_graphs_wanted
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
+from .staging import Staging
 
 logger = init_logger("vllm.jetspec.runner")
 
@@ -111,6 +112,10 @@ class JetSpecProposer(DFlashProposer):
         # tree_budget "auto": picks each step's budget (<= s.budget).
         self.policy = BudgetPolicy(CostModel.load(s.cost_model), s.budget) \
             if s is not None and s.auto else None
+        self.limit = s.budget if s is not None else 0   # of the last tree
+        # auto: (accepted drafts per batch row [R] on the device, rows,
+        # their estimate) of the last verify step, read at the next wait
+        self.pending_observation = None
         # One CUDA graph per (batch, budget) shape of tree construction.
         self.build = tree_graphs(_build, "tree construction", vllm_config,
                                  device)
@@ -209,11 +214,13 @@ class JetSpecProposer(DFlashProposer):
         R = anchor.shape[0]
         t = self.prof.start()
         v, i = v.view(R, depth, -1), i.view(R, depth, -1)
+        # tree_budget "auto": the tree of the largest budget this step may
+        # pick; _tree_drafts chooses the budget from its path probabilities
+        # (on the host, after the round's one wait for the device) and cuts
+        # it to that budget (truncate_tree: what a build at that budget
+        # gives).
         tree = self.build(v, i, anchor.long(), budget=limit, algo=s.algo)
-        if self.policy is not None:
-            b = self.policy.choose(tree.cum_logp, R, limit=limit)
-            if b != limit:
-                tree = self.build(v, i, anchor.long(), budget=b, algo=s.algo)
+        self.limit = limit
         self.tree_seconds = (self.prof.now() - t) if t is not None else 0.0
         # Backed by the graph's buffers until the next build of this shape:
         # _tree_drafts copies it to the host in this step.
@@ -295,6 +302,7 @@ def wrap_init(orig):
         self._jetspec_step: _Step | None = None
         self._jetspec_prof = StepProfiler()
         self._jetspec_root_pos: list[int] | None = None
+        self._jetspec_staging = Staging(device)
         if isinstance(getattr(self, "drafter", None), JetSpecProposer):
             self.drafter.prof = self._jetspec_prof
         _count_graph_modes(self)
@@ -304,6 +312,11 @@ def wrap_init(orig):
         self._jetspec_accept = tree_graphs(
             lambda *a, **k: accept_and_compact(self, *a, **k),
             "acceptance + compaction", vllm_config, device)
+        policy = getattr(getattr(self, "drafter", None), "policy", None)
+        if policy is not None and device.type == "cuda" and \
+                not vllm_config.model_config.enforce_eager:
+            # tree_budget "auto": a full graph for every budget it may pick
+            budget_graphs.enable(self, [1, *policy.candidates, s.budget])
         if s is not None:
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
                         s.budget, s.width, s.algo, s.depth)
@@ -336,6 +349,12 @@ def _count_graph_modes(self) -> None:
         modes = self._jetspec_prof.graph_modes
         name = getattr(out[0], "name", str(out[0]))
         modes[name] = modes.get(name, 0) + 1
+        desc = out[1]
+        if name == "FULL" and desc.num_reqs and \
+                getattr(self, "_jetspec_uniform_lengths", None):
+            # tree_budget "auto": also per query length (budget_graphs)
+            key = f"FULL@{desc.num_tokens // desc.num_reqs}"
+            modes[key] = modes.get(key, 0) + 1
         return out
 
     d.dispatch = dispatch
@@ -463,18 +482,36 @@ def _tree_drafts(self, tree: DraftTree):
                 "contain it decode without trees (plain decoding)", why)
             return [[] for _ in req_ids]
     out: list[list[int]] = []
-    est = [0.0] * len(req_ids)
-    if self.drafter.policy is not None:
-        # The head's estimate of the accepted drafts: the verified nodes'
-        # path probabilities (for the policy's calibration).
-        est = (tree.cum_logp[:, 1:].exp() * tree.valid()[:, 1:]).sum(1) \
-            .tolist()
     # The round's one wait for the device: the scheduler needs the drafts
     # as lists. The verify step reads the trees from these host copies.
-    # One copy: the node counts ride along as a fourth plane.
+    # One copy: the node counts ride along as a fourth plane, the path
+    # log-probs (auto) as a fifth (float64 bits).
     R, N = tree.tokens.shape
-    host = torch.stack([tree.tokens, tree.parents, tree.depth,
-                        tree.num_nodes[:, None].expand(R, N)]).cpu()
+    planes = [tree.tokens, tree.parents, tree.depth,
+              tree.num_nodes[:, None].expand(R, N)]
+    policy = self.drafter.policy
+    if policy is not None:
+        planes.append(tree.cum_logp.double().view(torch.int64))
+    host = torch.stack(planes).cpu()
+    est = [0.0] * len(req_ids)
+    if policy is not None:
+        ht = DraftTree(host[0], host[1], host[2],
+                       host[4].view(torch.float64).float(), host[3, :, 0],
+                       max_depth=tree.max_depth)
+        pending, self.drafter.pending_observation = \
+            self.drafter.pending_observation, None
+        if pending is not None:
+            # the previous verify step's: done by now, a copy of R ints
+            acc, rows, estimated = pending
+            policy.observe(float(acc.cpu()[rows].sum()), estimated)
+        b = policy.choose(ht.cum_logp, R, limit=self.drafter.limit)
+        ht = truncate_tree(ht, b)
+        n_b = ht.tokens.shape[1]
+        host = torch.stack([ht.tokens, ht.parents, ht.depth,
+                            ht.num_nodes[:, None].expand(R, n_b)])
+        # The head's estimate of the accepted drafts: the verified nodes'
+        # path probabilities (for the policy's calibration).
+        est = (ht.cum_logp[:, 1:].exp() * ht.valid()[:, 1:]).sum(1).tolist()
     nodes = host[3, :, 0].tolist()
     for r, rid in enumerate(req_ids):
         n = nodes[r]
@@ -523,8 +560,8 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     """Tree positions and ancestor masks for the verify forward; the
     step's trees for ``_sample``. Built on the host from the trees kept by
     ``_tree_drafts`` and the scheduler's draft lists, then copied to the
-    device asynchronously (vLLM's ``async_tensor_h2d``: pinned memory; a
-    copy from pageable memory would block the host until the stream has
+    device asynchronously, in one copy from a pinned buffer (``staging``;
+    a copy from pageable memory would block the host until the stream has
     run everything queued before it): no wait for the device."""
     num_reqs = self.input_batch.num_reqs
     req_ids = self.input_batch.req_ids[:num_reqs]
@@ -572,17 +609,23 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
                      torch.zeros(num_reqs, N),
                      torch.tensor(n_nodes, dtype=torch.long),
                      max_depth=int(depth.max()))
-    flat_dev = None
+    starts_of = torch.tensor([starts[r + 1] - n_nodes[r]
+                              for r in range(num_reqs)], dtype=torch.long)
+    flat_host = torch.cat(flat, 1) if rows else torch.zeros(3, 0,
+                                                             dtype=torch.long)
     if rows:
         tree_state.set_step_masks(_step_masks(host, rows, n_nodes))
-        self.positions[:starts[-1]] += async_tensor_h2d(offsets, dev)
-        flat_dev = async_tensor_h2d(torch.cat(flat, 1), dev)
-    tree = DraftTree(*(async_tensor_h2d(x, dev) for x in (
-        host.tokens, host.parents, host.depth, host.cum_logp,
-        host.num_nodes)), max_depth=host.max_depth)
-    starts_of = [starts[r + 1] - n_nodes[r] for r in range(num_reqs)]
-    self._jetspec_step = _Step(rows, tree, async_tensor_h2d(
-        starts_of, dev, torch.long), flat_dev)
+    # One copy for the step's host tensors (staging.py).
+    off_dev, flat_dev, tok, par, dep, nn, starts_dev = \
+        self._jetspec_staging.to_device(offsets, flat_host, host.tokens,
+                                        host.parents, host.depth,
+                                        host.num_nodes, starts_of)
+    if rows:
+        self.positions[:starts[-1]] += off_dev
+    tree = DraftTree(tok, par, dep, torch.zeros(num_reqs, N, device=dev),
+                     nn, max_depth=host.max_depth)
+    self._jetspec_step = _Step(rows, tree, starts_dev,
+                               flat_dev if rows else None)
     self._jetspec_step.est = est
 
 
@@ -676,8 +719,10 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         moves=bool(step.rows))
     policy = getattr(self.drafter, "policy", None)
     if policy is not None and step.est:
-        policy.observe(float(num_accepted[list(step.est)].sum()),
-                       sum(step.est.values()))
+        # Read at the next round's wait for the device (_tree_drafts), not
+        # now: a read here would wait for acceptance to finish.
+        self.drafter.pending_observation = (
+            num_accepted, list(step.est), sum(step.est.values()))
     if step.flat is not None:
         # The next draft pass reads each tree's tokens path first (by
         # depth), then the rejected nodes in their order.
@@ -746,6 +791,7 @@ def apply() -> None:
     R._sample = wrap_sample(R._sample)
     R.propose_draft_token_ids = wrap_propose(R.propose_draft_token_ids)
     R._jetspec_patched = True
+    budget_graphs.apply()
     from vllm.v1.worker.worker_base import WorkerBase
 
     from .profile import worker_profile

@@ -23,6 +23,7 @@ not fast; long-prompt prefill would want a causal varlen kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from . import tree_state
+from .staging import Staging
 from .torch_attention import (TorchTreeAttentionBackend,
                               TorchTreeAttentionImpl,
                               TorchTreeAttentionMetadataBuilder)
@@ -52,6 +54,12 @@ def chain_words(n: int, words: int, device) -> torch.Tensor:
     return torch.where(b == BITS, -one, (one << b.clamp(max=BITS - 1)) - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _chain_host(n: int, words: int) -> torch.Tensor:
+    """``chain_words`` on the host, once per shape (read only)."""
+    return chain_words(n, words, "cpu")
+
+
 def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
                     trees: dict[int, torch.Tensor]) -> torch.Tensor:
     """[R, N, W] int64 packed masks of one step on the host: tree rows
@@ -60,7 +68,7 @@ def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
     n = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
     R, N = len(n), max(n, default=0)
     W = max(1, (N + BITS - 1) // BITS)
-    chain = chain_words(max(N, 1), W, "cpu")
+    chain = _chain_host(max(N, 1), W)
     masks = chain[None].repeat(R, 1, 1)
     for r, nr in enumerate(n):
         if r in trees:
@@ -90,15 +98,6 @@ class TritonTreeAttentionMetadata:
     # or not; DFlash's proposer asserts ``causal is False`` on the draft
     # metadata of a non-causal head.
     causal: bool = True
-
-
-def _copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
-    """``dst.copy_(host)`` without waiting for the device (from pinned
-    memory on CUDA)."""
-    if dst.is_cuda:
-        dst.copy_(host.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(host)
 
 
 FULL_GRAPHS_ENV = "JETSPEC_FULL_GRAPHS"
@@ -158,6 +157,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         # new tensor in each DFlash draft pass (set_inputs_first_pass).
         self.qsl_buf = torch.zeros(rows + 1, dtype=torch.int32,
                                    device=device)
+        # The masks' host-to-device copy through a pinned buffer of our own
+        self.staging = Staging(device)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -191,8 +192,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             # rows past a request's tokens and words past its tree are
             # never read.
             nn, ww = host.shape[1], host.shape[2]
-            _copy_in(self.masks_buf[:R] if (nn, ww) == (N, W)
-                     else self.masks_buf[:R, :nn, :ww], host)
+            self.staging.copy_into(self.masks_buf[:R] if (nn, ww) == (N, W)
+                                   else self.masks_buf[:R, :nn, :ww], host)
             masks = self.masks_buf[:R]
             prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
                                  min=0, out=self.prefix_buf[:R])
