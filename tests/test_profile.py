@@ -76,3 +76,23 @@ def test_parts_are_stats_only():
     off = StepProfiler(enabled=False)
     assert off.part("draft_inputs", off.start()) is None
     assert off.stats() == {}
+
+
+def test_timestamps_do_not_probe_cuda(monkeypatch):
+    """A timestamp asks only whether CUDA is initialised: vLLM sets
+    PYTORCH_NVML_BASED_CUDA_CHECK, with which torch.cuda.is_available()
+    tries to load NVML on every call where there is no GPU (≈ 130 µs on
+    the 2-core CPU, inflating every profiled segment)."""
+    import torch
+
+    from vllm_jetspec.vllm_patches.profile import StepProfiler
+
+    def probe():
+        raise AssertionError("torch.cuda.is_available() in a timestamp")
+
+    monkeypatch.setattr(torch.cuda, "is_available", probe)
+    p = StepProfiler(enabled=True)
+    t = p.start()
+    p.add("verify", t)
+    p.part("draft_inputs", t)
+    assert p.snapshot()["steps"] == 0
