@@ -114,7 +114,8 @@ class JetSpecProposer(DFlashProposer):
             if s is not None and s.auto else None
         self.limit = s.budget if s is not None else 0   # of the last tree
         # auto: (accepted drafts per batch row [R] on the device, rows,
-        # their estimate) of the last verify step, read at the next wait
+        # their estimate) of this step's verify, read in _tree_drafts after
+        # the step's wait for the drafts
         self.pending_observation = None
         # One CUDA graph per (batch, budget) shape of tree construction.
         self.build = tree_graphs(_build, "tree construction", vllm_config,
@@ -501,7 +502,8 @@ def _tree_drafts(self, tree: DraftTree):
         pending, self.drafter.pending_observation = \
             self.drafter.pending_observation, None
         if pending is not None:
-            # the previous verify step's: done by now, a copy of R ints
+            # this step's verify, which ran before the draft pass just
+            # waited for: done, a copy of R ints that waits for nothing
             acc, rows, estimated = pending
             policy.observe(float(acc.cpu()[rows].sum()), estimated)
         b = policy.choose(ht.cum_logp, R, limit=self.drafter.limit)
@@ -719,7 +721,7 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         moves=bool(step.rows))
     policy = getattr(self.drafter, "policy", None)
     if policy is not None and step.est:
-        # Read at the next round's wait for the device (_tree_drafts), not
+        # Read in _tree_drafts after the step's wait for the drafts, not
         # now: a read here would wait for acceptance to finish.
         self.drafter.pending_observation = (
             num_accepted, list(step.est), sum(step.est.values()))
