@@ -50,6 +50,13 @@ written after every engine) and run only the engines it lacks: a sweep
 split over several calls of a machine with short calls (the auto
 engine's cost model then holds every static row).
 
+``--runners v2 v1``: every engine on vLLM's V2 runner (CUDA's default:
+async scheduling; jetspec's device-side rounds, ``vllm_patches.v2``) and
+again on V1 (``VLLM_USE_V2_MODEL_RUNNER=0``, async scheduling off), rows of
+the second named ``METHOD@v1``. V2 engines have no timed segments (a timed
+segment waits for the device): their ms per step comes from the output
+(prefill steps included) and their split columns are 0.
+
 ``--auto``: after the static budgets, one more engine with
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
@@ -87,6 +94,16 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
     for row, r in zip(rows, res["batches"].values()):
         prof = r.get("profile") or {}
         steps = prof.get("steps") or 0
+        if not steps:
+            # No runner profile (vLLM's V2 runner, stock engines): steps
+            # from the output. Each group of ``batch`` requests takes one
+            # prefill step and then one step per round: a speculative
+            # engine's rounds are its drafts (one per request and round),
+            # a plain engine's the tokens after the first.
+            B = row["batch"]
+            groups = -(-len(r["ids"]) // B)
+            steps = round(groups + (r["drafts"] if r["drafts"]
+                                    else r["tokens"] - len(r["ids"])) / B)
         row.update(replay=replay, steps=steps,
                    round_ms=1e3 * r["seconds"] / steps if steps else 0.0)
         secs = prof.get("seconds") or {}
@@ -261,8 +278,22 @@ def main(argv: list[str] | None = None) -> int:
                          "settings finished in --out (its partial.json)")
     ap.add_argument("--auto", action="store_true",
                     help="also run tree_budget 'auto' on this run's costs")
+    ap.add_argument("--runners", nargs="+", choices=["v2", "v1"],
+                    default=["v2"],
+                    help="vLLM model runners to run every engine on (CUDA): "
+                         "v2 (vLLM's default there: async scheduling; "
+                         "jetspec's device-side rounds) and/or v1 "
+                         "(VLLM_USE_V2_MODEL_RUNNER=0, async scheduling "
+                         "off; rows named METHOD@v1). On CPU only v1 "
+                         "exists, whatever this says")
     ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
-                    default="dflash")
+                    nargs="+", default=None,
+                    help="linear baselines with the same head: vLLM's own "
+                         "dflash, jetspec's chain (one branch of the "
+                         "head's depth), or none. Default: dflash, or chain "
+                         "with --replay (dflash cannot replay; named "
+                         "explicitly with --replay it still runs, for its "
+                         "round cost)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--no-split", action="store_true",
@@ -303,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
     dummy = args.load_format == "dummy"
 
-    def job(spec, budget, eager=True, auto=False):
+    def job(spec, budget, eager=True, auto=False, runner="v2"):
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=eager and not args.graphs,
                       max_num_seqs=maxB, load_format=args.load_format,
@@ -312,12 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu_memory_utilization is not None:
             engine["gpu_memory_utilization"] = args.gpu_memory_utilization
         if args.graphs and budget > 1:
-            # A verify step of any batch size pads to a full graph.
+            # A verify step of any batch size pads to a full graph, and so
+            # does the V2 runner's draft pass (1 + depth tokens a request).
+            sizes = auto_graph_sizes(args.budgets, maxB) if auto \
+                else graph_sizes(budget, maxB)
             engine["compilation_config"] = dict(
-                cudagraph_capture_sizes=auto_graph_sizes(
-                    args.budgets, maxB) if auto
-                else graph_sizes(budget, maxB))
-        return dict(target=target, spec=spec, prompts=prompts,
+                cudagraph_capture_sizes=sorted(
+                    set(sizes) | set(graph_sizes(depth + 1, maxB))))
+        env = {}
+        if runner == "v1":
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            engine["async_scheduling"] = False
+        return dict(target=target, spec=spec, prompts=prompts, env=env,
                     batch_sizes=args.batch_sizes, ignore_eos=True,
                     max_new_tokens=args.max_new_tokens, engine=engine,
                     profile=not args.no_split,
@@ -332,20 +369,23 @@ def main(argv: list[str] | None = None) -> int:
             spec["replay"] = replay_path
         return spec
 
-    plan = [("ar", 0, None)]
+    baselines = args.baseline or ["chain" if args.replay else "dflash"]
+    core = [("ar", 0, None)]
     if args.stock_ar:
-        plan.append(("ar_graphs", 0, None))
-    baseline = args.baseline
-    if args.replay and baseline == "dflash":
-        baseline = "chain"       # vLLM's dflash method cannot replay
-    if baseline == "chain":
-        plan.append(("chain", depth + 1, jetspec(depth + 1, "chain")))
-    elif baseline == "dflash":
-        plan.append(("dflash", depth + 1, {
+        core.append(("ar_graphs", 0, None))
+    if "chain" in baselines:
+        core.append(("chain", depth + 1, jetspec(depth + 1, "chain")))
+    if "dflash" in baselines:
+        core.append(("dflash", depth + 1, {
             "method": "dflash", "model": head,
             "num_speculative_tokens": depth}))
-    plan += [("jetspec", b, jetspec(b, args.tree_algo))
+    core += [("jetspec", b, jetspec(b, args.tree_algo))
              for b in args.budgets]
+    # The first runner's AR row is the reference; the other runner's rows
+    # are named METHOD@RUNNER.
+    plan = [(m if r == args.runners[0] else f"{m}@{r}", b, spec)
+            for r in args.runners for m, b, spec in core]
+    baseline = "+".join(baselines)
     cost_path = os.path.abspath(os.path.join(args.out, "cost_model.json"))
     if args.auto:
         auto = jetspec(max(args.budgets), args.tree_algo)
@@ -391,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             res = load_ar(args.ar_from, job(None, 0))
         else:
             res = run_job(job(spec, budget, eager=method != "ar_graphs",
-                              auto=method == "auto"))
+                              auto=method == "auto",
+                              runner=method.partition("@")[2] or
+                              args.runners[0]))
         if method == "ar":
             save_ar(os.path.join(args.out, "ar.json"), res, job(None, 0))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)

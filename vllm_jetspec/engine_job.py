@@ -10,7 +10,8 @@ the same pipe, and a long line may be interleaved with its writes.
 Job keys: ``target``, ``spec`` (speculative_config or null), ``prompts``
 (token id lists) or ``prompt_sets`` (name -> token id lists: several
 datasets through one engine), ``batch_sizes``, ``max_new_tokens``, optional ``engine``
-(extra ``LLM`` kwargs), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
+(extra ``LLM`` kwargs), ``env`` (environment variables set in the
+engine's process first), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
 token ids in and out), ``profile`` (measure the round-time split, see
 ``vllm_patches/profile.py``). ``JETSPEC_JIT_VERBOSE=1`` in the environment
 turns on vLLM's ``jit_monitor_verbose`` (every Triton compilation after
@@ -48,6 +49,8 @@ def _run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # Per engine, before vLLM reads it (e.g. VLLM_USE_V2_MODEL_RUNNER).
+    os.environ.update(job.get("env") or {})
     kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=2048, disable_log_stats=False)
     kw.update(job.get("engine") or {})

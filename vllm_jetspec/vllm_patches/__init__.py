@@ -43,10 +43,12 @@ PATCHES += [
              "patched_create_speculative_config",
           why="SpeculativeConfig accepts neither method 'jetspec' nor the "
               "tree keys; they are validated and removed, the rest runs as "
-              "'dflash' with the tree settings attached; async scheduling "
-              "is turned off (vLLM enables it for dflash on CUDA; its runner "
-              "then expects device-side draft tokens); on GPUs vLLM's "
-              "compile + CUDA graphs unless enforce_eager or JETSPEC_EAGER=1",
+              "'dflash' with the tree settings attached; the model runner "
+              "chosen (V2 on CUDA, V1 on CPU or VLLM_USE_V2_MODEL_RUNNER="
+              "0); on V1 async scheduling is turned off (vLLM's V1 async "
+              "path fills input ids from linear device drafts); on GPUs "
+              "vLLM's compile + CUDA graphs unless enforce_eager or "
+              "JETSPEC_EAGER=1",
           when="always (inert unless method is 'jetspec')"),
     Patch(replaces="vllm.config.speculative:SpeculativeConfig."
                    "max_num_new_slots_for_drafting",
@@ -156,6 +158,28 @@ PATCHES += [
 ]
 
 
+PATCHES += [
+    Patch(replaces="vllm.v1.worker.gpu.model_runner:init_speculator",
+          by="vllm_jetspec.vllm_patches.v2:wrap_init_speculator "
+             "(JetSpecSpeculator, a DFlashSpeculator subclass)",
+          why="vLLM's V2 runner builds its speculator from the method name "
+              "('dflash' for jetspec); ours keeps DFlash's device-side "
+              "inputs and FULL draft graph and builds the trees (top-K, "
+              "build_tree, ancestor masks) inside that graph",
+          when="jetspec engines on the V2 runner (CUDA)"),
+    Patch(replaces="vllm.v1.worker.gpu.model_runner:GPUModelRunner."
+                   "__init__ / load_model / prepare_attn / add_requests",
+          by="vllm_jetspec.vllm_patches.v2:wrap_*",
+          why="the tree backend for the target's layers; tree acceptance "
+              "and K/V compaction (TreeVerifier) in the rejection "
+              "sampler's slot; tree positions and device masks after "
+              "vLLM's slot mapping, before the attention metadata; per "
+              "request the replay sequence and whether it keeps its root "
+              "only (penalties, bad words, structured output)",
+          when="always (inert unless the engine's config is jetspec)"),
+]
+
+
 def apply(env: dict[str, str] | None = None) -> list[Patch]:
     """Apply the patches this process needs; idempotent. Returns them."""
     env = os.environ if env is None else env
@@ -177,6 +201,11 @@ def apply(env: dict[str, str] | None = None) -> list[Patch]:
         SpeculativeConfig.max_num_new_slots_for_drafting = \
             patched_max_num_new_slots_for_drafting(slots)
     runner.apply()
+    from vllm.platforms import current_platform
+    if current_platform.is_cuda():
+        # vLLM's V2 runner exists on CUDA only (it needs Triton)
+        from . import v2
+        v2.apply()
     from . import metrics
     metrics.apply()
     applied = list(PATCHES[1:])

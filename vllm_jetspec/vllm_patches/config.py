@@ -184,28 +184,44 @@ def patched_max_num_new_slots_for_drafting(orig: property) -> property:
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
-def require_v1_runner(env: dict | None = None) -> None:
-    """jetspec's runner patches are on the V1 ``GPUModelRunner``; vLLM 0.26
-    defaults to its V2 runner on CUDA, where a jetspec config would run as
-    plain linear dflash. Select V1 (in this process, inherited by the
-    workers it starts), or refuse if the user asked for V2."""
+def select_runner(env: dict | None = None, on_cuda: bool | None = None,
+                  auto: bool = False) -> str:
+    """Which of vLLM's model runners a jetspec engine runs on: ``"v2"`` on
+    CUDA (the device-side, asynchronous rounds of ``vllm_patches.v2``;
+    vLLM's own default there), ``"v1"`` on vLLM's CPU platform (its only
+    runner) or when the user sets ``VLLM_USE_V2_MODEL_RUNNER=0`` (the
+    synchronous V1 hooks, ``vllm_patches.runner``), and for ``tree_budget:
+    "auto"`` (its per-step budget choice is built on the V1 hooks only).
+    Set in this process's environment, which the engine's processes
+    inherit."""
     env = os.environ if env is None else env
-    v = env.get(V2_RUNNER_ENV)
-    if v is not None and v.strip().lower() in ("1", "true", "yes"):
-        raise ValueError(f"jetspec runs on vLLM's V1 model runner; unset "
-                         f"{V2_RUNNER_ENV} (it is {v!r})")
+    if on_cuda is None:
+        from vllm.platforms import current_platform
+        on_cuda = current_platform.is_cuda()
+    v = (env.get(V2_RUNNER_ENV) or "").strip().lower()
+    if on_cuda and v not in ("0", "false", "no"):
+        if not auto:
+            env[V2_RUNNER_ENV] = "1"
+            return "v2"
+        logger.warning("jetspec: tree_budget 'auto' runs on vLLM's V1 model "
+                       "runner (synchronous rounds); a static tree_budget "
+                       "runs the V2 runner's asynchronous device-side "
+                       "rounds")
     env[V2_RUNNER_ENV] = "0"
+    return "v1"
 
 
 def refuse_async_scheduling(engine_args) -> None:
-    """jetspec runs as method 'dflash', for which vLLM 0.26 turns async
-    scheduling on by default on CUDA; its runner then keeps the next step's
-    draft tokens on the device and fills input ids from them, which a tree
-    round does not provide. Turn it off (before ``SchedulerConfig`` is
-    built from the engine args), or refuse if the user asked for it."""
+    """On the V1 runner jetspec rounds are synchronous: vLLM's async path
+    there fills the next step's input ids from device-side linear drafts,
+    which the V1 tree hooks do not provide. Turn it off (before
+    ``SchedulerConfig`` is built from the engine args), or refuse if the
+    user asked for it. (The V2 runner's rounds are asynchronous.)"""
     if getattr(engine_args, "async_scheduling", None):
-        raise ValueError("jetspec does not support async scheduling; drop "
-                         "--async-scheduling (async_scheduling=True)")
+        raise ValueError("jetspec on vLLM's V1 model runner does not "
+                         "support async scheduling; drop --async-scheduling "
+                         "(async_scheduling=True), or run the V2 runner "
+                         "(CUDA, VLLM_USE_V2_MODEL_RUNNER unset)")
     engine_args.async_scheduling = False
 
 
@@ -273,9 +289,10 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
-        require_v1_runner()
+        runner = select_runner(auto=settings.auto)
         refuse_cpu_expert_parallel(target_parallel_config)
-        refuse_async_scheduling(self)
+        if runner == "v1":
+            refuse_async_scheduling(self)
         graphs_on_gpu(self, target_model_config)
         if self.speculative_config is None:
             logger.info("jetspec: tree_budget 1 is the root alone (no draft "

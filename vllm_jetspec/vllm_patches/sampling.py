@@ -59,3 +59,31 @@ def node_sampling_inputs(metadata, num_reqs: int, device: torch.device):
     top_p = None if metadata.top_p is None else metadata.top_p[:num_reqs]
     gens = {i: g for i, g in metadata.generators.items() if i < num_reqs}
     return temp, top_k, top_p, gens
+
+
+def root_only_reason(params) -> str | None:
+    """vLLM's V2 runner (``vllm_patches.v2``): why a request with these
+    ``vllm.SamplingParams`` keeps only its root token each round, or None
+    when it verifies whole trees.
+
+    There every node is sampled by vLLM's own sampler with the node's
+    position (``prefix + depth``): temperature, top-k, top-p, min_p, logit
+    bias, allowed token ids, min_tokens and seeds act per node exactly as
+    in plain decoding, and logprobs are read in path order. What reads the
+    request's previous output tokens does not: penalties and bad words
+    would count the nodes before a node in the step's flat order, not its
+    ancestors; structured output validates drafts as a chain. Such a
+    request verifies its tree but keeps the root's token (sampled with the
+    request's whole history, as in plain decoding) - lossless, and the
+    other requests of its batch keep their trees."""
+    checks = [
+        (params.presence_penalty != 0.0, "presence_penalty"),
+        (params.frequency_penalty != 0.0, "frequency_penalty"),
+        (params.repetition_penalty != 1.0, "repetition_penalty"),
+        (bool(params.bad_words), "bad_words"),
+        (params.structured_outputs is not None, "structured outputs"),
+        (params.thinking_token_budget is not None, "thinking_token_budget"),
+        (bool(params.extra_args), "extra_args (custom logits processors)"),
+    ]
+    bad = [name for hit, name in checks if hit]
+    return ", ".join(bad) if bad else None

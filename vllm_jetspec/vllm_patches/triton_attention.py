@@ -27,6 +27,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm.logger import init_logger
@@ -183,23 +184,38 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         qsl = m.query_start_loc[:R + 1]
         n = (qsl_cpu[1:] - qsl_cpu[:-1])
         max_nodes = int(n.max()) if R else 0
-        trees = tree_state.masks_for_step(R) if causal else {}
-        host = step_masks_host(qsl_cpu, causal, trees)
+        dev = tree_state.device_trees() if causal else None
         rows, N, W = self.masks_buf.shape
         safe = R <= rows and max_nodes <= N
         if safe:
-            # In place (stream-ordered after the previous step's reads);
-            # rows past a request's tokens and words past its tree are
-            # never read.
-            nn, ww = host.shape[1], host.shape[2]
-            self.staging.copy_into(self.masks_buf[:R] if (nn, ww) == (N, W)
-                                   else self.masks_buf[:R, :nn, :ww], host)
             masks = self.masks_buf[:R]
+            if dev is not None and dev.tree_rows.all() \
+                    and dev.masks.shape[1:] == (N, W):
+                # V2 rounds, every request verifying a tree: its rows are
+                # on the device already (the drafter's): one gather, no
+                # host work.
+                torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
+                                   out=self.masks_buf[:len(dev.tree_rows)])
+            else:
+                host = step_masks_host(qsl_cpu, causal,
+                                       tree_state.masks_for_step(R)
+                                       if causal else {})
+                # In place (stream-ordered after the previous step's
+                # reads); rows past a request's tokens and words past its
+                # tree are never read.
+                nn, ww = host.shape[1], host.shape[2]
+                self.staging.copy_into(masks if (nn, ww) == (N, W)
+                                       else masks[:, :nn, :ww], host)
+                _device_tree_rows(masks, dev)
             prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
                                  min=0, out=self.prefix_buf[:R])
             qsl = self.qsl_buf[:R + 1].copy_(qsl)
         else:
+            host = step_masks_host(qsl_cpu, causal,
+                                   tree_state.masks_for_step(R)
+                                   if causal else {})
             masks = async_tensor_h2d(host, qsl.device)
+            _device_tree_rows(masks, dev)
             prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
                 min=0).to(torch.int32)
         return TritonTreeAttentionMetadata(
@@ -213,6 +229,19 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             max_seq_len=int(m.max_seq_len),
             graph_safe=safe,
             causal=causal)
+
+
+def _device_tree_rows(masks: torch.Tensor,
+                      dev: "tree_state.DeviceTrees | None") -> None:
+    """V2 rounds in a step that also holds other requests (a prefill):
+    the tree rows from the drafter's device buffers over the chain rows
+    just copied from the host."""
+    if dev is None or not dev.tree_rows.any():
+        return
+    t = async_tensor_h2d(np.flatnonzero(dev.tree_rows), masks.device)
+    k = min(dev.masks.shape[1], masks.shape[1])
+    w = min(dev.masks.shape[2], masks.shape[2])
+    masks[t, :k, :w] = dev.masks[dev.idx_mapping.long()[t], :k, :w]
 
 
 SPLITS_ENV = "JETSPEC_TREE_SPLITS"

@@ -1,0 +1,190 @@
+"""The device-side pieces of a V2-runner round (``vllm_patches.v2``) on CPU:
+the ragged layout helpers, acceptance with K/V compaction by slot, the
+gather that hands the drafter each kept path first, and the V2 modules'
+installation. (The V2 runner itself needs CUDA: its engine tests run on
+the GPU, docs/design/async-rounds.md.)"""
+
+import math
+
+import torch
+
+from vllm_jetspec.tree import accept, build_tree
+from vllm_jetspec.tree.ragged import (path_first_gather, position_offsets,
+                                      ragged_rows, to_padded)
+
+
+def _step(seed=0, R=4, B=9, D=4, K=3, V=50):
+    """A verify step in a V2 runner's layout: request 0 a prefill chunk of
+    5 tokens (1 sampled row), the others trees of B nodes (request 2's cut
+    to 6 by the scheduler), every request's rows at the end of its
+    query."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(R, D, K, generator=g).log_softmax(-1)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K]
+                       for _ in range(R * D)]).view(R, D, K)
+    anchor = torch.randint(0, V, (R,), generator=g)
+    tree = build_tree(logp, ids, anchor, B)
+    counts = torch.tensor([1, B, 6, B])
+    query = torch.tensor([5, B, 6, B])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), query.cumsum(0)])
+    token_index = torch.cat([torch.arange(starts[r + 1] - counts[r],
+                                          starts[r + 1]) for r in range(R)])
+    return tree, counts, query, starts, token_index
+
+
+def test_ragged_layout_round_trips():
+    tree, counts, query, starts, li = _step()
+    R, B = tree.tokens.shape
+    M = int(counts.sum())
+    rows = ragged_rows(counts, M)
+    local = torch.cat([torch.arange(int(n)) for n in counts])
+    assert rows.tolist() == sum(([r] * int(n) for r, n in
+                                 enumerate(counts)), [])
+    flat = tree.tokens[rows, local]
+    padded = to_padded(flat, rows, local, R, B)
+    for r in range(R):
+        n = int(counts[r])
+        assert padded[r, :n].tolist() == tree.tokens[r, :n].tolist()
+        assert (padded[r, n:] == -1).all()
+    # positions: prefix + local becomes prefix + depth
+    depth = tree.depth.clamp(min=0)[rows, local]
+    prefix = 100
+    pos = prefix + local + position_offsets(depth, local)
+    assert pos.tolist() == (prefix + depth).tolist()
+
+
+def test_accept_and_compact_moves_each_kept_path_and_reorders():
+    from vllm_jetspec.vllm_patches.v2.verifier import accept_and_compact
+
+    tree, counts, query, starts, li = _step(seed=3)
+    R, B = tree.tokens.shape
+    M = int(counts.sum())
+    rows = ragged_rows(counts, M)
+    local = torch.cat([torch.arange(int(n)) for n in counts])
+    # The target agrees with the tree along a random path in each request
+    # (deepest node of a pseudo-random choice), then differs.
+    g = torch.Generator().manual_seed(1)
+    tgt = torch.randint(1000, 2000, (R, B), generator=g)
+    nodes = torch.minimum(counts, tree.num_nodes)
+    for r in range(R):
+        n = int(nodes[r])
+        u = int(torch.randint(0, n, (1,), generator=g))
+        while u > 0:
+            p = int(tree.parents[r, u])
+            tgt[r, p] = tree.tokens[r, u]
+            u = p
+    # K/V caches in the tree backend's layout, each slot holding its id;
+    # the step's slots are consecutive per request (as vLLM maps linear
+    # positions), block size 4.
+    nblocks, bs = 64, 4
+    kv = torch.arange(nblocks * bs, dtype=torch.float32).view(
+        nblocks, 1, bs, 1, 1).expand(nblocks, 2, bs, 1, 1).clone()
+    slot_of_token = torch.arange(int(starts[-1])) + 7
+    slots = to_padded(slot_of_token[li], rows, local, R, B, fill=0)
+    before = kv.clone()
+    tokens = to_padded(tree.tokens[rows, local], rows, local, R, B)
+    emitted, num_acc, perm = accept_and_compact(
+        [kv], tokens, tree.parents, tree.depth.clamp(min=0), nodes, tgt,
+        slots, max_depth=tree.max_depth)
+    # the oracle: the tree core's acceptance of the same (truncated) trees
+    cut = tree.valid() & (torch.arange(B)[None] < nodes[:, None])
+    oracle = accept(type(tree)(
+        torch.where(cut, tree.tokens, -1), torch.where(cut, tree.parents, -1),
+        torch.where(cut, tree.depth, -1), tree.cum_logp, nodes,
+        tree.max_depth), tgt)
+    assert torch.equal(num_acc, oracle.num_accepted)
+    assert torch.equal(emitted, oracle.tokens)
+    for r in range(R):
+        a = int(num_acc[r])
+        base = int(slots[r, 0])
+        for d in range(a + 1):
+            src = int(slots[r, int(oracle.path_nodes[r, d])])
+            s = base + d
+            assert kv[s // bs, :, s % bs].flatten().tolist() == \
+                before[src // bs, :, src % bs].flatten().tolist()
+    # slots outside the kept paths are untouched
+    kept = {int(slots[r, 0]) + d for r in range(R)
+            for d in range(int(num_acc[r]) + 1)}
+    for s in range(nblocks * bs):
+        if s not in kept:
+            assert torch.equal(kv[s // bs, :, s % bs],
+                               before[s // bs, :, s % bs])
+    # the drafter's gather: each request's first a + 1 verified tokens are
+    # its kept path's nodes, by depth
+    T = int(starts[-1])
+    idx = path_first_gather(li, local, rows, perm, T)
+    node_of_token = torch.full((T,), -1)
+    node_of_token[li] = local
+    got = node_of_token[idx]
+    for r in range(R):
+        first = int(starts[r + 1] - counts[r])
+        a = int(num_acc[r])
+        assert got[first:first + a + 1].tolist() == \
+            oracle.path_nodes[r, :a + 1].tolist()
+        # a permutation of the request's rows
+        assert sorted(idx[first:int(starts[r + 1])].tolist()) == \
+            list(range(first, int(starts[r + 1])))
+    # tokens before each request's rows (prefill) map to themselves
+    assert idx[:int(starts[1]) - 1].tolist() == \
+        list(range(int(starts[1]) - 1))
+    assert math.isfinite(float(num_acc.float().mean()))
+
+
+def test_v2_patches_install_on_cpu():
+    """The V2 modules import without a GPU and their patches install (and
+    are listed with the vLLM functions they replace)."""
+    from vllm.v1.worker.gpu import model_runner as mr
+
+    from vllm_jetspec.vllm_patches import PATCHES, v2
+
+    v2.apply()
+    v2.apply()                        # idempotent
+    assert mr.GPUModelRunner._jetspec_patched
+    assert mr.init_speculator.__name__ == "init_speculator"
+    names = " ".join(p.replaces for p in PATCHES)
+    assert "gpu.model_runner:init_speculator" in names
+    assert "prepare_attn" in names
+
+
+def test_root_only_reasons():
+    from vllm import SamplingParams
+
+    from vllm_jetspec.vllm_patches.sampling import root_only_reason
+
+    assert root_only_reason(SamplingParams(temperature=0.7, top_p=0.9,
+                                           top_k=5, min_p=0.1, seed=3,
+                                           logprobs=2,
+                                           logit_bias={1: 2.0},
+                                           min_tokens=4)) is None
+    assert "presence_penalty" in root_only_reason(
+        SamplingParams(presence_penalty=0.5))
+    assert "repetition_penalty" in root_only_reason(
+        SamplingParams(repetition_penalty=1.2))
+
+
+def test_v2_graph_mode_counts_survive_profile_resets():
+    """The V2 runner's CUDA-graph mode counts (read by the bench and the
+    GPU engine tests) go to the profiler's current dicts, also after a
+    ``jetspec_profile`` reset replaced them (the first H200 run counted
+    nothing: the counter held the dict of before the reset)."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.profile import StepProfiler
+    from vllm_jetspec.vllm_patches.v2 import wrap_initialize_kv_cache
+
+    def manager(mode):
+        return SimpleNamespace(dispatch=lambda *a, **k: SimpleNamespace(
+            cg_mode=SimpleNamespace(name=mode)))
+
+    runner = SimpleNamespace(
+        _jetspec_prof=StepProfiler(enabled=False),
+        cudagraph_manager=manager("FULL"),
+        speculator=SimpleNamespace(query_cudagraph_manager=manager("NONE")))
+    wrap_initialize_kv_cache(lambda self, cfg: None)(runner, None)
+    runner.cudagraph_manager.dispatch(1, 16, 16, num_active_loras=0)
+    runner._jetspec_prof.snapshot(reset=True)
+    for _ in range(2):
+        runner.cudagraph_manager.dispatch(1, 16, 16, num_active_loras=0)
+        runner.speculator.query_cudagraph_manager.dispatch(1, 16, 16, 0)
+    assert runner._jetspec_prof.graph_modes == {"FULL": 2}
+    assert runner._jetspec_prof.draft_modes == {"none": 2}

@@ -1,0 +1,154 @@
+"""jetspec rounds in vLLM 0.26's V2 model runner (``vllm/v1/worker/gpu/``),
+the runner vLLM uses on CUDA, with async scheduling.
+
+Why V2 (docs/design/async-rounds.md): stock AR and stock ``dflash`` run
+there on CUDA, with the host preparing step n + 1 while the device runs
+step n, their inputs built by device kernels from device state (request
+states, draft tokens, ``num_computed_tokens``) and the draft pass one FULL
+CUDA graph. A tree round fits that design with a fixed number of draft
+slots per request (``budget - 1``, scheduled as placeholders before the
+trees exist): the trees are built on the device inside the draft graph
+(``speculator``), positions and masks of the verify step come from device
+buffers (``verifier.begin_step``), and acceptance with K/V compaction runs
+on the device in vLLM's rejection-sampler slot (``verifier.TreeVerifier``).
+The host learns the accepted lengths one step late, from the output copy
+vLLM makes anyway.
+
+The V1 hooks (``vllm_patches.runner``) stay for vLLM's CPU platform (its
+runner is V1 and synchronous) and for ``VLLM_USE_V2_MODEL_RUNNER=0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm.logger import init_logger
+
+from ..config import settings_of
+from ..profile import StepProfiler
+
+logger = init_logger("vllm.jetspec.v2")
+
+
+def _jetspec(runner) -> bool:
+    spec = getattr(runner, "speculative_config", None)
+    return spec is not None and settings_of(spec) is not None
+
+
+def _graphs_on(runner) -> bool:
+    from vllm.config import CUDAGraphMode
+    from ..runner import TREE_GRAPHS_ENV
+    mode = os.environ.get(TREE_GRAPHS_ENV, "1")
+    return mode == "1" and runner.device.type == "cuda" and \
+        not runner.model_config.enforce_eager and \
+        runner.compilation_config.cudagraph_mode != CUDAGraphMode.NONE
+
+
+def wrap_init_speculator(orig):
+    def init_speculator(vllm_config, device):
+        if settings_of(vllm_config.speculative_config) is None:
+            return orig(vllm_config, device)
+        from .speculator import JetSpecSpeculator
+        return JetSpecSpeculator(vllm_config, device)
+    return init_speculator
+
+
+def wrap_init(orig):
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        spec = vllm_config.speculative_config
+        if spec is not None and settings_of(spec) is not None:
+            from ..runner import _select_attention
+            _select_attention(vllm_config, device)
+        orig(self, vllm_config, device, *args, **kwargs)
+        self._jetspec_verifier = None
+        # Counts of CUDA-graph modes (and, with JETSPEC_PROFILE=1, steps)
+        # for the bench and the tests; no timing: a timed segment would
+        # wait for the device and undo the overlap this runner is for.
+        self._jetspec_prof = StepProfiler()
+        if _jetspec(self):
+            s = settings_of(spec)
+            logger.info("jetspec: tree budget %d, width %d, %s, depth %d "
+                        "(V2 runner: device-side rounds)", s.budget,
+                        s.width, s.algo, s.depth)
+    return __init__
+
+
+def _count(modes: dict, key: str) -> None:
+    modes[key] = modes.get(key, 0) + 1
+
+
+def wrap_initialize_kv_cache(orig):
+    def initialize_kv_cache(self, kv_cache_config):
+        orig(self, kv_cache_config)
+        prof = self._jetspec_prof
+        for manager, field, name in (
+                (self.cudagraph_manager, "graph_modes", None),
+                (getattr(self.speculator, "query_cudagraph_manager", None),
+                 "draft_modes", "graph")):
+            if manager is None:
+                continue
+
+            def dispatch(*a, _orig=manager.dispatch, _field=field,
+                         _name=name, **k):
+                desc = _orig(*a, **k)
+                mode = desc.cg_mode.name
+                # the profiler's dict of now (a reset replaces it)
+                _count(getattr(prof, _field), mode if _name is None else
+                       (_name if mode == "FULL" else mode.lower()))
+                return desc
+            manager.dispatch = dispatch
+    return initialize_kv_cache
+
+
+def wrap_load_model(orig):
+    def load_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if _jetspec(self) and self.sampler is not None:
+            from .verifier import TreeVerifier
+            self._jetspec_verifier = TreeVerifier(self, self.speculator,
+                                                  graphs=_graphs_on(self))
+            self.rejection_sampler = self._jetspec_verifier
+        return out
+    return load_model
+
+
+def wrap_prepare_attn(orig):
+    def prepare_attn(self, input_batch):
+        block_tables, slot_mappings = orig(self, input_batch)
+        if self._jetspec_prof.enabled:
+            self._jetspec_prof.steps += 1
+        v = getattr(self, "_jetspec_verifier", None)
+        if v is not None:
+            v.begin_step(input_batch, slot_mappings)
+        return block_tables, slot_mappings
+    return prepare_attn
+
+
+def wrap_add_requests(orig):
+    def add_requests(self, scheduler_output):
+        orig(self, scheduler_output)
+        v = getattr(self, "_jetspec_verifier", None)
+        if v is None:
+            return
+        for new in scheduler_output.scheduled_new_reqs:
+            idx = self.req_states.req_id_to_index[new.req_id]
+            v.add_request(idx, new.sampling_params)
+            v.speculator.add_request(idx, new.prompt_token_ids)
+    return add_requests
+
+
+def apply() -> None:
+    """Install the V2 runner patches (idempotent; inert for engines whose
+    speculative config is not jetspec)."""
+    from vllm.v1.worker.gpu import model_runner as mr
+
+    R = mr.GPUModelRunner
+    if getattr(R, "_jetspec_patched", False):
+        return
+    mr.init_speculator = wrap_init_speculator(mr.init_speculator)
+    R.__init__ = wrap_init(R.__init__)
+    R.load_model = wrap_load_model(R.load_model)
+    R.initialize_kv_cache = wrap_initialize_kv_cache(R.initialize_kv_cache)
+    R.prepare_attn = wrap_prepare_attn(R.prepare_attn)
+    R.add_requests = wrap_add_requests(R.add_requests)
+    R._jetspec_patched = True

@@ -1,0 +1,203 @@
+"""The jetspec draft pass as a speculator of vLLM's V2 model runner.
+
+vLLM's ``DFlashSpeculator`` (``vllm/v1/worker/gpu/spec_decode/dflash/``)
+already runs the parallel draft head as this runner wants it: the draft
+inputs are made on the device from the verify step's outputs (no wait for
+the host), the head's forward replays one FULL CUDA graph per batch size,
+and the drafts land in a device buffer the next step's input ids are built
+from. This subclass changes what happens after the head's forward, inside
+that same graph: the per-depth top-K instead of the argmax, one tree per
+request under the budget (``tree.build_tree``), its packed ancestor mask;
+the tree's nodes 1.. are the request's draft tokens. So a tree round has
+no more host work than a linear one.
+
+Two things around the pass: before it, the verify step's accepted paths
+are put first in the target's hidden states and the positions made linear
+again (``TreeVerifier`` leaves the gather), so vLLM's input kernel reads
+each request's kept sequence as after a chain; after it, each batch row's
+tree is stored under its request-state index, where the next verify step
+(whose batch order may differ) finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.config.compilation import CUDAGraphMode
+from vllm.logger import init_logger
+from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
+
+from ...replay import force_top1, load_replay
+from ...tree import build_tree, packed_ancestor_mask
+from ...tree.masks import BITS
+from ..config import settings_of
+
+logger = init_logger("vllm.jetspec.v2")
+
+
+@dataclass
+class VerifyStep:
+    """What the verify step leaves for the draft pass that follows it."""
+
+    # [M] int64: step token index of every verified row (logits_indices)
+    token_index: torch.Tensor
+    # [M] int64: what was added to those tokens' positions (depth - local)
+    pos_offset: torch.Tensor
+    # [T] int64: gather over the step's tokens putting accepted paths first
+    reorder: torch.Tensor
+
+
+class JetSpecSpeculator(DFlashSpeculator):
+    _speculator_name = "JetSpec"
+
+    def __init__(self, vllm_config, device: torch.device):
+        spec = vllm_config.speculative_config
+        s = settings_of(spec)
+        slots = spec.num_speculative_tokens     # budget - 1: scheduled drafts
+        # DFlash sizes its draft pass (1 + num_speculative_steps query slots
+        # per request, the sampled rows) from num_speculative_tokens; a
+        # tree's draft pass has the head's depth instead.
+        object.__setattr__(spec, "num_speculative_tokens", s.depth)
+        try:
+            super().__init__(vllm_config, device)
+        finally:
+            object.__setattr__(spec, "num_speculative_tokens", slots)
+        self.settings = s
+        # Trees are built from the head's top-K, never from sampled drafts.
+        self.draft_logits = None
+        R, B = self.max_num_reqs, s.budget
+        W = (B + BITS - 1) // BITS
+        # [max_num_reqs, budget - 1] int64: nodes 1.. of each batch row's
+        # tree, the request's draft tokens (padding nodes: token 0, which
+        # no real node attends to)
+        self.draft_tokens = torch.zeros(R, slots, dtype=torch.int64,
+                                        device=device)
+        # The draft pass's trees by batch row (graph outputs) ...
+        self.row_parents = torch.zeros(R, B, dtype=torch.int64, device=device)
+        self.row_depth = torch.zeros(R, B, dtype=torch.int64, device=device)
+        self.row_masks = torch.zeros(R, B, W, dtype=torch.int64,
+                                     device=device)
+        self.row_nodes = torch.ones(R, dtype=torch.int64, device=device)
+        # ... and by request-state index, read by the next verify step:
+        # [max_num_reqs, budget] parents (-1: root, padding), depths (0 for
+        # padding: the root's position), [max_num_reqs, budget, W] packed
+        # ancestor rows, [max_num_reqs] real nodes per tree.
+        self.req_parents = torch.full((R, B), -1, dtype=torch.int64,
+                                      device=device)
+        self.req_depth = torch.zeros(R, B, dtype=torch.int64, device=device)
+        self.req_masks = torch.zeros(R, B, W, dtype=torch.int64,
+                                     device=device)
+        self.req_nodes = torch.ones(R, dtype=torch.int64, device=device)
+        # [max_num_reqs] the bonus (anchor) slot of each request's query
+        self.anchor_index = torch.arange(R, dtype=torch.int64,
+                                         device=device) * self.num_query_per_req
+        # Replay mode (benchmarks): per request-state index the recorded
+        # sequence (prompt + output; -1 past its end), read in the graph.
+        self.replay = load_replay(s.replay) if s.replay else None
+        self.replay_table = torch.full(
+            (R, self.max_model_len + self.num_query_per_req), -1,
+            dtype=torch.int64, device=device) if self.replay else None
+        self.verify_step: VerifyStep | None = None
+
+    def capture(self) -> None:
+        super().capture()
+        if self.query_cudagraph_manager is not None and \
+                self.query_cudagraph_manager.needs_capture():
+            logger.info("jetspec: draft pass replays a graph per shape "
+                        "(CUDA): the head, its top-K and the trees")
+
+    # -- requests ---------------------------------------------------------
+
+    def add_request(self, req_index: int, prompt_token_ids) -> None:
+        """Replay mode: the recorded sequence of a new request (one copy
+        per request, from pinned memory: no wait for the device)."""
+        if self.replay is None:
+            return
+        seq = self.replay.get(tuple(prompt_token_ids or ())) or []
+        row = torch.full((self.replay_table.shape[1],), -1, dtype=torch.int64)
+        n = min(len(seq), row.shape[0])
+        row[:n] = torch.tensor(seq[:n], dtype=torch.int64)
+        self.replay_table[req_index].copy_(row.pin_memory(),
+                                           non_blocking=True)
+
+    # -- the draft pass ---------------------------------------------------
+
+    def _replay_tokens(self, num_reqs: int) -> torch.Tensor:
+        """[num_reqs * depth] the recorded tokens after each request's
+        anchor (-1 where none), gathered on the device."""
+        D = self.num_speculative_steps
+        T = self.replay_table.shape[1]
+        anchor_pos = self.input_buffers.positions[
+            self.anchor_index[:num_reqs]].long()
+        cols = (anchor_pos[:, None] + 1 +
+                torch.arange(D, device=anchor_pos.device)).clamp(max=T - 1)
+        req = self.idx_mapping[:num_reqs].long().clamp(min=0)
+        return self.replay_table.view(-1)[req[:, None] * T + cols].view(-1)
+
+    def _generate_draft(self, num_reqs: int, num_tokens_padded: int,
+                        attn_metadata: dict[str, Any] | None,
+                        slot_mappings: dict[str, torch.Tensor] | None,
+                        num_tokens_across_dp: torch.Tensor | None,
+                        cudagraph_runtime_mode: CUDAGraphMode =
+                        CUDAGraphMode.NONE) -> None:
+        """The head's forward, its per-depth top-K and the trees: captured
+        as one graph per batch size by vLLM's DFlash graph manager."""
+        s = self.settings
+        D = self.num_speculative_steps
+        hidden = self._run_model(num_tokens_padded, attn_metadata,
+                                 slot_mappings, num_tokens_across_dp,
+                                 cudagraph_runtime_mode)
+        rows = hidden[self.sample_indices[:num_reqs * D]]
+        logp = self.model.compute_logits(rows).float().log_softmax(-1)
+        v, i = logp.topk(min(s.width, logp.shape[-1]), dim=-1)
+        if self.replay is not None:
+            v, i = force_top1(v, i, self._replay_tokens(num_reqs))
+        anchor = self.input_buffers.input_ids[
+            self.anchor_index[:num_reqs]].long()
+        K = v.shape[-1]
+        tree = build_tree(v.view(num_reqs, D, K), i.view(num_reqs, D, K),
+                          anchor, s.budget, algo=s.algo)
+        nodes = tree.tokens[:, 1:]
+        self.draft_tokens[:num_reqs] = torch.where(nodes >= 0, nodes, 0)
+        self.row_parents[:num_reqs] = tree.parents
+        self.row_depth[:num_reqs] = tree.depth.clamp(min=0)
+        self.row_masks[:num_reqs] = packed_ancestor_mask(tree)
+        self.row_nodes[:num_reqs] = tree.num_nodes
+
+    @torch.inference_mode()
+    def propose(self, input_batch, attn_metadata, slot_mappings,
+                last_hidden_states, aux_hidden_states, num_sampled,
+                num_rejected, last_sampled, next_prefill_tokens, temperature,
+                seeds, num_tokens_across_dp=None, dummy_run: bool = False,
+                skip_attn_for_dummy_run: bool = False, mm_inputs=None,
+                is_profile: bool = False) -> torch.Tensor:
+        step, self.verify_step = self.verify_step, None
+        if step is not None and not dummy_run:
+            # Linear positions again, then each accepted path first: the
+            # DFlash input kernel reads a request's first (scheduled -
+            # rejected) tokens at their positions as its kept sequence.
+            input_batch.positions.index_add_(0, step.token_index,
+                                             -step.pos_offset)
+            if aux_hidden_states:
+                aux_hidden_states = [torch.cat(aux_hidden_states, dim=-1)
+                                     .index_select(0, step.reorder)]
+            else:
+                last_hidden_states = last_hidden_states.index_select(
+                    0, step.reorder)
+        out = super().propose(
+            input_batch, attn_metadata, slot_mappings, last_hidden_states,
+            aux_hidden_states, num_sampled, num_rejected, last_sampled,
+            next_prefill_tokens, temperature, seeds,
+            num_tokens_across_dp=num_tokens_across_dp, dummy_run=dummy_run,
+            skip_attn_for_dummy_run=skip_attn_for_dummy_run,
+            mm_inputs=mm_inputs, is_profile=is_profile)
+        if not dummy_run:
+            R = input_batch.num_reqs
+            idx = input_batch.idx_mapping.long()
+            self.req_parents.index_copy_(0, idx, self.row_parents[:R])
+            self.req_depth.index_copy_(0, idx, self.row_depth[:R])
+            self.req_masks.index_copy_(0, idx, self.row_masks[:R])
+            self.req_nodes.index_copy_(0, idx, self.row_nodes[:R])
+        return out

@@ -1,0 +1,239 @@
+"""Tree verification in vLLM's V2 model runner: positions and masks before
+the target's forward, acceptance and K/V compaction after it - all on the
+device, so the host never waits inside a round.
+
+The scheduler schedules ``budget - 1`` draft slots per request and step
+before the trees exist (vLLM's async scheduling, placeholders); the runner
+fills them from the drafter's device buffer, a tree's nodes in its node
+order (``speculator.JetSpecSpeculator``). Per verify step:
+
+1. ``begin_step`` (after vLLM computed slots from linear positions, before
+   the attention metadata): each verified node's position becomes
+   ``prefix + depth``; the step's tree masks are the drafter's packed
+   ancestor rows gathered by request (``tree_state.set_device_trees``).
+2. ``__call__`` (in place of vLLM's ``RejectionSampler``): one target
+   token per node from vLLM's own sampler, keyed by the node's position
+   (so seeded sampling draws what plain decoding draws at that position),
+   then acceptance (``tree.accept``) and each request's kept K/V moved to
+   consecutive slots, as one CUDA graph per shape (``graphed.GraphedFn``);
+   the output has the rejection sampler's format (accepted path + bonus,
+   ``num_sampled``, ``num_rejected``), so vLLM's bookkeeping - device
+   ``num_computed_tokens``, the scheduler's rollback one step later, the
+   spec-decode metrics - works as for a chain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
+from vllm.v1.worker.gpu.metrics.logits import get_num_nans
+from vllm.v1.worker.gpu.sample.logprob import compute_topk_scores
+from vllm.v1.worker.gpu.sample.output import SamplerOutput
+from vllm.v1.worker.gpu.sample.states import NO_LOGPROBS
+
+from ...graphed import GraphedFn
+from ...tree import DraftTree, accept, compaction_plan
+from ...tree.ragged import (path_first_gather, position_offsets,
+                            ragged_rows, to_padded)
+from .. import tree_state
+from ..sampling import root_only_reason
+from .speculator import JetSpecSpeculator, VerifyStep
+
+logger = init_logger("vllm.jetspec.v2")
+
+
+def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
+                       slots, *, max_depth: int):
+    """Acceptance of a step's trees and the K/V moves that put each kept
+    path at consecutive slots after its prefix, in every layer of
+    ``kv_caches`` (our backends' layout ``[blocks, 2, block_size, H, D]``).
+
+    Inputs [R, N] (``num_nodes`` [R]): node tokens, parents, depths, the
+    target's token at every node, the K/V slot each node was written to.
+    Returns (emitted tokens [R, max_depth + 1] int64, -1 padded; accepted
+    drafts [R]; node order [R, N], the kept path by depth first)."""
+    R, N = tokens.shape
+    tree = DraftTree(tokens, parents, depth,
+                     torch.zeros(R, N, device=tokens.device), num_nodes,
+                     max_depth=max_depth)
+    acc = accept(tree, tgt)
+    plan = compaction_plan(acc)              # [R, L] node offsets, -1: stays
+    moving = plan.src >= 0
+    root = slots[:, :1]
+    # Moves that do nothing copy the root's slot onto itself (no move
+    # writes it, and it never moves).
+    src = torch.where(moving, slots.gather(1, plan.src.clamp(min=0)), root)
+    dst = torch.where(moving, slots.gather(1, plan.dst.clamp(min=0)), root)
+    src, dst = src.flatten(), dst.flatten()
+    bs = None
+    for kv in kv_caches:
+        if kv.shape[2] != bs:
+            bs = kv.shape[2]
+            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        kv[db, :, do] = kv[sb, :, so]
+    ar = torch.arange(N, device=tokens.device)
+    on_path = torch.zeros(R, N + 1, dtype=torch.bool, device=tokens.device)
+    on_path.scatter_(1, torch.where(acc.path_nodes >= 0, acc.path_nodes, N),
+                     True)
+    perm = torch.where(on_path[:, :N], depth, N + ar).argsort(dim=1)
+    return acc.tokens, acc.num_accepted, perm
+
+
+class TreeVerifier:
+    """vLLM's ``RejectionSampler`` role for jetspec engines on the V2
+    runner (``runner.rejection_sampler``)."""
+
+    def __init__(self, runner, speculator: JetSpecSpeculator,
+                 graphs: bool) -> None:
+        self.runner = runner
+        self.sampler = runner.sampler
+        self.speculator = speculator
+        self.depth = speculator.num_speculative_steps
+        self.accept = GraphedFn(self._accept, "acceptance + compaction",
+                                enabled=graphs)
+        # Per request-state index: keeps its root token only (params the
+        # tree sampler cannot honour; root_only_reason).
+        self.root_only = np.zeros(runner.max_num_reqs, dtype=bool)
+        self._kv: list[torch.Tensor] | None = None
+        self._group = 0
+        # Of the current step, from begin_step
+        self._slots: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
+
+    def _accept(self, *args, max_depth: int):
+        return accept_and_compact(self._target_kv(), *args,
+                                  max_depth=max_depth)
+
+    def _target_kv(self) -> list[torch.Tensor]:
+        """The K/V caches of the target's layers (those on our tree
+        backend; the head's layers keep vLLM's backend and cache layout)."""
+        if self._kv is None:
+            from ..triton_attention import TritonTreeAttentionBackend
+            ctx = self.runner.compilation_config.static_forward_context
+            self._kv, groups = [], set()
+            for gid, group in enumerate(self.runner.attn_groups):
+                for g in group:
+                    if issubclass(g.backend, TritonTreeAttentionBackend):
+                        groups.add(gid)
+                        self._kv += [ctx[n].kv_cache for n in g.layer_names]
+            if len(groups) != 1:
+                raise RuntimeError(f"jetspec: the target's layers span KV "
+                                   f"cache groups {sorted(groups)}; one "
+                                   "group is supported")
+            self._group = groups.pop()
+        return self._kv
+
+    def add_request(self, req_index: int, params) -> None:
+        why = root_only_reason(params) if params is not None else None
+        self.root_only[req_index] = why is not None
+        if why:
+            logger.warning_once(
+                "jetspec: requests with %s keep one token per round (their "
+                "root's, sampled as in plain decoding); the other requests "
+                "of a batch keep their trees", why)
+
+    # -- before the forward -----------------------------------------------
+
+    def begin_step(self, input_batch, slot_mappings: torch.Tensor) -> None:
+        """Tree positions and masks of a verify step (no-op without
+        drafts). ``slot_mappings`` [groups, tokens]: vLLM's, from the
+        linear positions (each node has its own slot)."""
+        self._offsets = None
+        if input_batch.num_draft_tokens == 0:
+            tree_state.set_device_trees(None)
+            return
+        sp = self.speculator
+        li = input_batch.logits_indices
+        req = input_batch.expanded_idx_mapping.long()
+        local = input_batch.expanded_local_pos.long()
+        off = position_offsets(sp.req_depth[req, local], local)
+        input_batch.positions.index_add_(0, li, off)
+        self._offsets = off
+        self._target_kv()
+        self._slots = slot_mappings[self._group]
+        tree_state.set_device_trees(tree_state.DeviceTrees(
+            idx_mapping=input_batch.idx_mapping,
+            tree_rows=input_batch.num_draft_tokens_per_req > 0,
+            masks=sp.req_masks))
+
+    # -- after the forward ------------------------------------------------
+
+    def __call__(self, logits: torch.Tensor, input_batch,
+                 draft_logits: torch.Tensor | None = None) -> SamplerOutput:
+        tree_state.set_device_trees(None)
+        sampler = self.sampler
+        num_nans = get_num_nans(logits) if sampler.compute_nans else None
+        li = input_batch.logits_indices
+        M = li.shape[0]
+        R = input_batch.num_reqs
+        cu = input_batch.cu_num_logits
+        counts_np = np.diff(input_batch.cu_num_logits_np[:R + 1])
+        N = int(counts_np.max())
+        counts = cu[1:R + 1] - cu[:R]
+        rows = ragged_rows(counts, M)
+        local = input_batch.expanded_local_pos.long()
+        ids = input_batch.input_ids[li]
+        pos = input_batch.positions[li]
+        want_lp = sampler.returns_logprobs(input_batch.idx_mapping_np)
+        # One target token per node: vLLM's sampler, the node's position
+        # as the key of its random draw.
+        tgt, processed = sampler.sample(
+            logits, input_batch.expanded_idx_mapping,
+            input_batch.idx_mapping_np, pos, ids,
+            input_batch.expanded_local_pos, return_logprobs=want_lp)
+        req = input_batch.idx_mapping.long()
+        sp = self.speculator
+        nodes = torch.minimum(counts.long(), sp.req_nodes[req])
+        root_only = self.root_only[input_batch.idx_mapping_np]
+        if root_only.any():
+            nodes = torch.where(torch.from_numpy(root_only).to(
+                nodes.device, non_blocking=True), 1, nodes)
+        emitted, num_acc, perm = self.accept(
+            to_padded(ids.long(), rows, local, R, N),
+            sp.req_parents[req, :N], sp.req_depth[req, :N], nodes,
+            to_padded(tgt.long(), rows, local, R, N),
+            to_padded(self._slots[li].long(), rows, local, R, N, fill=0),
+            max_depth=self.depth)
+        num_sampled, num_rejected = get_num_sampled_and_rejected(
+            (num_acc + 1).to(torch.int32), input_batch.seq_lens, cu,
+            input_batch.idx_mapping, sampler.req_states.prefill_len.gpu)
+        if self._offsets is not None:
+            sp.verify_step = VerifyStep(
+                token_index=li, pos_offset=self._offsets,
+                reorder=path_first_gather(li, local, rows, perm,
+                                          input_batch.num_tokens))
+        lp = None
+        if want_lp:
+            lp = self._logprobs(input_batch, logits, processed, emitted,
+                                rows, local, perm, cu)
+        return SamplerOutput(sampled_token_ids=emitted.clone(),
+                             logprobs_tensors=lp, num_nans=num_nans,
+                             num_sampled=num_sampled,
+                             num_rejected=num_rejected)
+
+    def _logprobs(self, input_batch, logits, processed, emitted, rows,
+                  local, perm, cu):
+        """Logprobs of the emitted tokens: the rows of each request's kept
+        path, in path order (vLLM reads a request's first num_sampled
+        rows)."""
+        sampler = self.sampler
+        if sampler.logprobs_mode in ("processed_logprobs",
+                                     "processed_logits"):
+            logits = processed
+        src = cu.long()[rows] + perm[rows, local]
+        L = emitted.shape[1]
+        tok = torch.where(local < L, emitted[rows, local.clamp(max=L - 1)],
+                          -1)
+        n = sampler.sampling_states.max_num_logprobs(
+            input_batch.idx_mapping_np)
+        return compute_topk_scores(
+            logits[src], 0 if n == NO_LOGPROBS else n, tok.clamp(min=0),
+            input_batch.cu_num_logits_np.tolist(),
+            logprob_token_ids_state=sampler.logprob_token_ids_state,
+            expanded_idx_mapping=input_batch.expanded_idx_mapping,
+            max_per_req_token_ids=sampler.logprob_token_ids_state
+            .max_num_token_ids(input_batch.idx_mapping_np),
+            logits_mode=sampler.logprobs_mode in ("raw_logits",
+                                                  "processed_logits"))
