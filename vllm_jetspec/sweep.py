@@ -152,7 +152,10 @@ def plot(rows: list[dict], out: str, title: str = "",
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """The parser and the checked arguments (JetSpec's flags mapped);
+    refusals (expert parallelism on CPU, the fork's values jetspec does
+    not have) exit through ``ap.error`` before any engine starts."""
     ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.sweep",
                                  description=__doc__,
                                  formatter_class=argparse.
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                  "accepted path's K/V compacted after each verify (the "
                  "fork's 'physical'); drop the flag")
     import torch
-    on_gpu = torch.cuda.is_available()
+    args.on_gpu = on_gpu = torch.cuda.is_available()
     if args.enable_expert_parallel and not on_gpu:
         from types import SimpleNamespace
 
@@ -254,8 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"graphs on CPU, engines run eagerly")
         else:
             args.graphs = args.cudagraph_mode != "none"
-    if args.tp_size > 1 and not on_gpu:
+    args.dataset = datasets
+    return ap, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    if args.tp_size > 1 and not args.on_gpu:
         _cpu_tp_binding(args.tp_size, os.environ)
+    datasets = args.dataset
 
     from tqdm import tqdm
     from transformers import AutoTokenizer
