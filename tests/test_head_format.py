@@ -273,3 +273,58 @@ def test_shipped_head_in_jetspec_dialect_runs_the_same(tmp_path):
     assert rb["ids"] == ra["ids"]
     assert (rb["drafts"], rb["accepted"]) == (ra["drafts"], ra["accepted"])
     assert ra["accepted"] / ra["drafts"] > 0.5     # trees really accepted
+
+
+BIDIR_RUN = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    spec = json.loads(sys.argv[2])
+    llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32",
+              enforce_eager=True, max_model_len=512, max_num_seqs=4,
+              max_num_batched_tokens=512, gpu_memory_utilization=0.1,
+              speculative_config=spec, disable_log_stats=False)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in json.loads(sys.argv[3])],
+        SamplingParams(max_tokens=32, temperature=0, detokenize=False))
+    emit("result", [list(o.outputs[0].token_ids) for o in outs])
+    emit("metrics", {x.name: x.value for x in llm.get_metrics() if x.name in (
+        "vllm:spec_decode_num_drafts",
+        "vllm:spec_decode_num_accepted_tokens")})
+"""
+
+
+@pytest.mark.engine
+def test_bidirectional_head_runs_as_such(tiny, tmp_path):
+    """A head whose config says bidirectional (JetSpec's ``causal_head``
+    false) runs non-causally through the tree path: with the drafts
+    replaced by the recorded no-spec output (``replay``) every round
+    accepts its whole branch, and the tokens equal no-spec's (batch 4,
+    mixed prompt lengths, a budget below the head's depth + 1)."""
+    from engine_io import result, run_script
+
+    from vllm_jetspec.replay import save_replay
+    target, d, _ = tiny
+    ours = json.loads((d / "ours" / "config.json").read_text())
+    cfg = jetspec_dialect(ours)
+    cfg["dflash_config"]["causal_head"] = False
+    head = write_head(tmp_path / "bidir", cfg, weights_from=d / "ours")
+    prompts = [[(7 * i + 3) % 500 for i in range(n)] for n in (3, 40, 100, 7)]
+
+    def run(spec):
+        res, log = run_script(tmp_path / "run.py", BIDIR_RUN,
+                              [target, json.dumps(spec), json.dumps(prompts)])
+        return result(res, "result", log), result(res, "metrics", log), log
+
+    no_spec, _, _ = run(None)
+    save_replay(str(tmp_path / "replay.json"), prompts, no_spec)
+    tokens, m, log = run({"method": "jetspec", "model": str(head),
+                          "tree_budget": 6,
+                          "replay": str(tmp_path / "replay.json")})
+    assert "bidirectional (dflash_config.causal_head False)" in log
+    assert tokens == no_spec
+    drafts = m["vllm:spec_decode_num_drafts"]
+    # A tree of 6 nodes holds at most 5 of the head's 7 depths.
+    assert drafts > 0 and m["vllm:spec_decode_num_accepted_tokens"] == \
+        5 * drafts
