@@ -287,7 +287,7 @@ if __name__ == "__main__":
               speculative_config=spec, disable_log_stats=False)
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in json.loads(sys.argv[3])],
-        SamplingParams(max_tokens=32, temperature=0, detokenize=False))
+        SamplingParams(max_tokens=31, temperature=0, detokenize=False))
     emit("result", [list(o.outputs[0].token_ids) for o in outs])
     emit("metrics", {x.name: x.value for x in llm.get_metrics() if x.name in (
         "vllm:spec_decode_num_drafts",
@@ -325,6 +325,8 @@ def test_bidirectional_head_runs_as_such(tiny, tmp_path):
     assert "bidirectional (dflash_config.causal_head False)" in log
     assert tokens == no_spec
     drafts = m["vllm:spec_decode_num_drafts"]
-    # A tree of 6 nodes holds at most 5 of the head's 7 depths.
+    # A tree of 6 nodes holds at most 5 of the head's 7 depths; 31 tokens
+    # = the prefill's 1 + 5 rounds of 6, each within the recording (a
+    # round past its end would draft from the head itself).
     assert drafts > 0 and m["vllm:spec_decode_num_accepted_tokens"] == \
         5 * drafts
