@@ -13,7 +13,11 @@ datasets through one engine), ``batch_sizes``, ``max_new_tokens``, optional ``en
 (extra ``LLM`` kwargs), ``env`` (environment variables set in the
 engine's process first), ``ignore_eos``, ``skip_tokenizer`` (no tokenizer:
 token ids in and out), ``profile`` (measure the round-time split, see
-``vllm_patches/profile.py``). ``JETSPEC_JIT_VERBOSE=1`` in the environment
+``vllm_patches/profile.py``), ``warmup_runs`` (untimed warm-up batches per
+batch size, default 1), ``trace`` (``{"profiler": "torch" | "cuda", "dir":
+DIR, "max_tokens": N}``: after the timed runs, vLLM's profiler around one
+more batch of the first batch size, N new tokens, i.e. a few rounds; the
+torch profiler's traces go to DIR). ``JETSPEC_JIT_VERBOSE=1`` in the environment
 turns on vLLM's ``jit_monitor_verbose`` (every Triton compilation after
 warm-up logged with its specialisation). For each batch size B the prompts run in groups of
 B (one ``generate`` call per group, so B requests decode together); the
@@ -74,6 +78,12 @@ def _run(job: dict) -> dict:
             return prof
         return dict(graph_modes=prof.get("graph_modes") or {})
 
+    trace = job.get("trace")
+    if trace:
+        kw["profiler_config"] = dict(profiler=trace["profiler"])
+        if trace["profiler"] == "torch":
+            kw["profiler_config"].update(torch_profiler_dir=trace["dir"],
+                                         torch_profiler_with_stack=False)
     t0 = time.perf_counter()
     llm = LLM(job["target"], speculative_config=job["spec"], **kw)
     start_s = time.perf_counter() - t0
@@ -87,12 +97,23 @@ def _run(job: dict) -> dict:
     # and the JIT compilations of each batch shape (Triton specialises on
     # sizes) stay out of the timings. Eight tokens: a prefill and at least
     # one speculative round with every request of the batch.
-    for B in job["batch_sizes"]:
-        llm.generate(next(iter(sets.values()))[:B], SamplingParams(
-            max_tokens=8, ignore_eos=True, detokenize=tok), use_tqdm=False)
+    for _ in range(job.get("warmup_runs", 1)):
+        for B in job["batch_sizes"]:
+            llm.generate(next(iter(sets.values()))[:B], SamplingParams(
+                max_tokens=8, ignore_eos=True, detokenize=tok),
+                use_tqdm=False)
     res = {k: _batches(llm, job, prompts, sp, profile)
            for k, prompts in sets.items()}
     out = dict(start_seconds=start_s, batches=next(iter(res.values())))
+    if trace:
+        # Outside the timed runs: the profiler slows every step it sees.
+        B = job["batch_sizes"][0]
+        llm.start_profile()
+        llm.generate(next(iter(sets.values()))[:B], SamplingParams(
+            max_tokens=trace.get("max_tokens", 16), ignore_eos=True,
+            detokenize=tok), use_tqdm=False)
+        llm.stop_profile()
+        out["trace_dir"] = trace.get("dir")
     if job.get("prompt_sets"):
         out["sets"] = res
     return out

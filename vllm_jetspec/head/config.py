@@ -11,10 +11,19 @@ it in ``EAGLEConfig`` and reads, besides the Qwen3 sizes:
   id ``i`` is the output of target layer ``i`` (0-based), i.e. the residual
   stream *before* layer ``i + 1``. ``-1`` is the embedding output;
 - ``dflash_config.causal``: ``true`` makes every draft layer causal within
-  the block (the JetSpec format); without it vLLM runs non-causal blocks.
+  the block; without it vLLM runs non-causal blocks.
 
 ``block_size`` is not read by vLLM (``num_speculative_tokens`` sets the draft
 length); it is stored for training and for the tree proposer.
+
+Published JetSpec heads (hao-ai-lab/JetSpec, ``jetspec/models/draft_head.py``)
+are saved by JetSpec's own loader, which reads a different dialect of the same
+file: causality is ``dflash_config.causal_head`` (default false), ``block_size``
+and ``num_target_layers`` are top-level keys, ``target_layer_ids`` may be
+absent (then derived from ``num_target_layers`` and the head's layer count,
+``derive_target_layer_ids``) and ``dflash_config.target_hidden_size`` may be
+present. ``HeadConfig.from_dict`` reads both dialects; ``to_dict`` writes
+ours, which vLLM runs as the author meant.
 """
 
 from __future__ import annotations
@@ -61,6 +70,57 @@ def _rope_theta(d: Mapping) -> float | None:
     return None
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def derive_target_layer_ids(num_target_layers: int,
+                            num_layers: int) -> list[int]:
+    """The target layers a JetSpec head reads when its config names none:
+    JetSpec's ``build_target_layer_ids`` rule (hao-ai-lab/JetSpec,
+    ``jetspec/models/draft_head.py``): one head layer reads the middle
+    target layer (``num_target_layers // 2``); ``n`` > 1 head layers read
+    ``n`` layers spread evenly from 1 to ``num_target_layers - 3``, each
+    rounded with Python's ``round`` (halves to even). Qwen3-8B (36 layers)
+    with a 5-layer head: [1, 9, 17, 25, 33]."""
+    if num_layers == 1:
+        return [num_target_layers // 2]
+    first, last = 1, num_target_layers - 3
+    return [round(first + k * (last - first) / (num_layers - 1))
+            for k in range(num_layers)]
+
+
+def _causality(dflash: Mapping) -> bool:
+    """A head's block attention: ``dflash_config.causal`` (vLLM 0.26's key,
+    ours) or ``causal_head`` (JetSpec's); both loaders default to
+    bidirectional (non-causal) for full-attention layers."""
+    vals = {k: dflash[k] for k in ("causal", "causal_head")
+            if dflash.get(k) is not None}
+    for k, v in vals.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"DFlash head config: dflash_config.{k} must be "
+                             f"true or false, got {v!r}")
+    if len(set(vals.values())) > 1:
+        raise ValueError(f"DFlash head config: dflash_config.causal "
+                         f"({vals['causal']}) and dflash_config.causal_head "
+                         f"({vals['causal_head']}) disagree")
+    return next(iter(vals.values()), False)
+
+
+def _one_of(top: Mapping, dflash: Mapping, key: str) -> Any:
+    """``key`` from the top level (JetSpec) or ``dflash_config`` (ours);
+    both present must agree."""
+    vals = [v for v in (top.get(key), dflash.get(key)) if v is not None]
+    for v in vals:
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"DFlash head config: {key} must be a positive "
+                             f"integer, got {v!r}")
+    if len(set(vals)) > 1:
+        raise ValueError(f"DFlash head config: {key} {vals[0]} (top level) "
+                         f"and dflash_config.{key} {vals[1]} disagree")
+    return vals[0] if vals else None
+
+
 @dataclass
 class HeadConfig:
     """The fields of a DFlash head's config.json that change its math.
@@ -92,6 +152,11 @@ class HeadConfig:
     num_target_layers: int = 0
     # Other config.json keys, preserved across from_json/to_json.
     extra: dict = field(default_factory=dict, repr=False)
+    # How the file was read (for start-up logs): ids derived from
+    # num_target_layers; "jetspec" (dflash_config.causal_head or no
+    # causality key) or "vllm" (dflash_config.causal) dialect.
+    layer_ids_derived: bool = field(default=False, compare=False, repr=False)
+    dialect: str = field(default="vllm", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
@@ -234,7 +299,13 @@ class HeadConfig:
             problems.append(f"vocab_size: head {self.vocab_size} != target "
                             f"{t.get('vocab_size')}")
         n_target = t.get("num_hidden_layers")
-        if n_target is not None and self.target_layer_ids[-1] >= n_target:
+        if n_target is not None and self.num_target_layers \
+                and self.num_target_layers != n_target:
+            problems.append(
+                f"num_target_layers: head made for a "
+                f"{self.num_target_layers}-layer target, this target has "
+                f"{n_target} layers")
+        elif n_target is not None and self.target_layer_ids[-1] >= n_target:
             problems.append(
                 f"target_layer_ids {self.target_layer_ids} reference layers "
                 f"the {n_target}-layer target does not have")
@@ -294,6 +365,8 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> HeadConfig:
+        """From a config.json dict in our dialect or JetSpec's (module
+        docstring). Raises ``ValueError`` with one line naming the key."""
         d = dict(d)
         archs = d.get("architectures") or []
         if ARCHITECTURE not in archs:
@@ -302,34 +375,76 @@ class HeadConfig:
         if d.get("model_type") != MODEL_TYPE:
             raise ValueError(f"DFlash head config has model_type "
                              f"{d.get('model_type')!r}, expected 'qwen3'")
-        dflash = dict(d.get("dflash_config") or {})
-        for key in ("mask_token_id", "target_layer_ids"):
-            if key not in dflash:
-                raise ValueError(f"DFlash head config lacks "
-                                 f"dflash_config.{key}")
+        dflash = d.get("dflash_config") or {}
+        if not isinstance(dflash, Mapping):
+            raise ValueError(f"DFlash head config: dflash_config must be an "
+                             f"object, got {type(dflash).__name__}")
+        dflash = dict(dflash)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "vocab_size"):
+            if not _is_int(d.get(key)):
+                raise ValueError(f"DFlash head config: {key} must be an "
+                                 f"integer, got {d.get(key)!r}")
+        if dflash.get("mask_token_id") is None:
+            # JetSpec's loader defaults it to None; vLLM feeds this id to
+            # the mask slots and refuses a head without it.
+            raise ValueError("DFlash head config lacks "
+                             "dflash_config.mask_token_id (the token id fed "
+                             "to the mask slots)")
+        if not _is_int(dflash["mask_token_id"]):
+            raise ValueError(f"DFlash head config: dflash_config."
+                             f"mask_token_id must be an integer, got "
+                             f"{dflash['mask_token_id']!r}")
         if d.get("attention_bias"):
             raise ValueError("attention_bias heads are not supported")
         if dflash.get("use_aux_hidden_state", True) is not True:
             raise ValueError("heads without fc (use_aux_hidden_state: false) "
                              "are not supported")
-        for key in ("target_hidden_size", "draft_vocab_size"):
-            want = d["hidden_size"] if key == "target_hidden_size" \
-                else d["vocab_size"]
-            if d.get(key) not in (None, want):
-                raise ValueError(f"{key} = {d[key]} != {want} is not "
-                                 f"supported (the head shares the target's "
-                                 f"hidden size and vocabulary)")
+        hidden = int(d["hidden_size"])
+        for where, src in (("", d), ("dflash_config.", dflash)):
+            ths = src.get("target_hidden_size")
+            if ths is not None and ths != hidden:
+                # JetSpec then inserts a randomly initialised projection
+                # (HiddenDimAdapter, a smoke-test device): nothing trained.
+                raise ValueError(
+                    f"DFlash head config: {where}target_hidden_size {ths} != "
+                    f"hidden_size {hidden}: a head whose target has another "
+                    f"hidden size is not supported (the head reads the "
+                    f"target's hidden states and borrows its embedding and "
+                    f"LM head)")
+        if d.get("draft_vocab_size") not in (None, d["vocab_size"]):
+            raise ValueError(f"DFlash head config: draft_vocab_size "
+                             f"{d['draft_vocab_size']} != vocab_size "
+                             f"{d['vocab_size']} is not supported (the head "
+                             f"shares the target's vocabulary)")
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"only default RoPE is supported, got {rope}")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
             raise ValueError("sliding-window DFlash layers are not supported")
-        if dflash.get("causal") is not True:
-            # Without the key vLLM runs the block non-causally.
-            raise ValueError("only causal DFlash heads are supported: "
-                             "dflash_config.causal must be true, got "
-                             f"{dflash.get('causal')!r}")
-        hidden = int(d["hidden_size"])
+        causal = _causality(dflash)
+        block = _one_of(d, dflash, "block_size")
+        if block is None:
+            block = 16
+        n_target = d.get("num_target_layers") or 0
+        if not _is_int(n_target) or n_target < 0:
+            raise ValueError(f"DFlash head config: num_target_layers must be "
+                             f"a non-negative integer, got {n_target!r}")
+        n_layers = int(d["num_hidden_layers"])
+        ids = dflash.get("target_layer_ids")
+        derived = ids is None
+        if derived:
+            if not n_target:
+                raise ValueError(
+                    "DFlash head config lacks dflash_config.target_layer_ids "
+                    "and num_target_layers (the ids are derived from it when "
+                    "absent)")
+            ids = derive_target_layer_ids(n_target, n_layers)
+        elif not (isinstance(ids, (list, tuple))
+                  and all(_is_int(i) for i in ids)):
+            raise ValueError(f"DFlash head config: dflash_config."
+                             f"target_layer_ids must be a list of integers, "
+                             f"got {ids!r}")
         n_heads = int(d["num_attention_heads"])
         owned = {"architectures", "model_type", "hidden_size",
                  "num_hidden_layers", "num_attention_heads",
@@ -338,21 +453,21 @@ class HeadConfig:
                  "rope_parameters", "rope_theta", "max_position_embeddings",
                  "attention_bias", "tie_word_embeddings", "use_sliding_window",
                  "sliding_window", "layer_types", "block_size",
-                 "num_target_layers", "dflash_config", "dtype", "torch_dtype"}
+                 "num_target_layers", "dflash_config", "dtype", "torch_dtype",
+                 "target_hidden_size"}
         extra = {k: v for k, v in d.items() if k not in owned}
         return cls(
             hidden_size=hidden,
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
             head_dim=int(d.get("head_dim") or hidden // n_heads),
             intermediate_size=int(d["intermediate_size"]),
             vocab_size=int(d["vocab_size"]),
-            target_layer_ids=list(dflash["target_layer_ids"]),
+            target_layer_ids=list(ids),
             mask_token_id=int(dflash["mask_token_id"]),
-            block_size=int(dflash.get("block_size")
-                           or d.get("block_size") or 16),
-            causal=True,
+            block_size=int(block),
+            causal=causal,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             # vLLM's default when the checkpoint gives none
             # (set_default_rope_theta in DFlashQwen3DecoderLayer).
@@ -360,8 +475,11 @@ class HeadConfig:
             max_position_embeddings=int(d.get("max_position_embeddings")
                                         or 32768),
             hidden_act=d.get("hidden_act", "silu"),
-            num_target_layers=int(d.get("num_target_layers") or 0),
+            num_target_layers=int(n_target),
             extra=extra,
+            layer_ids_derived=derived,
+            dialect="jetspec" if "causal_head" in dflash
+            or "causal" not in dflash else "vllm",
         )
 
     @classmethod

@@ -278,6 +278,10 @@ class DFlashHead(nn.Module):
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
+        if not config.causal:
+            raise ValueError("DFlashHead is the causal head's twin; this "
+                             "head is bidirectional (dflash_config.causal / "
+                             "causal_head false), which only vLLM runs")
         self.config = config
         h = config.hidden_size
         self.fc = nn.Linear(config.num_target_features, h, bias=False)

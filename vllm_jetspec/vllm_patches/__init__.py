@@ -61,6 +61,20 @@ PATCHES += [
               "budget 256 and 8 sequences the scheduler got 24 tokens a "
               "step, cutting every tree to its first nodes)",
           when="always (inert unless the config is jetspec)"),
+    Patch(replaces="vllm.engine.arg_utils:EngineArgs."
+                   "_set_default_max_num_seqs_and_batched_tokens_args",
+          by="vllm_jetspec.vllm_patches.config:"
+             "patched_set_default_batch_limits",
+          why="vLLM fills max_num_seqs / max_num_batched_tokens by usage "
+              "context and device (serving on an H100/H200: 1024 sequences, "
+              "8192 tokens), then keeps draft-pass slots per sequence free; "
+              "for a jetspec tree (budget 16, depth 15: 14 slots) that left "
+              "-6144 tokens and vLLM refused to start (H200, 2026-12-02). "
+              "Limits the user did not give are fitted so that a whole tree "
+              "per sequence fits (logged); given limits that cannot work "
+              "get one error naming the flags",
+          when="jetspec engines whose max_num_scheduled_tokens is not given "
+               "(inert otherwise)"),
     Patch(replaces="vllm.v1.worker.gpu_model_runner:DFlashProposer",
           by="vllm_jetspec.vllm_patches.runner:JetSpecProposer",
           why="per-depth top-K and a tree instead of the argmax chain; "
@@ -189,13 +203,18 @@ def apply(env: dict[str, str] | None = None) -> list[Patch]:
     from vllm.config import SpeculativeConfig
 
     from .config import (patched_create_speculative_config,
-                         patched_max_num_new_slots_for_drafting)
+                         patched_max_num_new_slots_for_drafting,
+                         patched_set_default_batch_limits)
 
     if not getattr(EngineArgs.create_speculative_config,
                    "_jetspec_wrapped", False):
         EngineArgs.create_speculative_config = \
             patched_create_speculative_config(
                 EngineArgs.create_speculative_config)
+    limits = EngineArgs._set_default_max_num_seqs_and_batched_tokens_args
+    if not getattr(limits, "_jetspec_wrapped", False):
+        EngineArgs._set_default_max_num_seqs_and_batched_tokens_args = \
+            patched_set_default_batch_limits(limits)
     slots = SpeculativeConfig.__dict__["max_num_new_slots_for_drafting"]
     if not getattr(slots.fget, "_jetspec_wrapped", False):
         SpeculativeConfig.max_num_new_slots_for_drafting = \
