@@ -32,8 +32,11 @@ def dry_run(tmp_path, nvidia_smi: str | None, **env) -> tuple[str, str]:
         ["bash", "-c", 'source scripts/setup_env.sh && '
                        'echo "RESULT $JETSPEC_ENV $VENV"'],
         cwd=ROOT, capture_output=True, text=True,
-        env=dict(os.environ, PATH=f"{bindir}:{path}",
-                 JETSPEC_SETUP_DRY_RUN="1", **env))
+        # Not what scripts/test.sh exported for this run (it sourced the
+        # same script): the detection is what is tested.
+        env=dict({k: v for k, v in os.environ.items()
+                  if k not in ("JETSPEC_ENV", "VENV")},
+                 PATH=f"{bindir}:{path}", JETSPEC_SETUP_DRY_RUN="1", **env))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     cmds = "\n".join(x for x in lines if x.startswith("+ "))
