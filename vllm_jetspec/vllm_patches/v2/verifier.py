@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
 from vllm.v1.worker.gpu.metrics.logits import get_num_nans
 from vllm.v1.worker.gpu.sample.logprob import compute_topk_scores
@@ -188,8 +189,9 @@ class TreeVerifier:
         nodes = torch.minimum(counts.long(), sp.req_nodes[req])
         root_only = self.root_only[input_batch.idx_mapping_np]
         if root_only.any():
-            nodes = torch.where(torch.from_numpy(root_only).to(
-                nodes.device, non_blocking=True), 1, nodes)
+            # pinned, so the copy does not wait for the stream
+            nodes = torch.where(async_tensor_h2d(root_only, nodes.device),
+                                1, nodes)
         emitted, num_acc, perm = self.accept(
             to_padded(ids.long(), rows, local, R, N),
             sp.req_parents[req, :N], sp.req_depth[req, :N], nodes,
