@@ -188,3 +188,65 @@ def test_v2_graph_mode_counts_survive_profile_resets():
         runner.speculator.query_cudagraph_manager.dispatch(1, 16, 16, 0)
     assert runner._jetspec_prof.graph_modes == {"FULL": 2}
     assert runner._jetspec_prof.draft_modes == {"none": 2}
+
+
+def test_builder_takes_v2_tree_rows_from_the_device():
+    """V2 rounds hand the tree backend's builder the drafter's device rows
+    (``tree_state.DeviceTrees``, by request-state index): a step where every
+    request verifies a tree gathers them into the builder's persistent
+    buffer; a step that also holds a prefill gets chains, then the tree rows
+    over them (in place, or in fresh tensors when the step does not fit)."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from vllm_jetspec.kernels.tree_attention_ref import _unpack_rows
+    from vllm_jetspec.tree import packed_ancestor_mask
+    from vllm_jetspec.vllm_patches import tree_state
+    from vllm_jetspec.vllm_patches.triton_attention import \
+        TritonTreeAttentionMetadataBuilder
+
+    B = 9
+    tree, *_ = _step(seed=5, R=4, B=B)
+    req_masks = packed_ancestor_mask(tree)            # [4, B, 1]
+    cfg = NS(speculative_config=NS(num_speculative_tokens=B - 1),
+             scheduler_config=NS(max_num_seqs=4))
+    b = TritonTreeAttentionMetadataBuilder(None, [], cfg, torch.device("cpu"))
+
+    def common(n, prefix):
+        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
+        seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
+        return NS(num_reqs=len(n), causal=True, query_start_loc_cpu=qsl,
+                  query_start_loc=qsl.clone(), seq_lens=seq,
+                  block_table_tensor=torch.zeros(len(n), 8,
+                                                 dtype=torch.int32),
+                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
+                  num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
+
+    def tree_rows(req, n):
+        return _unpack_rows(req_masks[req, :n], n)
+
+    try:
+        # every request a tree (batch rows 0, 1 are request states 3, 1)
+        tree_state.set_device_trees(tree_state.DeviceTrees(
+            torch.tensor([3, 1], dtype=torch.int32), np.array([True, True]),
+            req_masks))
+        m = b.build(0, common([B, B], [5, 8]))
+        assert m.masks.data_ptr() == b.masks_buf.data_ptr() and m.graph_safe
+        for r, req in enumerate((3, 1)):
+            assert torch.equal(_unpack_rows(m.masks[r, :B], B),
+                               tree_rows(req, B))
+        # a prefill chunk (row 1) beside a tree cut to 6 nodes (row 0)
+        tree_state.set_device_trees(tree_state.DeviceTrees(
+            torch.tensor([2, 0], dtype=torch.int32), np.array([True, False]),
+            req_masks))
+        for n in ([6, 7], [6, 70]):          # fits the buffer / does not
+            m = b.build(0, common(n, [4, 0]))
+            assert m.graph_safe == (n[1] <= B)
+            assert torch.equal(_unpack_rows(m.masks[0, :6], 6),
+                               tree_rows(2, 6))
+            assert torch.equal(_unpack_rows(m.masks[1, :n[1]], n[1]),
+                               torch.ones(n[1], n[1], dtype=torch.bool)
+                               .tril())
+    finally:
+        tree_state.set_device_trees(None)
