@@ -121,6 +121,8 @@ class Req:
     abort_after: int | None = None    # streaming: close after this many chunks
     bad: str | None = None            # a BAD_KINDS key
     raw: dict | None = None           # bad input sent as-is (path, body, type)
+    block: int | None = None          # seeded block number (all-seeded batches)
+    barrier: bool = False             # wait for everything in flight first
 
     @property
     def compared(self) -> bool:
@@ -240,6 +242,8 @@ class Planner:
             toks = rng.sample(range(min(self.vocab, 1000)), 3)
             p["logit_bias"] = {str(t): rng.choice([-100, -5, 5, 100])
                                for t in toks}
+            # One strong bias: an ignored bias changes the answer.
+            p["logit_bias"][str(toks[0])] = rng.choice([8, 100])
         elif kind == "min_p":
             x["min_p"] = rng.choice([0.05, 0.2])
         elif kind == "min_tokens":
@@ -251,13 +255,16 @@ class Planner:
             x["structured_outputs"] = {"choice": ["yes", "no", "maybe so"]}
         req.unsupported = kind
 
-    def normal(self, idx: int, length_class: str | None = None) -> Req:
+    def normal(self, idx: int, length_class: str | None = None,
+               mode: str | None = None, plain: bool = False) -> Req:
+        """A well-formed request; ``plain``: no unsupported parameter and
+        no abort."""
         a, rng = self.a, self.rng
         api = "chat" if rng.random() < a.chat_frac else "cmpl"
         stream = rng.random() < a.stream_frac
         r = rng.random()
-        mode = ("greedy" if r < a.greedy_frac else
-                "unseeded" if r > 1 - a.unseeded_frac else "seeded")
+        mode = mode or ("greedy" if r < a.greedy_frac else
+                        "unseeded" if r > 1 - a.unseeded_frac else "seeded")
         if length_class is None:
             r = rng.random()
             length_class = ("fill" if r < a.fill_frac else
@@ -266,7 +273,9 @@ class Planner:
                             else "corpus")
         mt = self.max_tokens()
         if length_class == "burst":
-            mt = rng.randint(8, min(64, a.max_tokens))
+            # Medium prompts, long answers, all at once: admitted together,
+            # they outgrow a small KV cache while decoding (preemption).
+            mt = rng.randint(max(1, a.max_tokens // 2), a.max_tokens)
         params, extra = self.sampling(mode)
         room = mt + 1
         if length_class == "short":
@@ -274,9 +283,12 @@ class Planner:
             text = " ".join(words[:rng.randint(1, 6)]) or "hi"
         elif length_class == "corpus":
             text = self.text()
-        elif length_class in ("long", "burst"):
+        elif length_class == "long":
             free = self.L - room - 40
             text = self.text_of_tokens(int(free * rng.uniform(0.5, 0.95)))
+        elif length_class == "burst":
+            free = self.L - room - 40
+            text = self.text_of_tokens(int(free * rng.uniform(0.2, 0.5)))
         else:  # fill: the answer runs into max_model_len
             left = rng.randint(2, min(64, a.max_tokens))
             if api == "cmpl":
@@ -298,6 +310,8 @@ class Planner:
             params["stop"] = rng.sample(STOP_POOL, rng.randint(1, 2))
         req = Req(idx, api, stream, mode, text, n, length_class, params,
                   extra)
+        if plain:
+            return req
         if length_class != "burst" and rng.random() < a.unsupported_frac:
             self.unsupported(req, rng.choice(UNSUPPORTED))
         if stream and rng.random() < a.abort_frac / max(a.stream_frac, 1e-9):
@@ -356,14 +370,14 @@ class Planner:
         elif kind == "disconnect":
             req.raw = dict(path=rng.choice(["/v1/completions",
                                             "/v1/chat/completions"]),
-                           leave_after=rng.uniform(0.05, 1.0))
+                           leave_after=rng.uniform(0.0, 0.3))
             if req.raw["path"].endswith("completions") and \
                     "chat" not in req.raw["path"]:
-                b = dict(body, max_tokens=rng.randint(32, self.a.max_tokens))
+                b = dict(body, max_tokens=self.a.max_tokens, ignore_eos=True)
             else:
-                b = {"model": MODEL_NAME, "max_tokens": rng.randint(
-                    32, self.a.max_tokens), "temperature": 0,
-                    "messages": [{"role": "user", "content": short}]}
+                b = {"model": MODEL_NAME, "max_tokens": self.a.max_tokens,
+                     "temperature": 0, "ignore_eos": True,
+                     "messages": [{"role": "user", "content": short}]}
             req.raw["body"] = json.dumps(b)
         else:
             raise ValueError(kind)
@@ -373,7 +387,16 @@ class Planner:
         a, rng = self.a, self.rng
         n = a.num_requests
         kinds: list = [None] * n
-        slots = list(range(n))
+        # Seeded blocks: only seeded requests in flight between two
+        # barriers (vLLM's CPU sampler honours seeds only in batches where
+        # every request is seeded).
+        nb, bs = a.seeded_blocks, min(a.seeded_block_size, n)
+        if nb > 0 and bs > 0:
+            for b in range(nb):
+                s0 = (b + 1) * n // (nb + 1) - bs // 2
+                for i in range(max(0, s0), min(n, s0 + bs)):
+                    kinds[i] = ("block", b)
+        slots = [i for i in range(n) if kinds[i] is None]
         rng.shuffle(slots)
         # Every bad kind at least once when bad input is asked for.
         nbad = round(n * a.bad_frac)
@@ -399,19 +422,31 @@ class Planner:
                 plan.append(self.normal(i))
             elif k[0] == "burst":
                 plan.append(self.normal(i, "burst"))
+            elif k[0] == "block":
+                r = self.normal(i, rng.choice(["short", "corpus"]),
+                                mode="seeded", plain=True)
+                r.block = k[1]
+                prev = kinds[i - 1] if i else None
+                r.barrier = prev != k
+                plan.append(r)
             else:
                 plan.append(self.bad(i, k[1]))
+            if i and kinds[i - 1] and kinds[i - 1][0] == "block" and \
+                    kinds[i] != kinds[i - 1]:
+                plan[-1].barrier = True
         # Every unsupported kind and an abort at least once.
-        normal = [r for r in plan if r.bad is None and r.length_class != "burst"]
+        normal = [r for r in plan if r.bad is None and r.block is None
+                  and r.length_class != "burst"]
         if a.unsupported_frac > 0 and normal:
-            have = {r.unsupported for r in normal}
+            # ... each with at least one greedy request (compared exactly).
             for kind in UNSUPPORTED:
-                if kind not in have:
-                    r = rng.choice([r for r in normal if r.unsupported is None]
-                                   or normal)
-                    r.params.pop("logprobs", None)
-                    r.params.pop("top_logprobs", None)
-                    self.unsupported(r, kind)
+                if any(r.unsupported == kind and r.mode == "greedy"
+                       for r in normal):
+                    continue
+                free_greedy = [r for r in normal if r.unsupported is None
+                               and r.mode == "greedy"]
+                if free_greedy:
+                    self.unsupported(rng.choice(free_greedy), kind)
         if a.abort_frac > 0 and normal and not any(
                 r.abort_after is not None for r in normal):
             r = rng.choice(normal)
@@ -433,6 +468,7 @@ def plan_stats(plan: list[Req]) -> dict:
         stop_strings=sum("stop" in r.params for r in normal),
         aborts_planned=sum(r.abort_after is not None for r in normal),
         bad=dict(c(r.bad for r in plan if r.bad)),
+        seeded_blocks=dict(c(r.block for r in plan if r.block is not None)),
         prompt_tokens=dict(min=min((r.prompt_len for r in normal), default=0),
                            max=max((r.prompt_len for r in normal), default=0)),
     )
@@ -476,6 +512,7 @@ class Server:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.start_s = None
+        self.log_end: int | None = None
 
     def start(self, timeout: float) -> None:
         t0 = time.time()
@@ -533,16 +570,22 @@ class Server:
         return out
 
     def stop(self) -> None:
+        """SIGTERM to the API server (it stops its engine), then SIGKILL to
+        the process group if it has not ended in 60 s. Log lines written
+        from here on are the shutdown's (``log_warnings``)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        self.log_end = self.log.stat().st_size
+        self.proc.terminate()
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
             self.proc.wait()
 
 
@@ -607,6 +650,16 @@ def log_warnings(text: str) -> dict:
     return dict(count=len(lines), lines=lines,
                 distinct=[dict(message=m, count=c)
                           for m, c in distinct.most_common()])
+
+
+def server_log(s: Server) -> dict:
+    """Lines at WARNING or above while the server served (start-up
+    included), and separately those of its shutdown."""
+    raw = s.log.read_bytes()
+    end = s.log_end if s.log_end is not None else len(raw)
+    return dict(log=log_warnings(raw[:end].decode(errors="replace")),
+                shutdown=log_warnings(raw[end:].decode(errors="replace")),
+                startup_s=s.start_s, log_file=s.log.name)
 
 
 # ------------------------------------------------------------- the driver
@@ -682,6 +735,10 @@ async def send_openai(client, r: Req) -> dict:
     except openai.APIConnectionError as e:
         return dict(status="failed", cause="connection",
                     error=repr(e.__cause__ or e)[:300])
+    except openai.APIError as e:
+        # An error event inside a stream (the answer had begun: HTTP 200).
+        return dict(status="failed", cause="error in stream",
+                    error=str(e)[:300])
 
 
 async def send_raw(http, r: Req) -> dict:
@@ -785,6 +842,8 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
     watcher = asyncio.ensure_future(watch())
     tasks = []
     for r in plan:
+        if r.barrier:
+            await asyncio.gather(*tasks)
         await sem.acquire()
         if time.monotonic() > deadline:
             sem.release()
@@ -843,16 +902,19 @@ def answer(res: dict | None):
 
 
 def compare(plan: list[Req], ref: list, other: list) -> dict:
-    """Completed requests of both runs, greedy and seeded separately."""
-    out = {"greedy": dict(compared=0, differ=[]),
-           "seeded": dict(compared=0, differ=[])}
+    """Completed requests of both runs: greedy, seeded in the seeded blocks
+    (all-seeded batches) and seeded in the mixed traffic."""
+    out = {k: dict(compared=0, differ=[])
+           for k in ("greedy", "seeded_block", "seeded_mixed")}
     for r in plan:
         if not r.compared:
             continue
         x, y = answer(ref[r.idx]), answer(other[r.idx])
         if x is None or y is None:
             continue
-        bucket = out[r.mode]
+        bucket = out["greedy" if r.mode == "greedy" else
+                     "seeded_block" if r.block is not None else
+                     "seeded_mixed"]
         bucket["compared"] += 1
         if x != y:
             d = first_diff(list(x[0]), list(y[0]))
@@ -1027,11 +1089,11 @@ def summary_line(report: dict) -> str:
     if s:
         parts.append(f"seeded diffs {len(s['differ'])}/{s['compared']}")
     if rep:
-        parts.append("vLLM repro greedy "
-                     f"{rep['greedy']['compared'] - len(rep['greedy']['differ'])}"
-                     f"/{rep['greedy']['compared']} seeded "
-                     f"{rep['seeded']['compared'] - len(rep['seeded']['differ'])}"
-                     f"/{rep['seeded']['compared']}")
+        same = {k: f"{v['compared'] - len(v['differ'])}/{v['compared']}"
+                for k, v in rep.items()}
+        parts.append(f"vLLM repro greedy {same['greedy']} seeded blocks "
+                     f"{same['seeded_block']} seeded mixed "
+                     f"{same['seeded_mixed']}")
     if spec:
         tau = spec["metrics"].get("tau")
         parts.append(f"tau {tau:.2f}" if tau else "tau -")
@@ -1071,11 +1133,16 @@ def parse_args(argv):
                    help="VLLM_CPU_KVCACHE_SPACE for CPU servers (default 1 "
                    "when no GPU)")
     g.add_argument("--server-args", default="",
-                   help="extra arguments for every server (one string)")
+                   help="extra arguments for every server, one string: write it '--server-args=--enforce-eager ...' (with =) when it starts with --")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
                    help="first port (each server takes the next); 0: free ports")
     g.add_argument("--startup-timeout", type=float, default=1200)
+    g.add_argument("--chunked-prefill", action="store_true",
+                   help="keep vLLM's chunked prefill on CPU (off by default "
+                   "there: vLLM 0.26's CPU runner dies on a seeded request "
+                   "whose prefill is chunked, 'CPU Generator does not use "
+                   "offset')")
     g.add_argument("--repro", choices=["fresh", "same", "none"],
                    default="fresh",
                    help="second reference run: a fresh server, a second pass "
@@ -1099,6 +1166,17 @@ def parse_args(argv):
     g.add_argument("--long-frac", type=float, default=0.08)
     g.add_argument("--fill-frac", type=float, default=0.03)
     g.add_argument("--bursts", type=int, default=3)
+    g.add_argument("--seeded-blocks", type=int, default=2,
+                   help="blocks of seeded requests alone in flight (between "
+                   "barriers)")
+    g.add_argument("--seeded-block-size", type=int, default=None,
+                   help="requests per seeded block (default 2 x concurrency)")
+    g.add_argument("--judge-seeded", choices=["auto", "blocks", "all"],
+                   default="auto",
+                   help="seeded answers that must equal the reference where "
+                   "vLLM is reproducible: those of the seeded blocks, or all "
+                   "(auto: blocks on CPU, whose vLLM sampler ignores seeds in "
+                   "batches with unseeded requests; all on GPUs)")
     g.add_argument("--burst-size", type=int, default=None,
                    help="long prompts per burst (default: --concurrency)")
     g = ap.add_argument_group("limits and output")
@@ -1113,6 +1191,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.burst_size is None:
         args.burst_size = min(args.concurrency, args.max_num_seqs)
+    if args.seeded_block_size is None:
+        args.seeded_block_size = 2 * args.concurrency
     if not 1 <= args.max_tokens:
         ap.error("--max-tokens must be >= 1")
     return args
@@ -1126,8 +1206,11 @@ def main(argv: list[str] | None = None) -> int:
         from . import assets
 
         args.model = str(assets.default_model_dir())
-    if args.kv_cache_gb is None and not gpu_memory():
+    on_gpu = bool(gpu_memory())
+    if args.kv_cache_gb is None and not on_gpu:
         args.kv_cache_gb = 1
+    if args.judge_seeded == "auto":
+        args.judge_seeded = "all" if on_gpu else "blocks"
     if args.spec_config:
         spec = json.loads(args.spec_config)
     else:
@@ -1137,6 +1220,16 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"method": "jetspec",
                 "model": str(args.head or shipped_head_dir()),
                 "tree_budget": budget}
+    budget = spec.get("tree_budget", 64)
+    budget = budget if isinstance(budget, int) else 64
+    if args.max_num_batched_tokens is None:
+        # A whole prompt per step (no chunking needed) and whole trees.
+        args.max_num_batched_tokens = max(
+            2048, args.max_model_len + 256,
+            args.max_num_seqs * (budget + 8))
+    if not on_gpu and not args.chunked_prefill:
+        args.server_args = (args.server_args +
+                            " --no-enable-chunked-prefill").strip()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -1205,24 +1298,31 @@ def main(argv: list[str] | None = None) -> int:
     res_spec = runs["spec"]["results"]
     c_spec = compare(plan, res_ref, res_spec)
     comp: dict = {}
+    judged = (["seeded_block"] if args.judge_seeded == "blocks" else
+              ["seeded_block", "seeded_mixed"])
     if "ref2" in runs:
         rep = compare(plan, res_ref, runs["ref2"]["results"])
         comp["ref_repro"] = rep
-        irreproducible = {d["idx"] for d in rep["seeded"]["differ"]}
+        irreproducible = {d["idx"] for k in judged
+                          for d in rep[k]["differ"]}
         ref2_done = {r.idx for r in plan
                      if answer(runs["ref2"]["results"][r.idx]) is not None}
     else:
         irreproducible, ref2_done = set(), None
-    seeded_rep = [d for d in c_spec["seeded"]["differ"]
-                  if d["idx"] not in irreproducible
-                  and (ref2_done is None or d["idx"] in ref2_done)]
+
+    def judged_req(idx: int) -> bool:
+        return idx not in irreproducible and (ref2_done is None
+                                              or idx in ref2_done)
+    seeded_rep = [d for k in judged for d in c_spec[k]["differ"]
+                  if judged_req(d["idx"])]
     n_seeded_rep = sum(1 for r in plan if r.mode == "seeded" and r.compared
+                       and (r.block is not None or "seeded_mixed" in judged)
                        and answer(res_ref[r.idx]) and answer(res_spec[r.idx])
-                       and r.idx not in irreproducible
-                       and (ref2_done is None or r.idx in ref2_done))
+                       and judged_req(r.idx))
     comp["spec_vs_ref"] = dict(
-        greedy=c_spec["greedy"], seeded_all=c_spec["seeded"],
-        seeded_where_reproducible=dict(compared=n_seeded_rep,
+        greedy=c_spec["greedy"], seeded_block=c_spec["seeded_block"],
+        seeded_mixed=c_spec["seeded_mixed"],
+        seeded_where_reproducible=dict(judged=judged, compared=n_seeded_rep,
                                        differ=seeded_rep))
     # Details of every greedy difference (both comparisons).
     for c in [c_spec] + ([comp["ref_repro"]] if "ref_repro" in comp else []):
@@ -1257,9 +1357,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_sets=names, plan=stats, passes=passes, compare=comp,
         bad_input=bad_table(plan, {labels[k]: runs[k] for k in runs}),
         bad_input_status_mismatch=mism,
-        servers={k: dict(log=log_warnings(s.log.read_text()),
-                         startup_s=s.start_s, log_file=s.log.name)
-                 for k, s in servers.items()},
+        servers={k: server_log(s) for k, s in servers.items()},
         wall_s=round(time.time() - t_start, 1))
     reasons = check_verdict(report, args)
     report["verdict"] = dict(ok=not reasons, reasons=reasons)
