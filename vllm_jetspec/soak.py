@@ -898,7 +898,26 @@ def answer(res: dict | None):
     if not res or res.get("status") != "ok":
         return None
     return (tuple(res.get("token_ids") or ()), res.get("text"),
-            res.get("finish_reason"))
+            res.get("finish_reason"), res.get("stop_reason"))
+
+
+def same_answer(x: tuple, y: tuple) -> tuple[bool, int]:
+    """Equal answers, and the token ids one has past a stop string.
+
+    vLLM checks stop strings in the front end, over all the tokens a step
+    emitted (``IncrementalDetokenizer.update``): it cuts the text at the
+    stop string but returns every token id of the step. A speculative step
+    emits several tokens, so an answer cut by a stop string may carry a few
+    token ids past it (and count them in ``usage``) where plain decoding,
+    one token a step, carries none. Such answers are equal when text,
+    finish reason and stop string are, and one's token ids begin with all
+    of the other's."""
+    if x == y:
+        return True, 0
+    if x[1:] != y[1:] or x[2] != "stop" or not isinstance(x[3], str):
+        return False, 0
+    a, b = (x[0], y[0]) if len(x[0]) <= len(y[0]) else (y[0], x[0])
+    return b[:len(a)] == a, len(b) - len(a)
 
 
 def compare(plan: list[Req], ref: list, other: list) -> dict:
@@ -906,6 +925,7 @@ def compare(plan: list[Req], ref: list, other: list) -> dict:
     (all-seeded batches) and seeded in the mixed traffic."""
     out = {k: dict(compared=0, differ=[])
            for k in ("greedy", "seeded_block", "seeded_mixed")}
+    past_stop = dict(requests=0, tokens=0)
     for r in plan:
         if not r.compared:
             continue
@@ -916,11 +936,17 @@ def compare(plan: list[Req], ref: list, other: list) -> dict:
                      "seeded_block" if r.block is not None else
                      "seeded_mixed"]
         bucket["compared"] += 1
-        if x != y:
+        same, extra = same_answer(x, y)
+        if same and extra:
+            past_stop["requests"] += 1
+            past_stop["tokens"] += extra
+        if not same:
             d = first_diff(list(x[0]), list(y[0]))
             bucket["differ"].append(dict(
                 idx=r.idx, first_diff=d, len=[len(x[0]), len(y[0])],
-                finish=[x[2], y[2]], text_equal=x[1] == y[1]))
+                finish=[x[2], y[2]], stop_reason=[x[3], y[3]],
+                text_equal=x[1] == y[1]))
+    out["token_ids_past_stop_string"] = past_stop
     return out
 
 
@@ -1090,7 +1116,7 @@ def summary_line(report: dict) -> str:
         parts.append(f"seeded diffs {len(s['differ'])}/{s['compared']}")
     if rep:
         same = {k: f"{v['compared'] - len(v['differ'])}/{v['compared']}"
-                for k, v in rep.items()}
+                for k, v in rep.items() if "compared" in v}
         parts.append(f"vLLM repro greedy {same['greedy']} seeded blocks "
                      f"{same['seeded_block']} seeded mixed "
                      f"{same['seeded_mixed']}")
@@ -1322,6 +1348,7 @@ def main(argv: list[str] | None = None) -> int:
     comp["spec_vs_ref"] = dict(
         greedy=c_spec["greedy"], seeded_block=c_spec["seeded_block"],
         seeded_mixed=c_spec["seeded_mixed"],
+        token_ids_past_stop_string=c_spec["token_ids_past_stop_string"],
         seeded_where_reproducible=dict(judged=judged, compared=n_seeded_rep,
                                        differ=seeded_rep))
     # Details of every greedy difference (both comparisons).
