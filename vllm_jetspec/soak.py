@@ -1148,6 +1148,9 @@ def parse_args(argv):
                    "(default: jetspec, --head, tree_budget --budget)")
     g.add_argument("--budget", default="16",
                    help="tree_budget of the default spec config (int or auto)")
+    g.add_argument("--cost-model", default=None,
+                   help="cost_model.json for --budget auto (written by "
+                   "python -m vllm_jetspec.bench on the same device)")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--max-model-len", type=int, default=1024)
     g.add_argument("--max-num-seqs", type=int, default=32)
@@ -1246,6 +1249,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"method": "jetspec",
                 "model": str(args.head or shipped_head_dir()),
                 "tree_budget": budget}
+        if args.cost_model:
+            spec["cost_model"] = os.path.abspath(args.cost_model)
     budget = spec.get("tree_budget", 64)
     budget = budget if isinstance(budget, int) else 64
     if args.max_num_batched_tokens is None:
@@ -1268,6 +1273,14 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, Server] = {}
     runs: dict[str, dict] = {}
 
+    def save_partial() -> None:
+        """Each pass's summary as soon as it is done (a run cut short, e.g.
+        by a device call's limit, still reports)."""
+        with open(out / "partial.json", "w") as f:
+            json.dump(dict(plan=stats, spec_config=spec, config=vars(args),
+                           passes={k: v["summary"] for k, v in runs.items()}),
+                      f, indent=1, default=str)
+
     def pass_on(key: str, label: str, spec_cfg, reuse: str | None = None):
         if reuse:
             srv = servers[reuse]
@@ -1280,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 srv.stop()
                 raise
+        save_partial()
         return srv
 
     gaps: dict = {}
@@ -1302,6 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repro == "same":
             runs["ref2"] = run_pass(ref, plan, args, "no-spec (2nd pass)",
                                     fresh_start=False)
+            save_partial()
         ref.stop()
         spec_srv = pass_on("spec", "jetspec", spec)
         c0 = compare(plan, runs["ref"]["results"], runs["spec"]["results"])
