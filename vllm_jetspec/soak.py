@@ -504,6 +504,7 @@ class Server:
             cmd += ["--num-gpu-blocks-override", str(args.num_gpu_blocks)]
         cmd += shlex.split(args.server_args)
         if spec is not None:
+            cmd += shlex.split(args.spec_server_args)
             cmd += ["--speculative-config", json.dumps(spec)]
         self.cmd = cmd
         env = dict(os.environ)
@@ -942,8 +943,11 @@ def compare(plan: list[Req], ref: list, other: list) -> dict:
             past_stop["tokens"] += extra
         if not same:
             d = first_diff(list(x[0]), list(y[0]))
+            at = [t[d] if d is not None and d < len(t) else None
+                  for t in (x[0], y[0])]
             bucket["differ"].append(dict(
-                idx=r.idx, first_diff=d, len=[len(x[0]), len(y[0])],
+                idx=r.idx, first_diff=d, tokens_there=at,
+                len=[len(x[0]), len(y[0])],
                 finish=[x[2], y[2]], stop_reason=[x[3], y[3]],
                 text_equal=x[1] == y[1]))
     out["token_ids_past_stop_string"] = past_stop
@@ -1163,6 +1167,10 @@ def parse_args(argv):
                    "when no GPU)")
     g.add_argument("--server-args", default="",
                    help="extra arguments for every server, one string: write it '--server-args=--enforce-eager ...' (with =) when it starts with --")
+    g.add_argument("--spec-server-args", default="",
+                   help="extra arguments for the spec server only (e.g. "
+                   "'--spec-server-args=--dtype=bfloat16' to see the "
+                   "difference report work)")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
                    help="first port (each server takes the next); 0: free ports")
@@ -1299,8 +1307,10 @@ def main(argv: list[str] | None = None) -> int:
     gaps: dict = {}
 
     def probe_diffs(srv: Server, key: str, diffs: list[dict],
-                    base: list) -> None:
-        """Top log-probs at each greedy difference, asked of ``srv``."""
+                    base: list, which: str = "spec") -> None:
+        """Top log-probs at each greedy difference of comparison ``which``
+        ("spec": jetspec vs no-spec; "repro": no-spec vs no-spec), asked
+        of ``srv`` (``key``: its backend, "spec" or "ref")."""
         for d in diffs:
             res = base[d["idx"]]
             if d["first_diff"] is None or not res.get("prompt_token_ids"):
@@ -1308,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
             p = asyncio.run(probe(srv, res["prompt_token_ids"],
                                   res["token_ids"][:d["first_diff"]],
                                   args.request_timeout))
-            gaps.setdefault(d["idx"], {})[key] = p
+            gaps.setdefault((which, d["idx"]), {})[key] = p
 
     t_start = time.time()
     try:
@@ -1317,6 +1327,9 @@ def main(argv: list[str] | None = None) -> int:
             runs["ref2"] = run_pass(ref, plan, args, "no-spec (2nd pass)",
                                     fresh_start=False)
             save_partial()
+            c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
+            probe_diffs(ref, "ref", c1["greedy"]["differ"],
+                        runs["ref"]["results"], "repro")
         ref.stop()
         spec_srv = pass_on("spec", "jetspec", spec)
         c0 = compare(plan, runs["ref"]["results"], runs["spec"]["results"])
@@ -1329,8 +1342,20 @@ def main(argv: list[str] | None = None) -> int:
                         runs["ref"]["results"])
             c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
             probe_diffs(ref2, "ref", c1["greedy"]["differ"],
-                        runs["ref"]["results"])
+                        runs["ref"]["results"], "repro")
             ref2.stop()
+        elif c0["greedy"]["differ"]:
+            # The no-spec backend's gap at each difference: a server
+            # started again for the probes only.
+            srv = Server("no-spec (probes)", args, None,
+                         out / "server_probe.log")
+            servers["probe"] = srv
+            print("[soak] starting a no-spec server for the probes",
+                  flush=True)
+            srv.start(args.startup_timeout)
+            probe_diffs(srv, "ref", c0["greedy"]["differ"],
+                        runs["ref"]["results"])
+            srv.stop()
     finally:
         for s in servers.values():
             s.stop()
@@ -1367,13 +1392,14 @@ def main(argv: list[str] | None = None) -> int:
         seeded_where_reproducible=dict(judged=judged, compared=n_seeded_rep,
                                        differ=seeded_rep))
     # Details of every greedy difference (both comparisons).
-    for c in [c_spec] + ([comp["ref_repro"]] if "ref_repro" in comp else []):
+    for which, c in [("spec", c_spec)] + ([("repro", comp["ref_repro"])]
+                                          if "ref_repro" in comp else []):
         for d in c["greedy"]["differ"]:
             r = plan[d["idx"]]
             d.update(api=r.api, stream=r.stream, unsupported=r.unsupported,
                      bad=r.bad, params=r.params, extra=r.extra,
                      prompt_len=r.prompt_len)
-            g = gaps.get(d["idx"], {})
+            g = gaps.get((which, d["idx"]), {})
             d["logprobs_at_diff"] = g
             gs = [v.get("gap") for v in g.values() if v.get("gap") is not None]
             d["near_tie"] = bool(gs) and max(gs) < args.near_tie
