@@ -510,6 +510,9 @@ class Server:
         env = dict(os.environ)
         if args.kv_cache_gb:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gb)
+        for kv in args.server_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.start_s = None
@@ -1171,6 +1174,13 @@ def parse_args(argv):
                    help="extra arguments for the spec server only (e.g. "
                    "'--spec-server-args=--dtype=bfloat16' to see the "
                    "difference report work)")
+    g.add_argument("--server-env", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="environment of every server (repeatable). On a GPU "
+                   "VLLM_USE_V2_MODEL_RUNNER=0 is added unless given: jetspec "
+                   "runs vLLM's V1 runner, and V2 samples seeded requests "
+                   "another way (Gumbel noise keyed by seed and position), so "
+                   "the reference must be V1 too")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
                    help="first port (each server takes the next); 0: free ports")
@@ -1248,6 +1258,9 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_cache_gb = 1
     if args.judge_seeded == "auto":
         args.judge_seeded = "all" if on_gpu else "blocks"
+    if on_gpu and not any(kv.startswith("VLLM_USE_V2_MODEL_RUNNER=")
+                          for kv in args.server_env):
+        args.server_env.append("VLLM_USE_V2_MODEL_RUNNER=0")
     if args.spec_config:
         spec = json.loads(args.spec_config)
     else:
