@@ -1,6 +1,6 @@
 """Soak: serve under load, faults and bad input, and prove nothing is lost.
 
-    python -m vllm_jetspec.soak --out DIR [--num-requests 1000] [--concurrency 32]
+    python -m vllm_jetspec.soak --out DIR [--num-requests N] [--concurrency C]
 
 Starts OpenAI-compatible vLLM servers on loopback (``python -m
 vllm.entrypoints.openai.api_server``, i.e. ``vllm serve``) one after the
@@ -68,7 +68,7 @@ BAD_KINDS = {
     "prompt_too_long": False,      # prompt longer than max_model_len
     "max_tokens_0": False,
     "max_tokens_huge": False,      # 10**9
-    "bad_value": False,            # temperature -1, top_p 1.5, logprobs 50, ...
+    "bad_value": False,            # temperature -1, top_p 1.5, logprobs 50...
     "wrong_type": False,           # "max_tokens": "five"
     "wrong_model": False,          # 404
     "oov_token_id": False,         # token id past the vocabulary
@@ -112,7 +112,7 @@ class Req:
     api: str                          # "chat" | "cmpl"
     stream: bool
     mode: str                         # "greedy" | "seeded" | "unseeded"
-    prompt: str | list[int]           # chat: the user message; cmpl: text or ids
+    prompt: str | list[int]           # chat: the user message; cmpl: text/ids
     prompt_len: int                   # tokens as planned (chat: templated)
     length_class: str                 # short | corpus | long | fill | burst
     params: dict = field(default_factory=dict)   # openai keyword arguments
@@ -121,7 +121,7 @@ class Req:
     abort_after: int | None = None    # streaming: close after this many chunks
     bad: str | None = None            # a BAD_KINDS key
     raw: dict | None = None           # bad input sent as-is (path, body, type)
-    block: int | None = None          # seeded block number (all-seeded batches)
+    block: int | None = None          # seeded block (all-seeded batches)
     barrier: bool = False             # wait for everything in flight first
 
     @property
@@ -406,11 +406,10 @@ class Planner:
                                  for _ in range(max(0, nbad - len(BAD_KINDS)))]
         for s, k in zip(slots, bad[:n]):
             kinds[s] = ("bad", k)
-        # Bursts of long prompts issued back to back (preemption).
-        free = [i for i in range(n) if kinds[i] is None]
+        # Bursts issued back to back (preemption).
         if a.burst_size > 0 and a.bursts > 0:
-            starts = sorted(rng.sample(range(0, max(1, n - a.burst_size)),
-                                       min(a.bursts, max(1, n // (4 * a.burst_size)))))
+            k = min(a.bursts, max(1, n // (4 * a.burst_size)))
+            starts = sorted(rng.sample(range(0, max(1, n - a.burst_size)), k))
             for s in starts:
                 for i in range(s, min(n, s + a.burst_size)):
                     if kinds[i] is None:
@@ -451,7 +450,6 @@ class Planner:
                 r.abort_after is not None for r in normal):
             r = rng.choice(normal)
             r.stream, r.abort_after = True, rng.choice([0, 1, 3])
-        del free
         return plan
 
 
@@ -494,12 +492,14 @@ class Server:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--served-model-name", MODEL_NAME,
                "--host", args.host, "--port", str(self.port),
-               "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+               "--dtype", args.dtype,
+               "--max-model-len", str(args.max_model_len),
                "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"]
         if args.tokenizer:
             cmd += ["--tokenizer", args.tokenizer]
         if args.max_num_batched_tokens:
-            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+            cmd += ["--max-num-batched-tokens",
+                    str(args.max_num_batched_tokens)]
         if args.num_gpu_blocks:
             cmd += ["--num-gpu-blocks-override", str(args.num_gpu_blocks)]
         cmd += shlex.split(args.server_args)
@@ -523,8 +523,9 @@ class Server:
         f = open(self.log, "a")
         f.write(f"# {shlex.join(self.cmd)}\n")
         f.flush()
-        self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=f,
+                                     stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} server exited "
@@ -551,7 +552,8 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         try:
-            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            url = self.url + "/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
                 return parse_metrics(r.read().decode())
         except OSError:
             return {}
@@ -697,8 +699,9 @@ async def send_openai(client, r: Req) -> dict:
             res["token_ids"] = list(getattr(ch, "token_ids", None) or [])
             res["finish_reason"] = ch.finish_reason
             res["stop_reason"] = getattr(ch, "stop_reason", None)
-            res["prompt_token_ids"] = (getattr(resp, "prompt_token_ids", None)
-                                       or getattr(ch, "prompt_token_ids", None))
+            res["prompt_token_ids"] = (
+                getattr(resp, "prompt_token_ids", None)
+                or getattr(ch, "prompt_token_ids", None))
             if resp.usage:
                 res["completion_tokens"] = resp.usage.completion_tokens
             return res
@@ -706,7 +709,8 @@ async def send_openai(client, r: Req) -> dict:
         text = []
         try:
             async for chunk in stream:
-                if r.abort_after is not None and res["chunks"] >= r.abort_after:
+                if r.abort_after is not None and \
+                        res["chunks"] >= r.abort_after:
                     res["status"] = "aborted"
                     break
                 res["chunks"] += 1
@@ -751,8 +755,8 @@ async def send_raw(http, r: Req) -> dict:
     raw = r.raw
     headers = {"Content-Type": raw.get("type", "application/json")}
     if "leave_after" in raw:
-        task = asyncio.ensure_future(http.post(raw["path"], content=raw["body"],
-                                               headers=headers))
+        task = asyncio.ensure_future(http.post(
+            raw["path"], content=raw["body"], headers=headers))
         await asyncio.sleep(raw["leave_after"])
         if not task.done():
             task.cancel()
@@ -1058,7 +1062,8 @@ def run_pass(server: Server, plan: list[Req], args, label: str,
         print(f"[soak] starting the {label} server: {shlex.join(server.cmd)}",
               flush=True)
         server.start(args.startup_timeout)
-        print(f"[soak] {label} server up in {server.start_s:.0f} s", flush=True)
+        print(f"[soak] {label} server up in {server.start_s:.0f} s",
+              flush=True)
     mem0 = server.memory()
     before = server.metrics()
     run = asyncio.run(drive(server, plan, args, label))
@@ -1130,22 +1135,26 @@ def summary_line(report: dict) -> str:
     if spec:
         tau = spec["metrics"].get("tau")
         parts.append(f"tau {tau:.2f}" if tau else "tau -")
-        parts.append(f"tok/s spec {spec['tok_s']:.1f} ref {ref.get('tok_s', 0):.1f}")
-        parts.append(f"preemptions {spec['metrics']['num_preemptions_total']:.0f}")
+        parts.append(f"tok/s spec {spec['tok_s']:.1f} "
+                     f"ref {ref.get('tok_s', 0):.1f}")
+        parts.append("preemptions "
+                     f"{spec['metrics']['num_preemptions_total']:.0f}")
         parts.append("health " + ("ok" if spec["health"] == 200 else "BAD"))
-    parts.append(f"warnings {sum(x['log']['count'] for x in report['servers'].values())}")
+    n_warn = sum(x["log"]["count"] for x in report["servers"].values())
+    parts.append(f"warnings {n_warn}")
     parts.append("OK" if report["verdict"]["ok"] else
                  "FAIL: " + "; ".join(report["verdict"]["reasons"]))
     return " | ".join(parts)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.soak",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m vllm_jetspec.soak", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("servers")
     g.add_argument("--model", default=None,
-                   help="target (default: SmolLM2-135M-Instruct from the assets)")
+                   help="target (default: SmolLM2-135M-Instruct from the "
+                   "assets)")
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--head", default=None,
                    help="head directory for the default spec config "
@@ -1169,7 +1178,9 @@ def parse_args(argv):
                    help="VLLM_CPU_KVCACHE_SPACE for CPU servers (default 1 "
                    "when no GPU)")
     g.add_argument("--server-args", default="",
-                   help="extra arguments for every server, one string: write it '--server-args=--enforce-eager ...' (with =) when it starts with --")
+                   help="extra arguments for every server, one string; "
+                   "with '=' when it starts with '--': "
+                   "'--server-args=--enforce-eager ...'")
     g.add_argument("--spec-server-args", default="",
                    help="extra arguments for the spec server only (e.g. "
                    "'--spec-server-args=--dtype=bfloat16' to see the "
@@ -1183,7 +1194,8 @@ def parse_args(argv):
                    "the reference must be V1 too")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
-                   help="first port (each server takes the next); 0: free ports")
+                   help="first port (each server takes the next); 0: free "
+                   "ports")
     g.add_argument("--startup-timeout", type=float, default=1200)
     g.add_argument("--chunked-prefill", action="store_true",
                    help="keep vLLM's chunked prefill on CPU (off by default "
@@ -1199,7 +1211,8 @@ def parse_args(argv):
     g.add_argument("--concurrency", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--prompts", nargs="*", default=None,
-                   help="prompt sets or JSONL files ('synthetic': random words; "
+                   help="prompt sets or JSONL files ('synthetic': random "
+                   "words; "
                    "default: the asset sets present)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--chat-frac", type=float, default=0.5)
@@ -1230,10 +1243,12 @@ def parse_args(argv):
     g.add_argument("--time-limit", type=float, default=3600,
                    help="seconds per pass; then no new requests (cut)")
     g.add_argument("--allow-cut", action="store_true",
-                   help="requests cut by the time limit do not fail the verdict")
+                   help="requests cut by the time limit do not fail the "
+                   "verdict")
     g.add_argument("--request-timeout", type=float, default=1800)
     g.add_argument("--near-tie", type=float, default=1e-3,
-                   help="a top-2 log-prob gap below this is reported a near-tie")
+                   help="a top-2 log-prob gap below this is reported a "
+                   "near-tie")
     g.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.burst_size is None:
@@ -1430,10 +1445,10 @@ def main(argv: list[str] | None = None) -> int:
     passes = {k: runs[k]["summary"] for k in runs}
     report = dict(
         tool="python -m vllm_jetspec.soak",
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=shlex.join([sys.executable.rsplit("/", 1)[-1], "-m",
-                            "vllm_jetspec.soak"] + list(sys.argv[1:]
-                                                        if argv is None else argv)),
+        date=datetime.datetime.now().astimezone().isoformat(
+            timespec="seconds"),
+        command=shlex.join(["python", "-m", "vllm_jetspec.soak"] + list(
+            sys.argv[1:] if argv is None else argv)),
         device=device_info(), config=vars(args), spec_config=spec,
         prompt_sets=names, plan=stats, passes=passes, compare=comp,
         bad_input=bad_table(plan, {labels[k]: runs[k] for k in runs}),
