@@ -251,6 +251,9 @@ class _Step:
         self.reorder: tuple[torch.Tensor, ...] | None = None
         # row -> the head's estimate of its accepted drafts (auto budget)
         self.est: dict[int, float] = {}
+        # [R, N] int64 host: each node's depth, -1 past a row's nodes (the
+        # seeded requests' noise rows, tree.sampling.depth_noise)
+        self.depth_host: torch.Tensor | None = None
 
 
 def _settings(runner):
