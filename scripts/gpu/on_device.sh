@@ -19,6 +19,9 @@
 #     starts and generates (capture check; env TAG, ONE_SECS)
 #   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
 #     (env SYNC_MODES="eager graphs")
+#   bash scripts/gpu/on_device.sh soak 16|auto [soak args]  # the serving soak
+#     (env SOAK_N=1000, SOAK_BLOCKS=512, SOAK_REPRO=same, SOAK_PASS_SECS=90;
+#      auto needs `soak-cost` first, on the same machine: docs/soak.md)
 #   bash scripts/gpu/on_device.sh trace BUDGETS...  # host/device time per
 #     round, SmolLM2 with graphs (0: plain decoding; scripts/gpu/trace.py)
 #   bash scripts/gpu/on_device.sh sweep "DATASETS" BUDGETS...  # SmolLM2 e2e
@@ -205,5 +208,32 @@ trace8b)  # BUDGETS...: Qwen3-8B shape replay, batch 1: device idle by host
         cp "$W/trace8b/trace8b_$b.txt" "$W/trace8b/trace8b_$b.json.gz" "$OUT/" 2>/dev/null || true
         grep '^{' "$OUT/trace8b_$b.log" | tail -1
     done ;;
+soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.soak, SmolLM2
+    # fp32 + the shipped head, 1000 mixed requests at concurrency 32; auto
+    # reads the cost model soak-cost wrote (docs/soak.md)
+    b=$1; shift
+    cm=(); [ "$b" = auto ] && cm=(--cost-model "$W/soak_cost/cost_model.json")
+    timeout "${SOAK_SECS:-570}" python3 -m vllm_jetspec.soak --budget "$b" "${cm[@]}" \
+        --prompts "$W"/prompts/{gsm8k,sharegpt,mtbench,humaneval}.jsonl \
+        --num-requests "${SOAK_N:-1000}" --concurrency 32 --max-num-seqs 32 \
+        --max-tokens 256 --num-gpu-blocks "${SOAK_BLOCKS:-512}" \
+        --repro "${SOAK_REPRO:-same}" --time-limit "${SOAK_PASS_SECS:-90}" \
+        --startup-timeout 240 "$@" --out "$W/soak_$b" > "$OUT/soak_$b.log" 2>&1 \
+        || echo "soak rc $?"
+    mkdir -p "$OUT/soak_$b"
+    for f in soak.json partial.json; do
+        [ -f "$W/soak_$b/$f" ] && cp "$W/soak_$b/$f" "$OUT/soak_$b/"; done
+    [ -f "$W/soak_$b/requests.jsonl" ] && gzip -c "$W/soak_$b/requests.jsonl" \
+        > "$OUT/soak_$b/requests.jsonl.gz"
+    tail -3 "$OUT/soak_$b.log" ;;
+soak-cost)  # cost_model.json for `soak auto`: AR and budgets (COST_BUDGETS)
+    # at batch 1/8/32, SmolLM2 fp32 with graphs, as the soak's servers run
+    timeout "${BENCH_SECS:-560}" python3 -m vllm_jetspec.bench \
+        --prompts "$W/prompts/gsm8k.jsonl" --budgets ${COST_BUDGETS:-8 16 32} \
+        --batch-sizes 1 8 32 --num-prompts 32 --max-new-tokens 64 --baseline none \
+        --graphs --max-model-len 1024 --resume --out "$W/soak_cost" \
+        > "$OUT/soak_cost.log" 2>&1 || echo "bench rc $?"
+    cp "$W/soak_cost/cost_model.json" "$OUT/" 2>/dev/null || true
+    tail -5 "$OUT/soak_cost.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

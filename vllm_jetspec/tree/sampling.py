@@ -38,12 +38,44 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return logits.scatter_(-1, idx, srt)
 
 
+def depth_noise(generator: torch.Generator, depth: torch.Tensor, V: int,
+                device: torch.device) -> tuple[torch.Tensor, list]:
+    """Exp(1) noise for the nodes of one seeded request's tree, shared by
+    depth, and the generator's state after each depth's draw.
+
+    vLLM's sampler draws one ``exponential_`` of ``V`` values from a seeded
+    request's generator per step (``random_sample``); here row ``d`` is
+    that draw ``d`` steps on, and every node at depth ``d`` uses it. A node
+    at depth ``d`` is only ever emitted as the ``d``-th token of the round,
+    and the path to it depends on the rows of smaller depths only, so each
+    emitted token is still drawn from its own context's distribution,
+    independently; and with the same logits the emitted tokens are the
+    ones plain decoding with the same seed gives. After acceptance the
+    caller sets the generator to ``states[k - 1]`` for ``k`` emitted tokens,
+    where ``k`` steps of plain decoding would have left it.
+
+    Args:
+        depth: [n] int64 (host) each node's depth; -1 (padding) takes row 0.
+
+    Returns: noise [n, V] float32 on ``device``; states, a list of
+    ``max(depth) + 1`` generator states (``states[d]``: after row ``d``).
+    """
+    rows = int(depth.max()) + 1 if depth.numel() else 1
+    q = torch.empty(rows, V, device=device)
+    states = []
+    for d in range(rows):
+        q[d].exponential_(generator=generator)
+        states.append(generator.get_state())
+    return q[depth.clamp(min=0).to(device)], states
+
+
 def sample_target_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     generators: dict[int, torch.Generator] | None = None,
+    noise: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One target token per node.
 
@@ -53,6 +85,8 @@ def sample_target_tokens(
         top_k, top_p: [R] per-request settings or None.
         generators: request index -> seeded ``torch.Generator`` (the noise of
             those requests is drawn from it, node by node in slot order).
+        noise: request index -> [n <= N, V] Exp(1) noise for its first
+            ``n`` nodes (``depth_noise``), used instead of its generator.
 
     Returns: [R, N] int64.
     """
@@ -66,10 +100,15 @@ def sample_target_tokens(
     probs = flat.softmax(dim=-1).view(R, N, V)
     q = torch.empty_like(probs)
     generators = generators or {}
-    if len(generators) != R:
+    noise = noise or {}
+    if len(set(generators) | set(noise)) != R:
         q.exponential_()
     for i, g in generators.items():
-        q[i].exponential_(generator=g)
+        if i not in noise:
+            q[i].exponential_(generator=g)
+    for i, n in noise.items():
+        q[i, :n.shape[0]] = n
+        q[i, n.shape[0]:] = 1.0
     sampled = (probs / q).argmax(dim=-1)
     return torch.where((temperature < SAMPLING_EPS)[:, None], greedy_tok,
                        sampled)
@@ -87,15 +126,17 @@ def sample_nodes(logits: torch.Tensor, counts: list[int], N: int,
                  temperature: torch.Tensor, top_k: torch.Tensor | None = None,
                  top_p: torch.Tensor | None = None,
                  generators: dict[int, torch.Generator] | None = None,
-                 max_elems: int = SAMPLE_CHUNK_ELEMS) -> torch.Tensor:
+                 max_elems: int = SAMPLE_CHUNK_ELEMS,
+                 noise: dict[int, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
     """``sample_target_tokens`` over a flat batch, a few requests at a time.
 
     Args:
         logits: [sum(counts), V] one row per node, request after request.
         counts: nodes of each request (<= N).
         N: nodes per request in the result.
-        temperature, top_k, top_p, generators: as ``sample_target_tokens``
-            (per request of the whole batch).
+        temperature, top_k, top_p, generators, noise: as
+            ``sample_target_tokens`` (per request of the whole batch).
         max_elems: at most this many ``[requests, N, V]`` elements per chunk
             (at least one request).
 
@@ -108,6 +149,7 @@ def sample_nodes(logits: torch.Tensor, counts: list[int], N: int,
     out = torch.empty((R, N), dtype=torch.long, device=logits.device)
     step = max(1, max_elems // max(1, N * V))
     gens = generators or {}
+    noise = noise or {}
     start = 0
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
@@ -120,5 +162,6 @@ def sample_nodes(logits: torch.Tensor, counts: list[int], N: int,
             node_logits, temperature[sl],
             None if top_k is None else top_k[sl],
             None if top_p is None else top_p[sl],
-            {i - r0: g for i, g in gens.items() if r0 <= i < r1})
+            {i - r0: g for i, g in gens.items() if r0 <= i < r1},
+            {i - r0: n for i, n in noise.items() if r0 <= i < r1})
     return out

@@ -162,6 +162,17 @@ PATCHES += [
               "trace of 2026-11-25; the same values without the "
               "increments by zero",
           when="always (the counters' values are unchanged)"),
+    Patch(replaces="vllm.sampling_params:SamplingParams."
+                   "_validate_spec_decode, and vllm.v1.worker."
+                   "gpu_model_runner:build_logitsprocs",
+          by="vllm_jetspec.vllm_patches.logits_params",
+          why="with any speculative config vLLM refuses min_p and "
+              "logit_bias (HTTP 400) and builds no min-p / logit-bias "
+              "logits processors; a jetspec batch holding such a request "
+              "decodes plainly (one row per request, vLLM's sampler), so "
+              "they work as without speculation (found by the soak: "
+              "no-spec answered, jetspec refused)",
+          when="jetspec configs (vLLM's check and processors otherwise)"),
     Patch(replaces="vllm.v1.worker.worker_base:WorkerBase.jetspec_profile "
                    "(added, replaces nothing)",
           by="vllm_jetspec.vllm_patches.profile:worker_profile",
@@ -227,6 +238,8 @@ def apply(env: dict[str, str] | None = None) -> list[Patch]:
         v2.apply()
     from . import metrics
     metrics.apply()
+    from . import logits_params
+    logits_params.apply()
     applied = list(PATCHES[1:])
     if env.get(TORCH_ATTENTION_ENV) == "1":
         from vllm.v1.attention.backends.registry import (

@@ -36,6 +36,7 @@ from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree, compaction_plan,
                     packed_ancestor_mask, sample_nodes, truncate_tree)
+from ..tree.sampling import depth_noise
 from ..tree.masks import BITS, packed_rows_host
 from . import budget_graphs, tree_state
 from .config import settings_of
@@ -250,6 +251,9 @@ class _Step:
         self.reorder: tuple[torch.Tensor, ...] | None = None
         # row -> the head's estimate of its accepted drafts (auto budget)
         self.est: dict[int, float] = {}
+        # [R, N] int64 host: each node's depth, -1 past a row's nodes (the
+        # seeded requests' noise rows, tree.sampling.depth_noise)
+        self.depth_host: torch.Tensor | None = None
 
 
 def _settings(runner):
@@ -629,6 +633,7 @@ def _tree_inputs(self, scheduler_output, num_scheduled_tokens,
     self._jetspec_step = _Step(rows, tree, starts_dev,
                                flat_dev if rows else None)
     self._jetspec_step.est = est
+    self._jetspec_step.depth_host = depth
 
 
 # Up to this many nodes in a step, the masks are built per tree with Python
@@ -694,6 +699,7 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         return orig(self, logits[async_tensor_h2d(cu[:-1], logits.device,
                                                   torch.long)], None)
     md = self.input_batch.sampling_metadata
+    states: dict[int, list] = {}
     if md.all_greedy:
         # vLLM's greedy sampling is the argmax: no [R, N, V] copy, softmax
         # or noise (most of the step's sampling time at large budgets).
@@ -710,7 +716,16 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         # (tree.sampling.SAMPLE_CHUNK_ELEMS).
         temp, top_k, top_p, gens = node_sampling_inputs(md, R,
                                                         logits.device)
-        tgt = sample_nodes(logits, n_s, N, temp, top_k, top_p, gens)
+        # A seeded request's noise by depth, as plain decoding would draw
+        # it step by step (tree.sampling.depth_noise): same seed, same
+        # tokens as without speculation.
+        noise = {}
+        for r, g in gens.items():
+            noise[r], states[r] = depth_noise(
+                g, step.depth_host[r, :n_s[r]], logits.shape[-1],
+                logits.device)
+        tgt = sample_nodes(logits, n_s, N, temp, top_k, top_p, gens,
+                           noise=noise)
     # Acceptance at a static depth (the settings' unless a chain of
     # fallback drafts is deeper), so a graph serves every step of a shape;
     # the rows hold PAD past each request's tokens either way.
@@ -719,6 +734,13 @@ def _tree_sample(self, orig, logits, spec_decode_metadata):
         tree.tokens, tree.parents, tree.depth, tree.cum_logp,
         tree.num_nodes, tgt, step.starts_dev, max_depth=D,
         moves=bool(step.rows))
+    if states:
+        # Each seeded generator where plain decoding leaves it after this
+        # step's emitted tokens (accepted + bonus): a wait for acceptance,
+        # only in steps with seeded requests.
+        accepted = num_accepted.tolist()
+        for r, st in states.items():
+            md.generators[r].set_state(st[min(accepted[r], len(st) - 1)])
     policy = getattr(self.drafter, "policy", None)
     if policy is not None and step.est:
         # Read in _tree_drafts after the step's wait for the drafts, not
