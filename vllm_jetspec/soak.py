@@ -1188,10 +1188,11 @@ def parse_args(argv):
     g.add_argument("--server-env", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="environment of every server (repeatable). On a GPU "
-                   "VLLM_USE_V2_MODEL_RUNNER=0 is added unless given: jetspec "
-                   "runs vLLM's V1 runner, and V2 samples seeded requests "
-                   "another way (Gumbel noise keyed by seed and position), so "
-                   "the reference must be V1 too")
+                   "jetspec runs vLLM's V2 runner, as plain vLLM does (both "
+                   "sample a seeded request with noise keyed by seed and "
+                   "position); with tree_budget 'auto' jetspec runs V1, and "
+                   "VLLM_USE_V2_MODEL_RUNNER=0 is added unless given, so "
+                   "that the reference samples seeds the same way")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
                    help="first port (each server takes the next); 0: free "
@@ -1273,8 +1274,10 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_cache_gb = 1
     if args.judge_seeded == "auto":
         args.judge_seeded = "all" if on_gpu else "blocks"
-    if on_gpu and not any(kv.startswith("VLLM_USE_V2_MODEL_RUNNER=")
-                          for kv in args.server_env):
+    if on_gpu and args.budget == "auto" and not any(
+            kv.startswith("VLLM_USE_V2_MODEL_RUNNER=")
+            for kv in args.server_env):
+        # jetspec's auto budget runs vLLM's V1 runner (static budgets: V2)
         args.server_env.append("VLLM_USE_V2_MODEL_RUNNER=0")
     if args.spec_config:
         spec = json.loads(args.spec_config)
