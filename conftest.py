@@ -18,12 +18,14 @@ Parallel runs (``scripts/test.sh``: pytest-xdist, one worker per core):
 - Tests are scheduled in groups: a group runs on one worker, in file order,
   so module-scoped fixtures (an engine, a trained head) are built once.
   Groups start costliest first (seconds from ``tests/durations.json``, else
-  60 s per ``engine`` test and 1 s otherwise), so the long ones overlap.
+  60 s per ``engine`` or ``slow`` test and 1 s otherwise), so the long ones
+  overlap.
 
 For a new test:
 
-- It starts a vLLM engine: ``@pytest.mark.engine`` (``-m "not engine"``, the
-  quick loop, leaves it out).
+- It starts a vLLM engine: ``@pytest.mark.engine``; it takes minutes
+  without one (Triton's interpreter): ``@pytest.mark.slow``. The quick
+  loop, ``--quick`` (= ``-m "not engine and not slow"``), leaves both out.
 - By default its file is one group. A file whose tests share no costly
   module fixture sets ``pytestmark = pytest.mark.independent`` (each test
   then runs wherever a worker is free); tests in it that do share one (an
@@ -83,6 +85,13 @@ def pytest_addoption(parser):
         "--phase", choices=("parallel", "exclusive"), default=None,
         help="run only the tests that need the whole machine (exclusive) "
              "or only the others (parallel); default: all")
+    parser.addoption(
+        "--quick", action="store_true",
+        help='the quick loop: -m "not engine and not slow"')
+
+
+def _slow(item) -> bool:
+    return any(item.get_closest_marker(m) for m in ("engine", "slow"))
 
 
 def _group(item) -> str:
@@ -98,19 +107,23 @@ def _group(item) -> str:
 def pytest_collection_modifyitems(config, items):
     # trylast: after -k / -m deselected theirs.
     phase = config.getoption("--phase")
+    drop = []
     if phase:
         want = phase == "exclusive"
         drop = [i for i in items
                 if (i.get_closest_marker("exclusive") is not None) != want]
-        if drop:
-            config.hook.pytest_deselected(items=drop)
-            dropped = set(drop)
-            items[:] = [i for i in items if i not in dropped]
+    if config.getoption("--quick"):
+        seen = set(drop)
+        drop += [i for i in items if _slow(i) and i not in seen]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        dropped = set(drop)
+        items[:] = [i for i in items if i not in dropped]
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     group = {i.nodeid: _group(i) for i in items}
     cost: dict[str, float] = {}
     for i in items:
-        guess = ENGINE_COST if i.get_closest_marker("engine") else TEST_COST
+        guess = ENGINE_COST if _slow(i) else TEST_COST
         g = group[i.nodeid]
         cost[g] = cost.get(g, 0.0) + known.get(i.nodeid, guess)
     # Stable: a group keeps its file order.

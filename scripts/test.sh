@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Full test suite: sets up .venv/ on a fresh machine, then runs pytest with
 # any arguments passed through (e.g. scripts/test.sh -k tree -x;
-# scripts/test.sh -m "not engine" is the quick loop).
+# scripts/test.sh --quick is the quick loop, see conftest.py).
 #
 # Two pytest runs: the tests marked `exclusive` (they need every core, e.g.
 # TP=2) alone, then all the others on one pytest-xdist worker per core
