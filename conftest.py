@@ -25,7 +25,7 @@ For a new test:
 
 - It starts a vLLM engine: ``@pytest.mark.engine``; it takes minutes
   without one (Triton's interpreter): ``@pytest.mark.slow``. The quick
-  loop, ``--quick`` (= ``-m "not engine and not slow"``), leaves both out.
+  loop, ``--quick``, leaves both out (and the exclusive tests below).
 - By default its file is one group. A file whose tests share no costly
   module fixture sets ``pytestmark = pytest.mark.independent`` (each test
   then runs wherever a worker is free); tests in it that do share one (an
@@ -87,11 +87,13 @@ def pytest_addoption(parser):
              "or only the others (parallel); default: all")
     parser.addoption(
         "--quick", action="store_true",
-        help='the quick loop: -m "not engine and not slow"')
+        help='the quick loop: -m "not engine and not slow and not '
+             'exclusive"')
 
 
 def _slow(item) -> bool:
-    return any(item.get_closest_marker(m) for m in ("engine", "slow"))
+    return any(item.get_closest_marker(m)
+               for m in ("engine", "slow", "exclusive"))
 
 
 def _group(item) -> str:

@@ -21,8 +21,12 @@ workers="${JETSPEC_TEST_WORKERS:-$(nproc)}"
 xdist=(-n "$workers")
 [ "$workers" -le 1 ] && xdist=(-n 0)
 stop_on_fail=0
+quick=0
 for a in "$@"; do
-    case "$a" in -x|--exitfirst|--maxfail*) stop_on_fail=1 ;; esac
+    case "$a" in
+        -x|--exitfirst|--maxfail*) stop_on_fail=1 ;;
+        --quick) quick=1 ;;    # it leaves the exclusive tests out
+    esac
 done
 
 REPORT="$ROOT/.cache/test-report"
@@ -36,7 +40,8 @@ phase() {  # phase NAME PYTEST-ARGS...: its exit status in rc_NAME
     printf -v "rc_$name" '%s' "$?"
     set -e
 }
-phase exclusive -n 0 "$@"
+rc_exclusive=5
+[ "$quick" -eq 1 ] || phase exclusive -n 0 "$@"
 t2=$(date +%s)
 rc_parallel=5
 if [ "$rc_exclusive" -eq 0 ] || [ "$rc_exclusive" -eq 5 ] \
