@@ -49,6 +49,10 @@ ROOT = Path(__file__).resolve().parent
 DURATIONS = ROOT / "tests" / "durations.json"
 # Cost guesses for tests not in DURATIONS yet (seconds).
 ENGINE_COST, TEST_COST = 60.0, 1.0
+# xdist 3.8's own loadgroup renames item._nodeid, which pytest 9.2 no longer
+# reads (items keep their ids and every test is scheduled alone): the
+# controller schedules by the groups its workers write here at collection.
+GROUPS_ENV = "JETSPEC_XDIST_GROUPS"
 
 
 def _pin_xdist_worker():
@@ -91,7 +95,7 @@ def pytest_addoption(parser):
              'exclusive"')
 
 
-def _slow(item) -> bool:
+def _heavy(item) -> bool:
     return any(item.get_closest_marker(m)
                for m in ("engine", "slow", "exclusive"))
 
@@ -116,7 +120,7 @@ def pytest_collection_modifyitems(config, items):
                 if (i.get_closest_marker("exclusive") is not None) != want]
     if config.getoption("--quick"):
         seen = set(drop)
-        drop += [i for i in items if _slow(i) and i not in seen]
+        drop += [i for i in items if _heavy(i) and i not in seen]
     if drop:
         config.hook.pytest_deselected(items=drop)
         dropped = set(drop)
@@ -125,7 +129,7 @@ def pytest_collection_modifyitems(config, items):
     group = {i.nodeid: _group(i) for i in items}
     cost: dict[str, float] = {}
     for i in items:
-        guess = ENGINE_COST if _slow(i) else TEST_COST
+        guess = ENGINE_COST if _heavy(i) else TEST_COST
         g = group[i.nodeid]
         cost[g] = cost.get(g, 0.0) + known.get(i.nodeid, guess)
     # Stable: a group keeps its file order.
@@ -135,12 +139,6 @@ def pytest_collection_modifyitems(config, items):
         tmp = f"{out}.{os.getpid()}"
         Path(tmp).write_text(json.dumps(group))
         os.replace(tmp, out)
-
-
-# xdist 3.8's own loadgroup renames item._nodeid, which pytest 9.2 no longer
-# reads (items keep their ids and every test is scheduled alone): the
-# controller schedules by the groups its workers wrote at collection.
-GROUPS_ENV = "JETSPEC_XDIST_GROUPS"
 
 
 def pytest_configure(config):
@@ -157,6 +155,7 @@ def pytest_unconfigure(config):
         Path(os.environ.pop(GROUPS_ENV)).unlink(missing_ok=True)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
@@ -202,8 +201,7 @@ _times: dict[str, list] = {}
 def pytest_runtest_logreport(report):
     """Seconds (set-up + call + teardown) and outcome per test; in an xdist
     run the controller gets every worker's reports."""
-    node = report.nodeid.split("@")[0]
-    t = _times.setdefault(node, [0.0, "passed"])
+    t = _times.setdefault(report.nodeid, [0.0, "passed"])
     t[0] += report.duration
     if report.failed:
         t[1] = "failed" if report.when == "call" else "error"
