@@ -35,6 +35,10 @@ from vllm_jetspec.tree import build_tree, packed_ancestor_mask  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16]
                             if DEV == "cuda" else [])
+# No shared fixtures: each test is scheduled on its own (root conftest.py).
+pytestmark = pytest.mark.independent
+# The tests marked slow take minutes in Triton's interpreter (CPU): the
+# quick loop leaves them out.
 
 
 def make_case(seed, budgets, hq, hkv, D, prefixes, block_size=16,
@@ -129,6 +133,7 @@ def test_fresh_inputs_every_call():
     check(b, torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [3, "auto"])
 @pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (8, 2, 128)])
@@ -213,6 +218,7 @@ def test_precision():
                        precision="fp64")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("large", [True, False])
@@ -228,6 +234,7 @@ def test_tiles_match_reference(dtype, splits, large, hq, hkv, D):
     check(args, dtype, large_tiles=large, num_splits=splits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [(4, 16, 4, 2), (16, 64, 8, 3), (1, 32, 2, 1)])
 def test_tile_override_matches_reference(tile):
     """A tuning run's explicit tile (nodes, keys per step, warps, stages)

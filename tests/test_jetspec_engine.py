@@ -12,36 +12,50 @@ import textwrap
 import pytest
 import torch
 
-from engine_io import result, run_script
+from engine_io import engine_result, result, run_engines, run_script
 from models import tiny_qwen3_in_memory
+from shared import once
 
 # JETSPEC_TEST_EAGER=0 (on a GPU): the engines compile and capture CUDA
 # graphs; by default they run eagerly (as on CPU, where vLLM has no graphs).
+# One engine per run (engine_io.run_engines: one after another in one
+# process, each with its own environment and log).
 RUN = textwrap.dedent("""
     import json, os, sys
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
-        spec = json.loads(sys.argv[2])
-        llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32",
-                  enforce_eager=os.environ.get("JETSPEC_TEST_EAGER") != "0",
-                  gpu_memory_utilization=0.3,
-                  max_model_len=512, max_num_batched_tokens=512,
-                  max_num_seqs=4, enable_prefix_caching=True,
-                  speculative_config=spec, disable_log_stats=False)
-        prompts = json.loads(sys.argv[3])
-        if os.environ.get("JETSPEC_PROFILE") == "1":
-            llm.collective_rpc("jetspec_profile")   # reset after start-up
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts],
-            SamplingParams(max_tokens=48, temperature=0, detokenize=False))
-        emit("result", [list(o.outputs[0].token_ids) for o in outs])
-        emit("metrics", {
-            x.name: getattr(x, "value", None) or getattr(x, "values", None)
-            for x in llm.get_metrics()
-            if x.name.startswith("vllm:spec_decode_num")})
-        if os.environ.get("JETSPEC_PROFILE") == "1":
-            emit("profile", llm.collective_rpc("jetspec_profile")[0])
+        prompts = json.loads(sys.argv[2])
+
+        def body(run):
+            eager = os.environ.get("JETSPEC_TEST_EAGER") != "0"
+            llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32",
+                      enforce_eager=eager, gpu_memory_utilization=0.3,
+                      max_model_len=512, max_num_batched_tokens=512,
+                      max_num_seqs=4, enable_prefix_caching=True,
+                      speculative_config=run["spec"], disable_log_stats=False)
+            try:
+                profile = os.environ.get("JETSPEC_PROFILE") == "1"
+                if profile:
+                    # reset after start-up
+                    llm.collective_rpc("jetspec_profile")
+                outs = llm.generate(
+                    [TokensPrompt(prompt_token_ids=p) for p in prompts],
+                    SamplingParams(max_tokens=48, temperature=0,
+                                   detokenize=False))
+                emit(run["key"], {
+                    "result": [list(o.outputs[0].token_ids) for o in outs],
+                    "metrics": {
+                        x.name: getattr(x, "value", None)
+                        or getattr(x, "values", None)
+                        for x in llm.get_metrics()
+                        if x.name.startswith("vllm:spec_decode_num")},
+                    "profile": (llm.collective_rpc("jetspec_profile")[0]
+                                if profile else None)})
+            finally:
+                shutdown(llm)
+
+        each_engine(json.loads(sys.argv[3]), body)
 """)
 
 # On a GPU with graphs: jetspec verify steps must replay FULL graphs (every
@@ -57,15 +71,16 @@ PROMPTS = [[(7 * i + 3) % 30 for i in range(n)]
                                                  [5, 6, 7] * 31 + [1]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny fp32 target (vocab 32) and a two-layer head distilled from
-    it here, so that trees get accepted branches (and the per-layer context
-    k_norm of draft layer 1 matters)."""
+# The engine tests run apart (each wherever an xdist worker is free, see the
+# root conftest.py); the trained head and the no-spec output they compare
+# against are built once per session (tests/shared.py).
+pytestmark = pytest.mark.independent
+
+
+def train_tiny(d):
     from vllm_jetspec.reference import target_greedy
     from vllm_jetspec.train import FitConfig, fit
 
-    d = tmp_path_factory.mktemp("jetspec")
     torch.set_num_threads(1)
     target = tiny_qwen3_in_memory(vocab=32, hidden=128, head_dim=32)
     target.save_pretrained(d / "target")
@@ -80,25 +95,50 @@ def tiny(tmp_path_factory):
                   steps=400, batch_size=8, anchors_per_seq=8, max_len=64,
                   lr=3e-3, warmup=10, log_every=100, save_every=400),
         device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny fp32 target (vocab 32) and a two-layer head distilled from
+    it here, so that trees get accepted branches (and the per-layer context
+    k_norm of draft layer 1 matters)."""
+    d = once(tmp_path_factory, "jetspec-tiny", train_tiny)
     return d / "target", d / "head"
 
 
-def run(tmp_path, target, spec, env=None, profile=False):
+def run_many(tmp_path, target, runs):
+    """Engines one after another in one process: ``runs`` maps a key to
+    (spec, env, profile); returns {key: run} for ``got``."""
+    return run_engines(tmp_path / "run.py", RUN,
+                       [target, json.dumps(PROMPTS)],
+                       [dict(key=k, spec=spec, env=dict(
+                           env or {}, **({"JETSPEC_PROFILE": "1"}
+                                         if profile else {})))
+                        for k, (spec, env, profile) in runs.items()])
+
+
+def got(runs, key, profile=False):
     """tokens, spec-decode metrics, log (and with ``profile`` the runner's
-    profile: JETSPEC_PROFILE=1 in the engine)."""
-    if profile:
-        env = dict(env or {}, JETSPEC_PROFILE="1")
-    res, log = run_script(tmp_path / "run.py", RUN,
-                          [target, json.dumps(spec), json.dumps(PROMPTS)],
-                          env=env)
-    out = (result(res, "result", log), result(res, "metrics", log), log)
-    return out + (result(res, "profile", log),) if profile else out
+    profile: JETSPEC_PROFILE=1 in the engine) of run ``key``."""
+    r = engine_result(runs, key)
+    out = (r["result"], r["metrics"], r["log"])
+    return out + (r["profile"],) if profile else out
+
+
+def run(tmp_path, target, spec, env=None, profile=False):
+    """``got`` for a single engine."""
+    return got(run_many(tmp_path, target, {"run": (spec, env, profile)}),
+               "run", profile)
 
 
 @pytest.fixture(scope="module")
 def no_spec(tiny, tmp_path_factory):
-    tokens, _, _ = run(tmp_path_factory.mktemp("nospec"), tiny[0], None)
-    return tokens
+    def build(d):
+        tokens, _, _ = run(d, tiny[0], None)
+        (d / "tokens.json").write_text(json.dumps(tokens))
+
+    d = once(tmp_path_factory, "jetspec-no-spec", build)
+    return json.loads((d / "tokens.json").read_text())
 
 
 def reference_stats(target_dir, head_dir, algo, budget):
@@ -118,8 +158,7 @@ def reference_stats(target_dir, head_dir, algo, budget):
     return accepted
 
 
-@pytest.mark.engine
-@pytest.mark.parametrize("algo,budget,graphs", [
+GREEDY = [
     # budget 4 < depth + 1: the draft pass has more query slots per request
     # than the scheduler's draft slots (buffers sized for the depth).
     ("accum_logp", 4, None), ("accum_logp", 8, None),
@@ -131,15 +170,47 @@ def reference_stats(target_dir, head_dir, algo, budget):
     # tree sizes change between rounds.
     ("topb_prefix", 64, "host"),
     ("top2gap_fanout", 64, None), ("chain", 8, None),
-])
-def test_greedy_equals_no_spec(tiny, no_spec, tmp_path, algo, budget,
+]
+# The engines of GREEDY and of tree budget 1 run in two processes (batch
+# "a": accum_logp and budget 1, "b": the others, about as long); each
+# batch's tests run together.
+BATCH = {g: "a" if g[0] == "accum_logp" else "b" for g in GREEDY}
+IN_BATCH = {b: pytest.mark.xdist_group(f"jetspec-greedy-{b}") for b in "ab"}
+
+
+@pytest.fixture(scope="module")
+def greedy_runs(tiny, tmp_path_factory):
+    """greedy_runs(batch): the runs of that batch's engines."""
+    target, head = tiny
+    done = {}
+
+    def runs_of(batch):
+        if batch not in done:
+            runs = {f"{a}-{b}-{g}": ({"method": "jetspec",
+                                      "model": str(head), "tree_budget": b,
+                                      "tree_algo": a},
+                                     g and {"JETSPEC_TREE_GRAPHS": g,
+                                            "JETSPEC_DRAFT_GRAPHS": g},
+                                     GPU_GRAPHS)
+                    for a, b, g in GREEDY if BATCH[a, b, g] == batch}
+            if batch == "a":
+                runs["budget-1"] = ({"method": "jetspec", "model": str(head),
+                                     "tree_budget": 1}, None, False)
+            done[batch] = run_many(
+                tmp_path_factory.mktemp(f"greedy-{batch}"), target, runs)
+        return done[batch]
+    return runs_of
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("algo,budget,graphs", [
+    pytest.param(*g, marks=IN_BATCH[BATCH[g]]) for g in GREEDY])
+def test_greedy_equals_no_spec(tiny, no_spec, greedy_runs, algo, budget,
                                graphs):
     target, head = tiny
-    tokens, m, log, *prof = run(tmp_path, target, {
-        "method": "jetspec", "model": str(head), "tree_budget": budget,
-        "tree_algo": algo}, env=graphs and {"JETSPEC_TREE_GRAPHS": graphs,
-                                            "JETSPEC_DRAFT_GRAPHS": graphs},
-        profile=GPU_GRAPHS)
+    tokens, m, log, *prof = got(greedy_runs(BATCH[algo, budget, graphs]),
+                                f"{algo}-{budget}-{graphs}",
+                                profile=GPU_GRAPHS)
     assert f"jetspec: tree budget {budget}" in log
     if GPU_GRAPHS:
         # V1 runner's capture log / V2's
@@ -300,10 +371,9 @@ def test_budget_one_is_plain_decoding(parse_env):
 
 
 @pytest.mark.engine
-def test_budget_one_engine_equals_no_spec(tiny, no_spec, tmp_path):
-    target, head = tiny
-    tokens, m, log = run(tmp_path, target, {
-        "method": "jetspec", "model": str(head), "tree_budget": 1})
+@IN_BATCH["a"]
+def test_budget_one_engine_equals_no_spec(no_spec, greedy_runs):
+    tokens, m, log = got(greedy_runs("a"), "budget-1")
     assert "decoding without speculation" in log
     assert tokens == no_spec
 
@@ -453,71 +523,83 @@ SCENARIOS = textwrap.dedent("""
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
-        target, spec, cfg = sys.argv[1], json.loads(sys.argv[2]), \\
-            json.loads(sys.argv[3])
-        llm = LLM(target, skip_tokenizer_init=True, dtype="float32",
-                  enforce_eager=os.environ.get("JETSPEC_TEST_EAGER") != "0",
-                  gpu_memory_utilization=0.3,
-                  max_model_len=512, max_num_batched_tokens=512,
-                  max_num_seqs=16, block_size=32, num_gpu_blocks_override=24,
-                  enable_prefix_caching=True, speculative_config=spec,
-                  disable_log_stats=False)
-        TP = lambda p: TokensPrompt(prompt_token_ids=p)
-        G = lambda **kw: SamplingParams(temperature=0, detokenize=False, **kw)
-        res = {}
+        target, cfg = sys.argv[1], json.loads(sys.argv[2])
 
-        # 1. Limits: max_tokens and stop tokens inside accepted branches,
-        #    prompts whose generation runs into max_model_len, preemption.
-        prompts, params = [], []
-        for i, p in enumerate(cfg["prompts"]):
-            prompts.append(TP(p))
-            params.append(G(max_tokens=cfg["max_tokens"][i],
-                            stop_token_ids=cfg["stop"][i] or None))
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        res["limits"] = [(list(o.outputs[0].token_ids),
-                          o.outputs[0].finish_reason) for o in outs]
+        def body(run):
+            eager = os.environ.get("JETSPEC_TEST_EAGER") != "0"
+            llm = LLM(target, skip_tokenizer_init=True, dtype="float32",
+                      enforce_eager=eager, gpu_memory_utilization=0.3,
+                      max_model_len=512, max_num_batched_tokens=512,
+                      max_num_seqs=16, block_size=32,
+                      num_gpu_blocks_override=24, enable_prefix_caching=True,
+                      speculative_config=run["spec"], disable_log_stats=False)
+            try:
+                scenarios(llm, run)
+            finally:
+                shutdown(llm)
 
-        # 2. Requests jetspec cannot honour, batched with ones it can.
-        fb = [G(max_tokens=24), G(max_tokens=24, repetition_penalty=1.3),
-              G(max_tokens=24, logprobs=2), G(max_tokens=24)]
-        outs = llm.generate([TP(p) for p in cfg["prompts"][:4]], fb,
-                            use_tqdm=False)
-        res["fallback"] = [list(o.outputs[0].token_ids) for o in outs]
-        lp = outs[2].outputs[0].logprobs
-        res["logprobs"] = None if lp is None else [sorted(d) for d in lp]
+        def scenarios(llm, run):
+            TP = lambda p: TokensPrompt(prompt_token_ids=p)
+            G = lambda **kw: SamplingParams(temperature=0, detokenize=False,
+                                            **kw)
+            res = {}
 
-        # 3. Aborts while other requests run.
-        eng = llm.llm_engine
-        ids = [f"a{i}" for i in range(4)]
-        for i, p in zip(ids, cfg["prompts"][1:5]):
-            eng.add_request(i, TP(p), G(max_tokens=40))
-        for _ in range(3):
-            eng.step()
-        eng.abort_request([ids[1], ids[2]])
-        done = {}
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                if o.finished:
-                    done[o.request_id] = list(o.outputs[0].token_ids)
-        res["abort"] = [done.get(ids[0]), done.get(ids[3])]
+            # 1. Limits: max_tokens and stop tokens inside accepted branches,
+            #    prompts whose generation runs into max_model_len, preemption.
+            prompts, params = [], []
+            for i, p in enumerate(cfg["prompts"]):
+                prompts.append(TP(p))
+                params.append(G(max_tokens=cfg["max_tokens"][i],
+                                stop_token_ids=cfg["stop"][i] or None))
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            res["limits"] = [(list(o.outputs[0].token_ids),
+                              o.outputs[0].finish_reason) for o in outs]
 
-        # 4. Sampling: many seeded runs of one short prompt.
-        sp = [SamplingParams(temperature=0.8, seed=s, max_tokens=4,
-                             detokenize=False)
-              for s in range(cfg["samples"])]
-        outs = llm.generate([TP([1, 2, 3, 4, 5])] * len(sp), sp,
-                            use_tqdm=False)
-        res["samples"] = [list(o.outputs[0].token_ids) for o in outs]
+            # 2. Requests jetspec cannot honour, batched with ones it can.
+            fb = [G(max_tokens=24), G(max_tokens=24, repetition_penalty=1.3),
+                  G(max_tokens=24, logprobs=2), G(max_tokens=24)]
+            outs = llm.generate([TP(p) for p in cfg["prompts"][:4]], fb,
+                                use_tqdm=False)
+            res["fallback"] = [list(o.outputs[0].token_ids) for o in outs]
+            lp = outs[2].outputs[0].logprobs
+            res["logprobs"] = None if lp is None else [sorted(d) for d in lp]
 
-        res["metrics"] = {
-            x.name: getattr(x, "value", None) or getattr(x, "values", None)
-            for x in llm.get_metrics()
-            if x.name.startswith("vllm:spec_decode_num")
-            or "preempt" in x.name}
-        emit("result", res)
+            # 3. Aborts while other requests run.
+            eng = llm.llm_engine
+            ids = [f"a{i}" for i in range(4)]
+            for i, p in zip(ids, cfg["prompts"][1:5]):
+                eng.add_request(i, TP(p), G(max_tokens=40))
+            for _ in range(3):
+                eng.step()
+            eng.abort_request([ids[1], ids[2]])
+            done = {}
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished:
+                        done[o.request_id] = list(o.outputs[0].token_ids)
+            res["abort"] = [done.get(ids[0]), done.get(ids[3])]
+
+            # 4. Sampling: many seeded runs of one short prompt.
+            sp = [SamplingParams(temperature=0.8, seed=s, max_tokens=4,
+                                 detokenize=False)
+                  for s in range(cfg["samples"])]
+            outs = llm.generate([TP([1, 2, 3, 4, 5])] * len(sp), sp,
+                                use_tqdm=False)
+            res["samples"] = [list(o.outputs[0].token_ids) for o in outs]
+
+            res["metrics"] = {
+                x.name: getattr(x, "value", None) or getattr(x, "values", None)
+                for x in llm.get_metrics()
+                if x.name.startswith("vllm:spec_decode_num")
+                or "preempt" in x.name}
+            emit(run["key"], res)
+
+        each_engine(json.loads(sys.argv[3]), body)
 """)
 
 SAMPLES = 1500
+# The tests reading the scenario fixture's two engines run together.
+SCENARIO_GROUP = pytest.mark.xdist_group("jetspec-scenarios")
 
 
 @pytest.fixture(scope="module")
@@ -529,20 +611,20 @@ def scenarios(tiny, no_spec, tmp_path_factory):
     near = [[(11 * i + 5) % 32 for i in range(n)] for n in (490, 505)]
     cfg = dict(prompts=PROMPTS + near, stop=stop, samples=SAMPLES,
                max_tokens=[64, 5, 13, 64, 31, 64, 64, 64, 64, 64])
-    out = {}
-    for name, spec in [("no_spec", None),
-                       ("jetspec", {"method": "jetspec", "model": str(tiny[1]),
-                                    "tree_budget": 16})]:
-        res, log = run_script(
-            tmp_path_factory.mktemp(name) / "scenarios.py", SCENARIOS,
-            [tiny[0], json.dumps(spec), json.dumps(cfg)], timeout=900,
-            tail=6000)
-        out[name] = result(res, "result", log, tail=6000)
-        out[name]["log"] = log
+    out = run_engines(
+        tmp_path_factory.mktemp("scenarios") / "scenarios.py", SCENARIOS,
+        [tiny[0], json.dumps(cfg)],
+        [dict(key="no_spec", spec=None),
+         dict(key="jetspec", spec={"method": "jetspec", "model": str(tiny[1]),
+                                   "tree_budget": 16})],
+        timeout_each=900, tail=6000)
+    for name in out:
+        engine_result(out, name, tail=6000)
     return out
 
 
 @pytest.mark.engine
+@SCENARIO_GROUP
 def test_limits_stops_and_preemption_equal_no_spec(scenarios):
     a, b = scenarios["jetspec"], scenarios["no_spec"]
     assert a["limits"] == b["limits"]
@@ -558,6 +640,7 @@ def test_limits_stops_and_preemption_equal_no_spec(scenarios):
 
 
 @pytest.mark.engine
+@SCENARIO_GROUP
 def test_unsupported_requests_fall_back(scenarios):
     a, b = scenarios["jetspec"], scenarios["no_spec"]
     assert a["fallback"] == b["fallback"]
@@ -569,6 +652,7 @@ def test_unsupported_requests_fall_back(scenarios):
 
 
 @pytest.mark.engine
+@SCENARIO_GROUP
 def test_aborts_leave_other_requests_exact(scenarios):
     a, b = scenarios["jetspec"], scenarios["no_spec"]
     assert a["abort"] == b["abort"]
@@ -576,6 +660,7 @@ def test_aborts_leave_other_requests_exact(scenarios):
 
 
 @pytest.mark.engine
+@SCENARIO_GROUP
 def test_sampling_distribution_equals_no_spec(scenarios):
     """Temperature 0.8: per position (1-3, all produced by tree verification;
     position 0 comes from the prefill) and for the pair (1, 2), jetspec's

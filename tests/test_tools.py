@@ -12,6 +12,10 @@ import torch
 
 from vllm_jetspec import assets
 
+# Long, unrelated tools: each test runs wherever an xdist worker is free
+# (root conftest.py).
+pytestmark = pytest.mark.independent
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -50,6 +50,8 @@ def run_tp2(tmp_path, target, spec):
     return result(res, "result", log), result(res, "metrics", log)
 
 
+# A rank per core: run alone (see conftest.py).
+@pytest.mark.exclusive
 @pytest.mark.engine
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_tp2_greedy_equals_no_spec(tmp_path, moe):
