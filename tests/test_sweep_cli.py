@@ -76,6 +76,7 @@ def test_cpu_tp_binding():
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
 
 
+@pytest.mark.exclusive          # TP=2: a rank per core
 @pytest.mark.engine
 def test_jetspec_command_line_runs_on_cpu(tmp_path):
     """The shortened command: plain decoding and jetspec (tree budget 8) at
