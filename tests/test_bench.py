@@ -1,4 +1,4 @@
-"""`python -m vllm_jetspec.bench` on a tiny random model (CPU, fp32), replay
+"""`python -m vllm_jetspec.tools.bench` on a tiny random model (CPU, fp32), replay
 mode: every engine's tokens equal AR's, τ is exactly min(budget, depth + 1)
 (every replayed draft accepted), the round-time split is measured, and
 tree_budget "auto" runs on the cost model the same run wrote."""
@@ -20,7 +20,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     target, head = make_tiny_target_and_head(tmp_path)     # depth 7
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_jetspec.bench", "--target", str(target),
+        [sys.executable, "-m", "vllm_jetspec.tools.bench", "--target", str(target),
          "--head", str(head), "--prompt-len", "20",
          "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
          "2", "--num-prompts", "2", "--replay", "--baseline", "none",
@@ -73,7 +73,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     assert saved["result"]["batches"]["1"]["ids"] == \
         [s["output"] for s in replayed]
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_jetspec.bench", "--target", str(target),
+        [sys.executable, "-m", "vllm_jetspec.tools.bench", "--target", str(target),
          "--head", str(head), "--prompt-len", "20",
          "--max-new-tokens", "16", "--budgets", "4", "--batch-sizes", "1",
          "2", "--num-prompts", "2", "--replay", "--baseline", "none",
@@ -84,7 +84,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     # --resume: the same command again starts no engine (every engine's
     # rows are in partial.json) and writes the same rows; another run's
     # settings refuse the folder.
-    cmd = [sys.executable, "-m", "vllm_jetspec.bench", "--target",
+    cmd = [sys.executable, "-m", "vllm_jetspec.tools.bench", "--target",
            str(target), "--head", str(head), "--prompt-len", "20",
            "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
            "2", "--num-prompts", "2", "--replay", "--baseline", "none",
@@ -104,7 +104,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
 
 
 def test_ar_result_round_trip(tmp_path):
-    from vllm_jetspec.bench import load_ar, save_ar
+    from vllm_jetspec.tools.bench import load_ar, save_ar
 
     job = dict(prompts=[[1, 2, 3]], max_new_tokens=4, batch_sizes=[1],
                engine=dict(enforce_eager=True))
@@ -120,7 +120,7 @@ def test_graph_sizes_give_every_batch_a_whole_tree_graph():
     buckets: every batch size up to max_num_seqs pads to a captured size
     that is a whole number of trees, the largest being max_num_seqs trees
     (vLLM's own default stops at 512 tokens)."""
-    from vllm_jetspec.engine_job import graph_sizes
+    from vllm_jetspec.tools.engine_job import graph_sizes
 
     for budget in (4, 16, 128, 256):
         for seqs in (1, 3, 8, 32, 300):

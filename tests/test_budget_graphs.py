@@ -19,7 +19,7 @@ from vllm.v1.attention.backend import AttentionCGSupport  # noqa: E402
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
-from vllm_jetspec.engine_job import auto_graph_sizes, graph_sizes  # noqa: E402
+from vllm_jetspec.tools.engine_job import auto_graph_sizes, graph_sizes  # noqa: E402
 from vllm_jetspec.vllm_patches import budget_graphs  # noqa: E402
 from vllm_jetspec.vllm_patches.budget_graphs import (  # noqa: E402
     padded_uniform, uniform_sizes)

@@ -1,4 +1,4 @@
-"""``python -m vllm_jetspec.cpu_gemm``: vLLM's CPU GEMM timed at a model's
+"""``python -m vllm_jetspec.tools.cpu_gemm``: vLLM's CPU GEMM timed at a model's
 linear shapes (tiny config here; no engine)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 
 
 def test_shapes_and_rows(tmp_path, capsys):
-    from vllm_jetspec.cpu_gemm import linear_shapes, main
+    from vllm_jetspec.tools.cpu_gemm import linear_shapes, main
 
     cfg = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, num_hidden_layers=2,

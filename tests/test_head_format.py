@@ -244,9 +244,9 @@ def test_shipped_head_in_jetspec_dialect_runs_the_same(tmp_path):
     spec-decode counts (τ) as with its own config."""
     from transformers import AutoTokenizer
 
-    from vllm_jetspec import assets
-    from vllm_jetspec.engine_job import run_job
-    from vllm_jetspec.eval_tau import encode_prompts
+    from vllm_jetspec.tools import assets
+    from vllm_jetspec.tools.engine_job import run_job
+    from vllm_jetspec.tools.eval_tau import encode_prompts
     from vllm_jetspec.heads import shipped_head_dir
 
     target = str(assets.default_model_dir())

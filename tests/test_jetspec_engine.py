@@ -79,7 +79,7 @@ pytestmark = pytest.mark.independent
 
 def train_tiny(d):
     from vllm_jetspec.reference import target_greedy
-    from vllm_jetspec.train import FitConfig, fit
+    from vllm_jetspec.tools.train import FitConfig, fit
 
     torch.set_num_threads(1)
     target = tiny_qwen3_in_memory(vocab=32, hidden=128, head_dim=32)
@@ -495,7 +495,7 @@ def test_scheduler_budget_reserves_draft_slots_of_the_depth(tmp_path):
     is built (no engine)."""
     from models import make_tiny_target_and_head
 
-    from vllm_jetspec.engine_job import batched_tokens
+    from vllm_jetspec.tools.engine_job import batched_tokens
     target, head = make_tiny_target_and_head(tmp_path)     # depth 7
     js = lambda b: {"method": "jetspec", "model": str(head),
                     "tree_budget": b}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_jetspec import assets
+from vllm_jetspec.tools import assets
 from vllm_jetspec.heads import shipped_head_dir
 
 QUESTIONS = ["What is 12 times 7? Answer briefly.",

@@ -71,10 +71,10 @@ def test_demo_says_why_a_cpu_shows_correctness():
     import torch
     if torch.cuda.is_available():
         pytest.skip("the line is for CPU runs")
-    from vllm_jetspec.demo import cpu_note
+    from vllm_jetspec.tools.demo import cpu_note
     line = cpu_note()
     assert "\n" not in line and line.startswith("demo: this CPU (")
-    assert "correctness" in line and "python -m vllm_jetspec.cpu_gemm" in line
+    assert "correctness" in line and "python -m vllm_jetspec.tools.cpu_gemm" in line
     isa = torch.backends.cpu.get_cpu_capability()
     assert ("no AVX-512" in line) == ("AVX512" not in isa
                                       and "AMX" not in isa)

@@ -1,4 +1,4 @@
-"""A short soak (``python -m vllm_jetspec.soak``) in CI: a tiny random fp32
+"""A short soak (``python -m vllm_jetspec.tools.soak``) in CI: a tiny random fp32
 target with a character tokenizer and a head distilled from it, 200 mixed
 requests at concurrency 8 through a no-spec server (twice: vLLM's own
 reproducibility) and a jetspec server, with aborts, unsupported parameters,
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from models import tiny_qwen3_in_memory
-from vllm_jetspec.soak import BAD_KINDS, UNSUPPORTED
+from vllm_jetspec.tools.soak import BAD_KINDS, UNSUPPORTED
 
 # Lower-case letters, digits, punctuation: enough for the soak's synthetic
 # prompts, stop strings and structured-output patterns.
@@ -44,7 +44,7 @@ def make_tiny_served_model(path: Path) -> tuple[Path, Path]:
     from transformers import PreTrainedTokenizerFast
 
     from vllm_jetspec.reference import target_greedy
-    from vllm_jetspec.train import FitConfig, fit
+    from vllm_jetspec.tools.train import FitConfig, fit
 
     target, head = path / "target", path / "head"
     if (head / "config.json").exists():
@@ -102,7 +102,7 @@ def soak_args(target: Path, head: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory):
-    from vllm_jetspec import soak as soak_mod
+    from vllm_jetspec.tools import soak as soak_mod
 
     d = tmp_path_factory.mktemp("soak")
     target, head = make_tiny_served_model(d / "models")

@@ -1,4 +1,4 @@
-"""JetSpec's profiling command line through ``python -m vllm_jetspec.sweep``
+"""JetSpec's profiling command line through ``python -m vllm_jetspec.tools.sweep``
 (issue 23, part 3): the flags of ``jetspec_profiling_math500_tree_budget_
 bsz_sweep.sh`` (JetSpec's vLLM fork) with the same names and meaning. The
 engine test runs the README's command, shortened (tiny target, one sample
@@ -28,7 +28,7 @@ JETSPEC_COMMAND = [
 
 
 def args_of(*argv):
-    from vllm_jetspec.sweep import parse_args
+    from vllm_jetspec.tools.sweep import parse_args
     return parse_args(list(argv))[1]
 
 
@@ -67,7 +67,7 @@ def test_refusals_before_any_engine(argv, msg, capsys):
 
 
 def test_cpu_tp_binding():
-    from vllm_jetspec.sweep import _cpu_tp_binding
+    from vllm_jetspec.tools.sweep import _cpu_tp_binding
     env = {}
     _cpu_tp_binding(2, env)
     assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
@@ -82,7 +82,7 @@ def test_jetspec_command_line_runs_on_cpu(tmp_path):
     """The shortened command: plain decoding and jetspec (tree budget 8) at
     TP=2 on MATH and HumanEval, each engine with a torch profiler trace of
     a few rounds; jetspec's tokens equal plain decoding's."""
-    from vllm_jetspec import assets
+    from vllm_jetspec.tools import assets
     from vllm_jetspec.head import HeadConfig, random_head, save_head
 
     smollm2 = assets.default_model_dir()
@@ -97,7 +97,7 @@ def test_jetspec_command_line_runs_on_cpu(tmp_path):
                                block_size=8, intermediate_size=256)
     save_head(random_head(hc), hc, tmp_path / "head")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "vllm_jetspec.sweep", "--model",
+    cmd = [sys.executable, "-m", "vllm_jetspec.tools.sweep", "--model",
            str(target), "--draft-model", str(tmp_path / "head"),
            "--profiler-dir", str(out), *JETSPEC_COMMAND,
            "--dataset", "math", "humaneval", "--baseline", "none",

@@ -1,5 +1,5 @@
 """The command-line tools on the default model (SmolLM2-135M-Instruct,
-built from PyPI by vllm_jetspec.assets)."""
+built from PyPI by vllm_jetspec.tools.assets)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from vllm_jetspec import assets
+from vllm_jetspec.tools import assets
 
 # Long, unrelated tools: each test runs wherever an xdist worker is free
 # (root conftest.py).
@@ -36,7 +36,7 @@ def random_smollm2_head(smollm2, tmp_path_factory):
 def test_eval_tau_cli(random_smollm2_head, tmp_path):
     out = tmp_path / "tau.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_jetspec.eval_tau", "--prompts", "gsm8k",
+        [sys.executable, "-m", "vllm_jetspec.tools.eval_tau", "--prompts", "gsm8k",
          "--num-prompts", "2", "--max-new-tokens", "6", "--budgets", "1", "8",
          "--algos", "chain", "accum_logp", "--head", str(random_smollm2_head),
          "--device", "cpu", "--json", str(out), "--quiet"],
@@ -52,8 +52,9 @@ def test_eval_tau_cli(random_smollm2_head, tmp_path):
 
 
 def test_help_of_every_tool():
-    for mod in ("eval_tau", "train", "demo", "assets", "tree.bench", "sweep",
-                "bench", "kernels.bench_tree_attention"):
+    for mod in ("tools.eval_tau", "tools.train", "tools.demo", "tools.assets",
+                "tools.sweep", "tools.bench", "tools.cpu_gemm", "tools.soak",
+                "tree.bench", "kernels.bench_tree_attention"):
         proc = subprocess.run([sys.executable, "-m", f"vllm_jetspec.{mod}",
                                "--help"], capture_output=True, text=True)
         assert proc.returncode == 0, (mod, proc.stderr[-2000:])
@@ -63,7 +64,7 @@ def test_help_of_every_tool():
 GEN_SCRIPT = """
 import json, sys
 if __name__ == "__main__":
-    from vllm_jetspec.train import generate_data
+    from vllm_jetspec.tools.train import generate_data
     n = generate_data(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3],
                       max_new_tokens=12, max_model_len=512, dtype="float32",
                       gpu_memory_utilization=0.3, enforce_eager=True,
@@ -102,7 +103,7 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
     """`scripts/demo.sh`'s program: the shipped head through vLLM on the
     default model (fp32), on GSM8K prompts: output identical to no-spec, and
     tau from vLLM's spec-decode metrics above 1.5."""
-    proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.demo",
+    proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.tools.demo",
                            "--num-prompts", "2", "--max-new-tokens", "64"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -114,7 +115,7 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
 
 @pytest.mark.engine
 def test_sweep_through_vllm(smollm2, tmp_path):
-    """`python -m vllm_jetspec.sweep`: AR, the linear (chain) baseline and
+    """`python -m vllm_jetspec.tools.sweep`: AR, the linear (chain) baseline and
     jetspec at budget 8 (the head drafts 7 of its 15 slots: a tree of 8
     nodes is at most 7 deep), at batch 1 and 2, on two datasets through the
     same engines: every output equals AR's, τ does not depend on the batch
@@ -124,7 +125,7 @@ def test_sweep_through_vllm(smollm2, tmp_path):
 
     out = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_jetspec.sweep", "--num-prompts", "2",
+        [sys.executable, "-m", "vllm_jetspec.tools.sweep", "--num-prompts", "2",
          "--max-new-tokens", "16", "--budgets", "8", "--batch-sizes", "1",
          "2", "--dataset", "gsm8k", "humaneval", "--out", str(out)],
         capture_output=True, text=True,
@@ -163,7 +164,7 @@ def test_sweep_through_vllm(smollm2, tmp_path):
     # it before any engine starts.
     assert json.loads((out / "ar.json").read_text())["result"]["sets"]
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_jetspec.sweep", "--num-prompts", "2",
+        [sys.executable, "-m", "vllm_jetspec.tools.sweep", "--num-prompts", "2",
          "--max-new-tokens", "8", "--budgets", "8", "--batch-sizes", "1",
          "2", "--dataset", "gsm8k", "humaneval", "--baseline", "none",
          "--ar-from", str(out / "ar.json"), "--out", str(tmp_path / "s2")],

@@ -11,7 +11,7 @@ from models import make_tiny_qwen3
 from vllm_jetspec.head import load_head
 from vllm_jetspec.reference import (ReferenceDecoder, TreeConfig,
                                     target_greedy)
-from vllm_jetspec.train import FitConfig, fit, load_data
+from vllm_jetspec.tools.train import FitConfig, fit, load_data
 
 
 @pytest.fixture(scope="module")

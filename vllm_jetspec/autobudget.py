@@ -14,7 +14,7 @@ estimate). Pure python/torch, no vLLM import.
 
 - ``T(b, B)``: round time of jetspec at budget ``b`` and of plain decoding
   at batch size ``B``, from a cost-model file that
-  ``python -m vllm_jetspec.bench`` writes (``cost_model.json``: measured on
+  ``python -m vllm_jetspec.tools.bench`` writes (``cost_model.json``: measured on
   the device and model it will serve), linearly interpolated in ``B``
   between measured batch sizes (and extrapolated from the last two).
 - ``E[tokens | b]``: 1 (the bonus token) plus the expected accepted drafts.
@@ -98,7 +98,7 @@ class CostModel:
         """Raises ``ValueError`` with one clear message on a bad file."""
         if not os.path.isfile(path):
             raise ValueError(f"jetspec: cost model {path!r} does not exist "
-                             "(python -m vllm_jetspec.bench writes one)")
+                             "(python -m vllm_jetspec.tools.bench writes one)")
         try:
             with open(path) as f:
                 raw = json.load(f)

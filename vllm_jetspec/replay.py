@@ -1,7 +1,7 @@
 """Replay mode: a drafter that knows the target's continuation.
 
 For measuring round cost where real acceptance means nothing (dummy
-weights), ``python -m vllm_jetspec.bench --replay`` first records the
+weights), ``python -m vllm_jetspec.tools.bench --replay`` first records the
 target's own greedy continuation of every prompt (plain decoding), then
 runs jetspec with ``"replay": <file>`` in its speculative config. Each round,
 the recorded next ``depth`` tokens become the top-1 candidate at each depth

@@ -21,8 +21,8 @@ def engine(kind: str, out: str, n: int, max_new: int) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_jetspec import assets
-    from vllm_jetspec.eval_tau import encode_prompts
+    from vllm_jetspec.tools import assets
+    from vllm_jetspec.tools.eval_tau import encode_prompts
 
     target = str(assets.default_model_dir())
     from vllm_jetspec.heads import shipped_head_dir

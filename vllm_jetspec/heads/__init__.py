@@ -15,5 +15,5 @@ def shipped_head_dir(name: str = DEFAULT_HEAD) -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no shipped head {name!r} in {path.parent}; pass --head DIR "
-            "(train one with `python -m vllm_jetspec.train`)")
+            "(train one with `python -m vllm_jetspec.tools.train`)")
     return path

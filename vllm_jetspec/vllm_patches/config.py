@@ -66,7 +66,7 @@ def _auto_budget(cost_model, budget_max) -> tuple[int, str]:
 
     if not cost_model:
         raise ValueError("jetspec: tree_budget 'auto' needs 'cost_model', a "
-                         "file written by python -m vllm_jetspec.bench "
+                         "file written by python -m vllm_jetspec.tools.bench "
                          "(cost_model.json) on this device and model")
     cost = CostModel.load(cost_model)
     top = max(cost.budgets)

@@ -9,7 +9,7 @@ per request. A jetspec engine never verifies drafts for a batch holding such
 a request (``sampling.tree_unsupported_reason``: the batch decodes plainly,
 one row per request, through vLLM's own sampler), so both can work as
 without speculation: the request is accepted and the engine gets vLLM's
-built-in logits processors. Found by the soak (``vllm_jetspec.soak``): a
+built-in logits processors. Found by the soak (``vllm_jetspec.tools.soak``): a
 no-spec server answered these requests, a jetspec server refused them.
 """
 

@@ -1,6 +1,6 @@
 """Sweep tree budget x batch size through vLLM: tau, tok/s, speed-up.
 
-    python -m vllm_jetspec.sweep --dataset gsm8k --budgets 16 64 128 \\
+    python -m vllm_jetspec.tools.sweep --dataset gsm8k --budgets 16 64 128 \\
         --batch-sizes 1 4 --num-prompts 8 --max-new-tokens 128 --out sweep/
 
 Several datasets (``--dataset gsm8k math``) or prompt files (``--prompts
@@ -43,7 +43,7 @@ parallelism (one core per rank unless ``VLLM_CPU_OMP_THREADS_BIND`` is
 set); ``--enable-expert-parallel`` is refused there (vLLM 0.26's CPU MoE
 has none).
 
-    python -m vllm_jetspec.sweep --model Qwen/Qwen3-8B \\
+    python -m vllm_jetspec.tools.sweep --model Qwen/Qwen3-8B \\
         --draft-model JetSpec/jetspec-qwen3-8b --profiler-dir out/ \\
         --dataset math --tree-budgets "16 32 64 128" --batch-sizes 1 \\
         --max-num-seqs 1 --max-tokens 512 --max-samples 16 \\
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None):
     """The parser and the checked arguments (JetSpec's flags mapped);
     refusals (expert parallelism on CPU, the fork's values jetspec does
     not have) exit through ``ap.error`` before any engine starts."""
-    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.sweep",
+    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.tools.sweep",
                                  description=__doc__,
                                  formatter_class=argparse.
                                  RawDescriptionHelpFormatter)
@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None = None):
     if args.enable_expert_parallel and not on_gpu:
         from types import SimpleNamespace
 
-        from .vllm_patches.config import refuse_cpu_expert_parallel
+        from ..vllm_patches.config import refuse_cpu_expert_parallel
         try:
             refuse_cpu_expert_parallel(
                 SimpleNamespace(enable_expert_parallel=True), on_cpu=True)
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import assets
     from .eval_tau import encode_prompts
-    from .head import HeadConfig
-    from .heads import shipped_head_dir
+    from ..head import HeadConfig
+    from ..heads import shipped_head_dir
 
     target = args.target or str(assets.default_model_dir())
     head = args.head or str(shipped_head_dir())
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             src, limit=args.num_prompts or None), tok,
             chat=not args.no_chat)
         for name, src in sources.items()}
-    from .vllm_patches.config import resolve_head
+    from ..vllm_patches.config import resolve_head
     try:
         head_dir, _ = resolve_head(head)
     except ValueError as e:
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 enable_expert_parallel=args.enable_expert_parallel,
                 cudagraph_mode=args.cudagraph_mode, profiler=args.profiler,
                 traces=traces, command=" ".join(
-                    ["python -m vllm_jetspec.sweep"]
+                    ["python -m vllm_jetspec.tools.sweep"]
                     + (argv if argv is not None else sys.argv[1:])),
                 wall_seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "sweep.json"), "w") as f:

@@ -1,9 +1,9 @@
 """JetSpec generation through vLLM on the default model, next to no-spec.
 
-    python -m vllm_jetspec.demo [--num-prompts 3] [--max-new-tokens 96] [--budget 8]
+    python -m vllm_jetspec.tools.demo [--num-prompts 3] [--max-new-tokens 96] [--budget 8]
 
 Starts vLLM (the engine this machine has) on the default target
-(SmolLM2-135M-Instruct, built from PyPI by ``vllm_jetspec.assets``): once
+(SmolLM2-135M-Instruct, built from PyPI by ``vllm_jetspec.tools.assets``): once
 with ``speculative_config={"method": "jetspec", ...}`` and the shipped head,
 once without speculation, and on a GPU also with vLLM's own linear
 ``"method": "dflash"`` and the same head; prints each answer, tau (vLLM's
@@ -68,7 +68,7 @@ def run_engine(cfg: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.demo",
+    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.tools.demo",
                                  description=__doc__,
                                  formatter_class=argparse.
                                  RawDescriptionHelpFormatter)
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import assets
     from .eval_tau import encode_prompts
-    from .head import HeadConfig
-    from .heads import shipped_head_dir
+    from ..head import HeadConfig
+    from ..heads import shipped_head_dir
 
     try:
         head_dir = str(args.head or shipped_head_dir())
@@ -189,13 +189,13 @@ def cpu_note() -> str:
                 f"correctness, not speed: in vLLM's CPU kernels a verify "
                 f"step of a few tokens costs more than the plain step it "
                 f"replaces (two rows 2.7x one on an AVX2 EPYC, 2026-12-01; "
-                f"python -m vllm_jetspec.cpu_gemm measures it here), so "
+                f"python -m vllm_jetspec.tools.cpu_gemm measures it here), so "
                 f"speculation cannot pay; on a machine with an NVIDIA GPU "
                 f"scripts/demo.sh runs CUDA vLLM")
     return (f"demo: this CPU ({name}, {isa}) is for correctness, not "
             f"speed: speculation pays only where a verify step of a few "
             f"tokens costs about one plain step, which vLLM's CPU GEMM does "
-            f"not guarantee (python -m vllm_jetspec.cpu_gemm measures it "
+            f"not guarantee (python -m vllm_jetspec.tools.cpu_gemm measures it "
             f"here; README: 1.25x no-spec on an AVX-512 Xeon, 0.73x on an "
             f"AVX2 EPYC); on a machine with an NVIDIA GPU scripts/demo.sh "
             f"runs CUDA vLLM")

@@ -2,7 +2,7 @@
 sweep and the demo (each engine needs its own process: vLLM holds global
 state, and a plugin-patched engine must not share one with a plain one).
 
-    python -m vllm_jetspec.engine_job OUT.json < job.json
+    python -m vllm_jetspec.tools.engine_job OUT.json < job.json
 
 The result goes to a file, not stdout: vLLM's engine-core process logs to
 the same pipe, and a long line may be interleaved with its writes.
@@ -178,7 +178,7 @@ def run_job(job: dict, timeout: float | None = None) -> dict:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "vllm_jetspec.engine_job", out],
+            [sys.executable, "-m", "vllm_jetspec.tools.engine_job", out],
             input=json.dumps(job), capture_output=True, text=True,
             timeout=timeout)
         log = proc.stdout + proc.stderr

@@ -3,10 +3,10 @@
 Two steps:
 
     # 1. the target's own responses to training prompts, generated with vLLM
-    python -m vllm_jetspec.train data --prompts sharegpt --num-prompts 8000 \\
+    python -m vllm_jetspec.tools.train data --prompts sharegpt --num-prompts 8000 \\
         --max-new-tokens 512 --out data.jsonl
     # 2. forward-KL distillation of the target's next-token distributions
-    python -m vllm_jetspec.train fit --data data.jsonl --out ckpt/ \\
+    python -m vllm_jetspec.tools.train fit --data data.jsonl --out ckpt/ \\
         --layers 3 --target-layer-ids 1 7 14 20 27 --steps 4000
 
 Objective. For a training sequence (prompt + the target's response) and an
@@ -233,9 +233,9 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .head import (DFlashHead, HeadConfig, capture_target_features,
+    from ..head import (DFlashHead, HeadConfig, capture_target_features,
                        save_head)
-    from .head.io import load_head
+    from ..head.io import load_head
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
@@ -368,7 +368,7 @@ def fit(target_dir: str, data: str, out: str, cfg: FitConfig,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_jetspec.train", description=__doc__,
+        prog="python -m vllm_jetspec.tools.train", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="generate the target's responses (vLLM)")

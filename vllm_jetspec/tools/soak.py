@@ -1,6 +1,6 @@
 """Soak: serve under load, faults and bad input, and prove nothing is lost.
 
-    python -m vllm_jetspec.soak --out DIR [--num-requests N] [--concurrency C]
+    python -m vllm_jetspec.tools.soak --out DIR [--num-requests N] [--concurrency C]
 
 Starts OpenAI-compatible vLLM servers on loopback (``python -m
 vllm.entrypoints.openai.api_server``, i.e. ``vllm serve``) one after the
@@ -1149,7 +1149,7 @@ def summary_line(report: dict) -> str:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_jetspec.soak", description=__doc__,
+        prog="python -m vllm_jetspec.tools.soak", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("servers")
     g.add_argument("--model", default=None,
@@ -1166,7 +1166,7 @@ def parse_args(argv):
                    help="tree_budget of the default spec config (int or auto)")
     g.add_argument("--cost-model", default=None,
                    help="cost_model.json for --budget auto (written by "
-                   "python -m vllm_jetspec.bench on the same device)")
+                   "python -m vllm_jetspec.tools.bench on the same device)")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--max-model-len", type=int, default=1024)
     g.add_argument("--max-num-seqs", type=int, default=32)
@@ -1282,7 +1282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.spec_config:
         spec = json.loads(args.spec_config)
     else:
-        from .heads import shipped_head_dir
+        from ..heads import shipped_head_dir
 
         budget = args.budget if args.budget == "auto" else int(args.budget)
         spec = {"method": "jetspec",
@@ -1447,10 +1447,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"ref": "no-spec", "spec": "spec", "ref2": "no-spec-2"}
     passes = {k: runs[k]["summary"] for k in runs}
     report = dict(
-        tool="python -m vllm_jetspec.soak",
+        tool="python -m vllm_jetspec.tools.soak",
         date=datetime.datetime.now().astimezone().isoformat(
             timespec="seconds"),
-        command=shlex.join(["python", "-m", "vllm_jetspec.soak"] + list(
+        command=shlex.join(["python", "-m", "vllm_jetspec.tools.soak"] + list(
             sys.argv[1:] if argv is None else argv)),
         device=device_info(), config=vars(args), spec_config=spec,
         prompt_sets=names, plan=stats, passes=passes, compare=comp,

@@ -1,6 +1,6 @@
 """Time vLLM's CPU GEMM at a model's linear shapes, by rows per call.
 
-    python -m vllm_jetspec.cpu_gemm [--model DIR] [--rows 1 2 4 8 16]
+    python -m vllm_jetspec.tools.cpu_gemm [--model DIR] [--rows 1 2 4 8 16]
 
 A verify step multiplies every weight by as many rows as the step has
 tokens (a tree's nodes); a plain decoding step by one. Speculation pays only
@@ -72,13 +72,13 @@ def measure(cfg: dict, rows: list[int], iters: int = 5) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_jetspec.cpu_gemm",
+        prog="python -m vllm_jetspec.tools.cpu_gemm",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default=None,
                     help="a model directory with config.json (default: the "
-                         "default target, python -m vllm_jetspec.assets)")
+                         "default target, python -m vllm_jetspec.tools.assets)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)

@@ -1,11 +1,11 @@
 """Measure tau (tokens emitted per target verify forward, bonus token
 included) of a head with the reference decoder.
 
-    python -m vllm_jetspec.eval_tau --prompts gsm8k --budgets 16 64 \\
+    python -m vllm_jetspec.tools.eval_tau --prompts gsm8k --budgets 16 64 \\
         --algos accum_logp topb_prefix chain --max-new-tokens 128 --json out.json
 
 ``--prompts`` takes a JSONL file with a ``prompt`` field or the name of a
-prompt set built by ``python -m vllm_jetspec.assets`` (gsm8k, humaneval,
+prompt set built by ``python -m vllm_jetspec.tools.assets`` (gsm8k, humaneval,
 mtbench, math500_subset311). Prompts are formatted with the target's chat
 template unless ``--no-chat``. Greedy unless ``--temperature`` > 0.
 
@@ -55,7 +55,7 @@ def measure(target, head, prompts: list[list[int]], algos: list[str],
             progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from .reference import ReferenceDecoder, SamplingConfig, TreeConfig
+    from ..reference import ReferenceDecoder, SamplingConfig, TreeConfig
 
     tau: dict[str, dict[int, float]] = {}
     detail: dict[str, dict[int, dict]] = {}
@@ -88,7 +88,7 @@ def measure(target, head, prompts: list[list[int]], algos: list[str],
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
-        prog="python -m vllm_jetspec.eval_tau", description=__doc__,
+        prog="python -m vllm_jetspec.tools.eval_tau", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True,
                     help="JSONL path with a 'prompt' field, or a set name")
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from . import assets
-    from .head import load_head
-    from .heads import shipped_head_dir
-    from .tree import TREE_ALGOS
+    from ..head import load_head
+    from ..heads import shipped_head_dir
+    from ..tree import TREE_ALGOS
 
     bad = [a for a in args.algos if a not in TREE_ALGOS]
     if bad:

