@@ -34,18 +34,7 @@
 # Files persist under /tmp/jetspec while the machine stays warm; results go
 # to $OUT (the head as two halves: one file may be at most 16 MiB).
 set -euo pipefail
-W=/tmp/jetspec
-mkdir -p "$W"
-# A legacy editable install (no package-dir mapping) would miss the kernels.
-[ -e vllm_jetspec/kernels ] || ln -s ../kernels vllm_jetspec/kernels
-# The repository itself (cwd) and the carried GGUF readers.
-export JETSPEC_CACHE_DIR=${JETSPEC_CACHE_DIR:-$W/cache} PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
-# The plugin's entry point, visible to every process through PYTHONPATH
-# (the image's pip install -e . did not register it: 2026-11-24).
-di=/tmp/jsite/vllm_jetspec-0.0.0.dist-info
-mkdir -p "$di"
-printf 'Metadata-Version: 2.1\nName: vllm-jetspec\nVersion: 0.0.0\n' > "$di/METADATA"
-printf '[vllm.general_plugins]\njetspec = vllm_jetspec:register\n' > "$di/entry_points.txt"
+source scripts/gpu/device_env.sh
 # At most 8 files come back from $OUT: a bench's results without replay.json.
 keep() {
     mkdir -p "$OUT/$1"

@@ -11,14 +11,7 @@
 # Expect the start-up line "jetspec: max_num_seqs 1024 (vLLM's default)
 # lowered to 273" and answers from the openai client. Logs go to $OUT.
 set -euo pipefail
-W=/tmp/jetspec
-mkdir -p "$W"
-[ -e vllm_jetspec/kernels ] || ln -s ../kernels vllm_jetspec/kernels
-export JETSPEC_CACHE_DIR=${JETSPEC_CACHE_DIR:-$W/cache} PYTHONPATH=$PWD:/tmp/jsite:${PYTHONPATH:-}
-di=/tmp/jsite/vllm_jetspec-0.0.0.dist-info
-mkdir -p "$di"
-printf 'Metadata-Version: 2.1\nName: vllm-jetspec\nVersion: 0.0.0\n' > "$di/METADATA"
-printf '[vllm.general_plugins]\njetspec = vllm_jetspec:register\n' > "$di/entry_points.txt"
+source scripts/gpu/device_env.sh
 OUT=${OUT:-$W/out}
 mkdir -p "$OUT"
 MODEL=$(python3 -m vllm_jetspec.tools.assets --only model --print-paths | awk -F'\t' '{print $2}' | tail -1)

@@ -539,18 +539,11 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    import platform
+    from . import cpu_model
     # The model and the vector ISA torch dispatches to: vLLM's CPU kernels
     # differ by ISA (AVX-512/AMX against AVX2), and so does the cost of a
     # verify step against a plain one (results.md, 2026-12-01).
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f
-                         if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"CPU ({name}, {torch.backends.cpu.get_cpu_capability()}, " \
+    return f"CPU ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, " \
            f"{os.cpu_count()} cores)"
 
 

@@ -173,17 +173,11 @@ def _first_difference(a: list, b: list) -> int:
 
 def cpu_note() -> str:
     """One line: why this CPU shows correctness, not speed."""
-    import platform
-
     import torch
+
+    from . import cpu_model
     isa = torch.backends.cpu.get_cpu_capability()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f
-                         if ln.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpu_model()
     if "AVX512" not in isa and "AMX" not in isa:
         return (f"demo: this CPU ({name}, {isa}, no AVX-512) is for "
                 f"correctness, not speed: in vLLM's CPU kernels a verify "

@@ -34,11 +34,12 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 from ..autobudget import BudgetPolicy, CostModel
 from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
-from ..tree import (DraftTree, accept, build_tree, compaction_plan,
+from ..tree import (DraftTree, accept, build_tree,
                     packed_ancestor_mask, sample_nodes, truncate_tree)
 from ..tree.sampling import depth_noise
 from ..tree.masks import BITS, packed_rows_host
 from . import budget_graphs, tree_state
+from .compaction import move_kept_kv, path_first_order
 from .config import settings_of
 from .draft_pass import DraftPass, draft_graphs_wanted
 from .profile import StepProfiler
@@ -774,31 +775,14 @@ def accept_and_compact(self, tokens, parents, depth, cum_logp, num_nodes,
     acc = accept(tree, tgt)
     out = torch.where(acc.tokens >= 0, acc.tokens, -1).to(torch.int32)
     if moves:
-        plan = compaction_plan(acc)               # [R, L] offsets, -1: stays
         slot_mapping = self.input_batch.block_table[0].slot_mapping.gpu
-        start = starts[:, None]
-        moving = plan.src >= 0
-        # A slot nothing else touches for the moves that do nothing: the
-        # root's (it never moves and no move writes it), copied onto itself.
-        root = slot_mapping[start].long()
-        src = torch.where(moving, slot_mapping[
-            start + plan.src.clamp(min=0)].long(), root).flatten()
-        dst = torch.where(moving, slot_mapping[
-            start + plan.dst.clamp(min=0)].long(), root).flatten()
-        bs = None
-        for kv in self.kv_caches:
-            # Our backends' layout: [blocks, 2, block_size, H, D].
-            if kv.shape[2] != bs:
-                bs = kv.shape[2]
-                sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-            kv[db, :, do] = kv[sb, :, so]
-    R, N = tree.tokens.shape
-    ar = torch.arange(N, device=tree.device)
-    on_path = torch.zeros(R, N + 1, dtype=torch.bool, device=tree.device)
-    on_path.scatter_(1, torch.where(acc.path_nodes >= 0, acc.path_nodes, N),
-                     True)
-    perm = torch.where(on_path[:, :N], tree.depth, N + ar).argsort(dim=1)
-    return out, acc.num_accepted, perm
+        # each node's slot (the step's node tokens are consecutive from the
+        # root; indices past the step are clamped and never read)
+        idx = starts[:, None] + torch.arange(tokens.shape[1],
+                                             device=tokens.device)
+        move_kept_kv(self.kv_caches, acc, slot_mapping[
+            idx.clamp(max=slot_mapping.shape[0] - 1)].long())
+    return out, acc.num_accepted, path_first_order(acc, tree.depth)
 
 
 def apply() -> None:

@@ -35,10 +35,11 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 from vllm.v1.worker.gpu.sample.states import NO_LOGPROBS
 
 from ...graphed import GraphedFn
-from ...tree import DraftTree, accept, compaction_plan
+from ...tree import DraftTree, accept
 from ...tree.ragged import (path_first_gather, position_offsets,
                             ragged_rows, to_padded)
 from .. import tree_state
+from ..compaction import move_kept_kv, path_first_order
 from ..sampling import root_only_reason
 from .speculator import JetSpecSpeculator, VerifyStep
 
@@ -56,30 +57,11 @@ def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
     Returns (emitted tokens [R, max_depth + 1] int64, -1 padded; accepted
     drafts [R]; node order [R, N], the kept path by depth first)."""
     R, N = tokens.shape
-    tree = DraftTree(tokens, parents, depth,
-                     torch.zeros(R, N, device=tokens.device), num_nodes,
-                     max_depth=max_depth)
-    acc = accept(tree, tgt)
-    plan = compaction_plan(acc)              # [R, L] node offsets, -1: stays
-    moving = plan.src >= 0
-    root = slots[:, :1]
-    # Moves that do nothing copy the root's slot onto itself (no move
-    # writes it, and it never moves).
-    src = torch.where(moving, slots.gather(1, plan.src.clamp(min=0)), root)
-    dst = torch.where(moving, slots.gather(1, plan.dst.clamp(min=0)), root)
-    src, dst = src.flatten(), dst.flatten()
-    bs = None
-    for kv in kv_caches:
-        if kv.shape[2] != bs:
-            bs = kv.shape[2]
-            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-        kv[db, :, do] = kv[sb, :, so]
-    ar = torch.arange(N, device=tokens.device)
-    on_path = torch.zeros(R, N + 1, dtype=torch.bool, device=tokens.device)
-    on_path.scatter_(1, torch.where(acc.path_nodes >= 0, acc.path_nodes, N),
-                     True)
-    perm = torch.where(on_path[:, :N], depth, N + ar).argsort(dim=1)
-    return acc.tokens, acc.num_accepted, perm
+    acc = accept(DraftTree(tokens, parents, depth,
+                           torch.zeros(R, N, device=tokens.device), num_nodes,
+                           max_depth=max_depth), tgt)
+    move_kept_kv(kv_caches, acc, slots)
+    return acc.tokens, acc.num_accepted, path_first_order(acc, depth)
 
 
 class TreeVerifier:
