@@ -53,6 +53,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="explicit program tiles to time as well (tuning): "
                     "nodes per program : keys per step (16/32/64) : warps : "
                     "pipeline stages, e.g. 8:64:4:3")
+    ap.add_argument("--max-prefix", type=int, default=None,
+                    help="the bound of the prefixes that 'auto' splits are "
+                    "chosen from (the engine passes the model's length, so "
+                    "that a CUDA graph may replay the launch; default: each "
+                    "row's prefix)")
+    ap.add_argument("--split-blocks", type=int, default=None,
+                    help="key blocks a prefix split takes at least "
+                    "(default: the kernel's MIN_SPLIT_BLOCKS)")
     ap.add_argument("--graph-ms", type=float, default=20.0,
                     help="milliseconds of back-to-back calls per CUDA-graph "
                     "replay timed for 'us' (0: no graph timing)")
@@ -115,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
                     out = torch.empty_like(q)
                     call = lambda: tree_attention(  # noqa: E731
                         q, k, v, bt, prefix, qsl, mask, D ** -0.5,
-                        max_nodes=N, out=out, num_splits=sp, max_prefix=P,
+                        max_nodes=N, out=out, num_splits=sp,
+                        max_prefix=args.max_prefix or P,
+                        **({} if args.split_blocks is None else
+                           dict(split_blocks=args.split_blocks)),
                         large_tiles=tiles == "large",
                         tile=None if tiles in ("small", "large") else
                         tuple(int(x) for x in tiles.split(":")))

@@ -154,16 +154,35 @@ def test_split_prefix_matches_reference(dtype, splits, hq, hkv, D):
     check(args, dtype, num_splits=splits, max_prefix=700)
 
 
+@pytest.mark.parametrize("splits", [2, 9, "auto"])
+def test_split_launch_independent_of_prefixes(splits):
+    """What a CUDA graph replays: a launch sized from a bound of the
+    prefixes (the model's length), not from them. Each request divides its
+    own prefix: one far shorter than the bound leaves most splits empty
+    (they write only m = -inf and the combine skips them), one longer than
+    splits x the minimum keys gets longer splits; prefixes 0 and 1 keep
+    only the tree's split."""
+    args = make_case(1300 + (0 if splits == "auto" else splits),
+                     [16, 5, 40, 1], 8, 2, 64, [0, 1, 130, 1000],
+                     layout="fused")
+    check(args, torch.float32, num_splits=splits, max_prefix=8192)
+    # The same launch (same split count) on other prefixes and trees.
+    again = make_case(1400, [3, 16, 1, 33], 8, 2, 64, [700, 2, 64, 129],
+                      layout="fused")
+    check(again, torch.float32, num_splits=splits, max_prefix=8192)
+
+
 def test_choose_splits():
     from vllm_jetspec.kernels.tree_attention import choose_splits
 
     # A full grid: no split. Batch 1, budget 16, 8 KV heads on 132 SMs:
-    # 16 programs -> 17 splits if the prefix has room for them.
-    assert choose_splits(300, 8192, 32, 132) == 1
-    assert choose_splits(16, 8192, 32, 132) == 17
-    # Each split keeps at least four key blocks.
-    assert choose_splits(16, 256, 32, 132) == 2
-    assert choose_splits(16, 64, 32, 132) == 1
+    # 8 programs -> 33 splits if the prefix has room for them.
+    assert choose_splits(300, 8192, 64, 132) == 1
+    assert choose_splits(8, 8192, 64, 132) == 33
+    # Each split has room for at least two key blocks (min_blocks).
+    assert choose_splits(8, 512, 64, 132) == 4
+    assert choose_splits(8, 100, 64, 132) == 1
+    assert choose_splits(8, 512, 64, 132, min_blocks=1) == 8
 
 
 def test_tile_config():

@@ -174,10 +174,10 @@ def _tree_attn_kernel(
              mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["split_len", "T", "HQ", "SPLITS"] + _PER_STEP)
+@triton.jit(do_not_specialize=["min_split", "T", "HQ", "SPLITS"] + _PER_STEP)
 def _tree_attn_split_kernel(
     Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
-    scale, split_len, T, HQ,
+    scale, min_split, T, HQ,
     s_qt, s_qh, s_qd,
     s_kb, s_ks, s_kh, s_kd,
     s_vb, s_vs, s_vh, s_vd,
@@ -189,10 +189,16 @@ def _tree_attn_split_kernel(
 ):
     """``_tree_attn_kernel`` with the prefix split across programs
     (flash-decoding): program (r, tile, kvh * SPLITS + s) covers prefix keys
-    [s * split_len, (s + 1) * split_len) and, for the last split, the tree;
+    [s * L, (s + 1) * L) of request r and, for the last split, the tree;
     it writes its unnormalised partial (running max m, sum l, acc) to the
     fp32 workspaces MW/LW [SPLITS, T, HQ] and AW [SPLITS, T, HQ, D], which
-    ``_tree_attn_combine_kernel`` merges."""
+    ``_tree_attn_combine_kernel`` merges.
+
+    L is the request's own: its prefix over SPLITS, rounded up to whole key
+    blocks and at least ``min_split`` keys, so nothing the host reads from
+    the device sizes the launch (a CUDA graph replays it whatever the
+    prefixes); splits past a short prefix find no keys and write only
+    m = -inf (the combine then reads nothing else of them)."""
     r = tl.program_id(0)
     tile = tl.program_id(1)
     kvh = tl.program_id(2) // SPLITS
@@ -204,25 +210,34 @@ def _tree_attn_split_kernel(
         return
     prefix = tl.load(PREFIX + r)
 
+    split_len = tl.maximum(
+        tl.cdiv(tl.cdiv(prefix, SPLITS), BLOCK_N) * BLOCK_N, min_split)
+    lo = sp * split_len
+    hi = tl.minimum(lo + split_len, prefix)     # SPLITS * L >= prefix
+    # The last split alone takes the tree.
+    last = tl.where(sp == SPLITS - 1, tl.minimum(node0 + NODES, n), 0)
+    rows = tl.arange(0, ROWS)
+    # int64: SPLITS * T * HQ * D can pass 2^31.
+    w = (sp * T + q0 + node0 + rows // GROUP).to(tl.int64) * HQ \
+        + kvh * GROUP + rows % GROUP                       # [ROWS]
+    if (lo >= hi) & (last == 0):
+        # No key here (a split past a short prefix): m = -inf only, which
+        # the combine reads as "nothing to add".
+        row_ok = (rows < NODES * GROUP) & (node0 + rows // GROUP < n)
+        tl.store(MW + w, tl.full([ROWS], float("-inf"), tl.float32),
+                 mask=row_ok)
+        return
+
     node, head, row_ok, q = _tile_queries(
         Q, q0, n, node0, kvh, s_qt, s_qh, s_qd, GROUP=GROUP, NODES=NODES,
         ROWS=ROWS, D=D)
     d = tl.arange(0, D)
-
-    lo = sp * split_len
-    # The last split runs to the prefix's end whatever split_len says, and
-    # alone takes the tree.
-    hi = tl.where(sp == SPLITS - 1, prefix, tl.minimum(lo + split_len, prefix))
-    last = tl.where(sp == SPLITS - 1, tl.minimum(node0 + NODES, n), 0)
     m_i, l_i, acc = _attend(
         q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, lo, hi, last,
         scale * 1.4426950408889634,
         s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
         s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
         BLOCK_N=BLOCK_N, PREC=PREC)
-
-    # int64: SPLITS * T * HQ * D can pass 2^31.
-    w = (sp * T + q0 + node).to(tl.int64) * HQ + head     # [ROWS]
     tl.store(MW + w, m_i, mask=row_ok)
     tl.store(LW + w, l_i, mask=row_ok)
     tl.store(AW + w[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
@@ -234,8 +249,9 @@ def _tree_attn_combine_kernel(
     D: tl.constexpr,
 ):
     """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the
-    splits of one (query token, head); 0 where no key was allowed. (Split
-    0 starts each sum, so loop-carried values keep one type.)"""
+    splits of one (query token, head); 0 where no key was allowed. Splits
+    with m = -inf (no key: empty splits write nothing else) are not read.
+    (Split 0 starts each sum, so loop-carried values keep one type.)"""
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -245,14 +261,22 @@ def _tree_attn_combine_kernel(
         big = tl.maximum(big, tl.load(MW + (sp * T + t).to(tl.int64) * HQ
                                       + h))
     safe = tl.where(big == float("-inf"), 0.0, big)
-    wgt = tl.exp2(tl.load(MW + row0) - safe)
-    den = wgt * tl.load(LW + row0)
-    acc = wgt * tl.load(AW + row0 * D + d)
+    m = tl.load(MW + row0)
+    some = m > float("-inf")
+    wgt = tl.where(some, tl.exp2(m - safe), 0.0)
+    den = wgt * tl.load(LW + row0, mask=some, other=0.0)
+    zero = tl.zeros([D], tl.int32)
+    acc = wgt * tl.load(AW + row0 * D + d, mask=(zero + some.to(tl.int32)) != 0,
+                        other=0.0)
     for sp in range(1, SPLITS):
         row = (sp * T + t).to(tl.int64) * HQ + h
-        wgt = tl.exp2(tl.load(MW + row) - safe)
-        den = den + wgt * tl.load(LW + row)
-        acc = acc + wgt * tl.load(AW + row * D + d)
+        m = tl.load(MW + row)
+        some = m > float("-inf")
+        wgt = tl.where(some, tl.exp2(m - safe), 0.0)
+        den = den + wgt * tl.load(LW + row, mask=some, other=0.0)
+        acc = acc + wgt * tl.load(AW + row * D + d,
+                                  mask=(zero + some.to(tl.int32)) != 0,
+                                  other=0.0)
     out = acc / tl.where(den == 0.0, 1.0, den)
     tl.store(O + t * s_ot + h * s_oh + d * s_od, out.to(O.dtype.element_ty))
 
@@ -298,14 +322,22 @@ def tile_config(max_nodes: int, group: int, D: int,
     return (nodes, max(16, triton.next_power_of_2(nodes * group)), keys, 4)
 
 
+# Keys a split takes at least, in key blocks: each split's partial (fp32,
+# rows x head dim) costs about what one block of bf16 K and V does to read.
+MIN_SPLIT_BLOCKS = 2
+
+
 def choose_splits(programs: int, max_prefix: int, block_n: int,
-                  num_sms: int) -> int:
-    """Prefix splits so that about two programs run per SM, each split
-    holding at least four key blocks; 1 when the grid is already full."""
+                  num_sms: int, min_blocks: int = MIN_SPLIT_BLOCKS) -> int:
+    """Prefix splits so that about two programs run per SM, with room for
+    ``min_blocks`` key blocks per split in a prefix of ``max_prefix``; 1
+    when the grid is already full. ``max_prefix`` may be a bound (e.g. the
+    model's length, under CUDA graphs): each request's splits divide its
+    own prefix, and those past it cost a program that returns at once."""
     if programs >= 2 * num_sms:
         return 1
     want = -(-2 * num_sms // max(programs, 1))
-    return max(1, min(want, max_prefix // (4 * block_n)))
+    return max(1, min(want, max_prefix // (min_blocks * block_n)))
 
 
 def tree_attention(
@@ -324,6 +356,7 @@ def tree_attention(
     large_tiles: bool = True,
     tile: tuple[int, int, int, int] | None = None,
     precision: str | None = None,
+    split_blocks: int = MIN_SPLIT_BLOCKS,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
 
@@ -331,9 +364,12 @@ def tree_attention(
     ``query_start_loc``, which synchronises with the device); ``out`` may be
     given to write in place. ``num_splits``: how many programs share each
     request's prefix (flash-decoding, with a combine pass through fp32
-    workspaces); ``"auto"`` picks it from the grid size, the SM count and
-    ``max_prefix`` (an upper bound of ``prefix_lens``; read from the device
-    when not given). 1 is the single-pass kernel. ``large_tiles``: 128-row
+    workspaces; each request's prefix divided in equal whole key blocks of
+    at least ``split_blocks``, on the device); ``"auto"`` picks it from
+    the grid size, the SM count and ``max_prefix`` (an upper bound of
+    ``prefix_lens``: the model's length makes a launch that a CUDA graph
+    may replay for any prefixes; read from the device when not given). 1 is
+    the single-pass kernel. ``large_tiles``: 128-row
     programs for large trees and prefills (``tile_config``; False: 64-row
     programs for every launch). ``precision`` of the fp32 dot products
     (``tl.dot`` input precision): ``"ieee"`` (the default for fp32 inputs)
@@ -379,7 +415,8 @@ def tree_attention(
             max_prefix = int(prefix_lens.max()) if R else 0
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
             if q.is_cuda else 8
-        splits = choose_splits(R * tiles * Hkv, max_prefix, block_n, sms)
+        splits = choose_splits(R * tiles * Hkv, max_prefix, block_n, sms,
+                               split_blocks)
     splits = int(splits)
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1 or 'auto', got {splits}")
@@ -391,15 +428,14 @@ def tree_attention(
         splits = min(splits, max(1, triton.cdiv(max_prefix, block_n)),
                      max(1, WORKSPACE_BYTES // (T * Hq * (D + 2) * 4)))
     if splits > 1:
-        split_len = triton.cdiv(triton.cdiv(max(max_prefix, 1), splits),
-                                block_n) * block_n
         mw = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
         lw = torch.empty_like(mw)
         aw = torch.empty(splits, T, Hq, D, dtype=torch.float32,
                          device=q.device)
         _tree_attn_split_kernel[(R, tiles, Hkv * splits)](
             q, k_cache, v_cache, mw, lw, aw, block_table, prefix_lens,
-            query_start_loc, tree_mask, scale, split_len, T, Hq,
+            query_start_loc, tree_mask, scale, split_blocks * block_n,
+            T, Hq,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *block_table.stride(), *tree_mask.stride(),
             BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,

@@ -42,11 +42,13 @@ def test_step_masks_mix_chains_blocks_and_trees():
 
 
 def test_tree_splits_setting():
-    """JETSPEC_TREE_SPLITS: 1 (the single-pass kernel) unless set to an
-    integer >= 1 or 'auto'; anything else is one clear error."""
+    """JETSPEC_TREE_SPLITS: 'auto' (prefix splits from the grid size)
+    unless set to an integer >= 1 (1: the single-pass kernel); anything
+    else is one clear error."""
     from vllm_jetspec.vllm_patches.triton_attention import splits_setting
 
-    assert splits_setting({}) == 1
+    assert splits_setting({}) == "auto"
+    assert splits_setting({"JETSPEC_TREE_SPLITS": "1"}) == 1
     assert splits_setting({"JETSPEC_TREE_SPLITS": "4"}) == 4
     assert splits_setting({"JETSPEC_TREE_SPLITS": "auto"}) == "auto"
     for bad in ("0", "-2", "many"):
@@ -81,7 +83,8 @@ def _builder(budget=20, max_num_seqs=4):
     from vllm_jetspec.vllm_patches.triton_attention import \
         TritonTreeAttentionMetadataBuilder
     cfg = NS(speculative_config=NS(num_speculative_tokens=budget - 1),
-             scheduler_config=NS(max_num_seqs=max_num_seqs))
+             scheduler_config=NS(max_num_seqs=max_num_seqs),
+             model_config=NS(max_model_len=1000))
     return TritonTreeAttentionMetadataBuilder(None, [], cfg,
                                               torch.device("cpu"))
 
@@ -132,6 +135,9 @@ def test_builder_writes_masks_and_prefixes_in_place():
             n).cumsum(0).tolist()
         assert m.graph_safe
         assert m.max_nodes == max(n)
+        # The prefix bound the kernel sizes its splits from: the model's
+        # length in a step a graph may replay.
+        assert m.max_seq_len == 1000
         for r, nr in enumerate(n):
             want = _unpack_rows(trees[r], nr) if r in trees else \
                 torch.ones(nr, nr, dtype=torch.bool).tril()
@@ -146,6 +152,7 @@ def test_builder_writes_masks_and_prefixes_in_place():
     m = b.build(0, _common([70, 3], [0, 5]))
     assert m.masks.data_ptr() != b.masks_buf.data_ptr()
     assert not m.graph_safe and m.causal
+    assert m.max_seq_len == 70        # vLLM's, of the step
     # A non-causal DFlash head's draft pass: vLLM asserts causal is False.
     assert b.build(0, _common([4, 4], [3, 9], causal=False)).causal is False
     assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
@@ -159,8 +166,9 @@ def test_builder_writes_masks_and_prefixes_in_place():
 def test_full_graph_support_declared_only_where_it_holds(monkeypatch):
     """UNIFORM_BATCH (vLLM keeps FULL_AND_PIECEWISE: full graphs for
     verify steps of exactly budget tokens a request) on CUDA with the
-    single-pass kernel; NEVER on CPU, with prefix splits, or with
-    JETSPEC_FULL_GRAPHS=0; a bad value is one clear error."""
+    tree kernel, prefix splits or not (their launch is sized from the
+    model's length); NEVER on CPU or with JETSPEC_FULL_GRAPHS=0; a bad
+    value is one clear error."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backend import AttentionCGSupport
 
@@ -175,7 +183,11 @@ def test_full_graph_support_declared_only_where_it_holds(monkeypatch):
     assert B.get_cudagraph_support(None, None) == \
         AttentionCGSupport.UNIFORM_BATCH
     monkeypatch.setenv("JETSPEC_TREE_SPLITS", "4")
-    assert B.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    assert B.get_cudagraph_support(None, None) == \
+        AttentionCGSupport.UNIFORM_BATCH
+    monkeypatch.setenv("JETSPEC_TREE_SPLITS", "0")
+    with pytest.raises(ValueError, match="JETSPEC_TREE_SPLITS"):
+        B.get_cudagraph_support(None, None)
     monkeypatch.delenv("JETSPEC_TREE_SPLITS")
     monkeypatch.setenv("JETSPEC_FULL_GRAPHS", "0")
     assert B.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER

@@ -6,6 +6,7 @@ the GPU, docs/design/async-rounds.md.)"""
 
 import math
 
+import pytest
 import torch
 
 from vllm_jetspec.tree import accept, build_tree
@@ -53,7 +54,11 @@ def test_ragged_layout_round_trips():
     assert pos.tolist() == (prefix + depth).tolist()
 
 
-def test_accept_and_compact_moves_each_kept_path_and_reorders():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_accept_and_compact_moves_each_kept_path_and_reorders(kernel):
+    """With the torch moves, and with the Triton kernel that moves every
+    layer in one launch (the CUDA path; here in Triton's interpreter)."""
+    from vllm_jetspec.kernels.kv_move import KVTable
     from vllm_jetspec.vllm_patches.v2.verifier import accept_and_compact
 
     tree, counts, query, starts, li = _step(seed=3)
@@ -85,7 +90,8 @@ def test_accept_and_compact_moves_each_kept_path_and_reorders():
     tokens = to_padded(tree.tokens[rows, local], rows, local, R, B)
     emitted, num_acc, perm = accept_and_compact(
         [kv], tokens, tree.parents, tree.depth.clamp(min=0), nodes, tgt,
-        slots, max_depth=tree.max_depth)
+        slots, max_depth=tree.max_depth,
+        table=KVTable([kv]) if kernel else None)
     # the oracle: the tree core's acceptance of the same (truncated) trees
     cut = tree.valid() & (torch.arange(B)[None] < nodes[:, None])
     oracle = accept(type(tree)(
@@ -210,7 +216,8 @@ def test_builder_takes_v2_tree_rows_from_the_device():
     tree, *_ = _step(seed=5, R=4, B=B)
     req_masks = packed_ancestor_mask(tree)            # [4, B, 1]
     cfg = NS(speculative_config=NS(num_speculative_tokens=B - 1),
-             scheduler_config=NS(max_num_seqs=4))
+             scheduler_config=NS(max_num_seqs=4),
+             model_config=NS(max_model_len=1000))
     b = TritonTreeAttentionMetadataBuilder(None, [], cfg, torch.device("cpu"))
 
     def common(n, prefix):

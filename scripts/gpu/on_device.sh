@@ -123,9 +123,14 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
     tail -2 "$OUT/kernel_tiles.log" ;;
 engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
-    timeout "$secs" python3 -m pytest -q -rA \
+    # Each engine writes its own log under pytest's temporary folders:
+    # they come back as one archive (a failing script's own output only
+    # shows its end).
+    rm -rf "$W/pt"
+    timeout "$secs" python3 -m pytest -q -rA --basetemp "$W/pt" \
         -p no:cacheprovider ${TESTS:-tests/test_jetspec_engine.py} "$@" \
         > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
+    (cd "$W/pt" && find . -name "*.log" | tar czf "$OUT/${LOG:-engine_tests}_engines.tgz" -T -) || true
     tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype float32 \

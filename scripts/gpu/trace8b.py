@@ -1,8 +1,14 @@
 """Where does a round's wall time go on the Qwen3-8B shape? One engine
 (dummy weights, bf16, torch.compile + CUDA graphs, batch 1, this process:
 VLLM_ENABLE_V1_MULTIPROCESSING=0), plain decoding (BUDGET 0: also
-records the replay file) or jetspec at BUDGET replaying it (tau = depth + 1,
-as ``python -m vllm_jetspec.tools.bench --replay``).
+records the replay file), jetspec at BUDGET replaying it (tau = depth + 1,
+as ``python -m vllm_jetspec.tools.bench --replay``), ``chain`` (jetspec's
+chain of the head's depth, replaying) or ``dflash`` (vLLM's linear drafter
+with the same head: accepts nothing on dummy weights, so a round is one
+draft + one verify of depth + 1 tokens). Besides the wall time per round,
+``decode_ms_per_round`` leaves the prefill out (the time of a 1-token
+generate of each prompt is subtracted: a tau-16 engine has one prefill in
+every few rounds, AR one in hundreds).
 
 After an untimed warm-up generate (compiles, captures) the prompts are
 generated once timed, then one prompt under ``torch.profiler`` with Python
@@ -11,7 +17,7 @@ idle gaps of the device, and which Python functions the host was in while
 the device idled (inclusive: a gap counts for every frame on the stack;
 exclusive: the innermost frame), plus device time by kernel.
 
-    python scripts/gpu/trace8b.py SHAPES_DIR OUT BUDGET [MAX_NEW]
+    python scripts/gpu/trace8b.py SHAPES_DIR OUT BUDGET|chain|dflash [MAX_NEW]
 
 Writes OUT/trace8b_BUDGET.json (numbers), OUT/trace8b_BUDGET.txt (tables),
 OUT/trace8b_BUDGET.json.gz (the Chrome trace); the replay file is
@@ -87,7 +93,7 @@ def kernel_table(events: list[dict], n: int = 40) -> list[tuple]:
 
 
 def main() -> None:
-    shapes, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    shapes, out, which = sys.argv[1], sys.argv[2], sys.argv[3]
     max_new = int(sys.argv[4]) if len(sys.argv) > 4 else 64
     os.makedirs(out, exist_ok=True)
     import torch
@@ -100,10 +106,23 @@ def main() -> None:
 
     prompts = synthetic_prompts(2, 512, 151936)
     replay = os.path.join(out, "replay8b.json")
+    head = os.path.join(shapes, "head-8b")
+    with open(os.path.join(head, "config.json")) as f:
+        depth = json.load(f)["block_size"] - 1
     spec = None
-    if budget:
+    if which == "dflash":
+        budget = depth + 1
+        spec = {"method": "dflash", "model": head,
+                "num_speculative_tokens": depth}
+    elif which == "chain":
+        budget = depth + 1
         spec = {"method": "jetspec", "tree_budget": budget,
-                "model": os.path.join(shapes, "head-8b"), "replay": replay}
+                "tree_algo": "chain", "model": head, "replay": replay}
+    else:
+        budget = int(which)
+    if which not in ("dflash", "chain") and budget:
+        spec = {"method": "jetspec", "tree_budget": budget,
+                "model": head, "replay": replay}
     kw = {}
     if budget:
         kw = dict(max_num_batched_tokens=batched_tokens(budget, 1, 15),
@@ -125,7 +144,7 @@ def main() -> None:
                    if x.name == "vllm:spec_decode_num_drafts")
 
     first = gen(tp)                               # compiles, captures
-    if not budget:
+    if not spec:
         save_replay(replay, prompts,
                     [list(o.outputs[0].token_ids) for o in first])
     d0 = drafts()
@@ -133,9 +152,18 @@ def main() -> None:
     outs = gen(tp)
     wall = time.perf_counter() - t
     rounds = drafts() - d0
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
+                         detokenize=False)
+    t1 = time.perf_counter()
+    for p in tp:
+        llm.generate([p], one, use_tqdm=False)
+    prefill = time.perf_counter() - t1
+    decode_rounds = rounds or len(tp) * (max_new - 1)
     same = [list(o.outputs[0].token_ids) for o in outs] == \
         [list(o.outputs[0].token_ids) for o in first]
-    res = dict(budget=budget, prompts=len(tp), max_new=max_new,
+    res = dict(engine=which, budget=budget, prompts=len(tp), max_new=max_new,
+               prefill_s=prefill,
+               decode_ms_per_round=1e3 * (wall - prefill) / max(decode_rounds, 1),
                wall_s=wall, rounds=rounds,
                ms_per_round=1e3 * wall / max(rounds or len(tp) * max_new, 1),
                tok_s=len(tp) * max_new / wall, repeat_identical=same,
@@ -149,7 +177,7 @@ def main() -> None:
         d0 = drafts()
         gen(tp[:1])
         res["profiled_rounds"] = drafts() - d0
-    raw = os.path.join(out, f"trace8b_{budget}.json")
+    raw = os.path.join(out, f"trace8b_{which}.json")
     p.export_chrome_trace(raw)
     with open(raw) as f:
         events = json.load(f)["traceEvents"]
@@ -163,7 +191,7 @@ def main() -> None:
                window_ms_per_step=idle["window_us"] / 1e3 / steps,
                idle_ms_per_step=idle["idle_us"] / 1e3 / steps,
                gaps_per_step=idle["gaps"] / steps)
-    with open(os.path.join(out, f"trace8b_{budget}.txt"), "w") as f:
+    with open(os.path.join(out, f"trace8b_{which}.txt"), "w") as f:
         f.write(json.dumps(res) + "\n\n")
         f.write("===== device idle (us, whole profiled generate) by Python "
                 "frame, inclusive\n")

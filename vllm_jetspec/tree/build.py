@@ -159,30 +159,25 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
     n_draft = n_slots - 1
     n_beam = max(1, min(frontier, n_draft))
 
-    cand_cum, cand_parent, cand_tok, cand_depth = [], [], [], []
-    prev_cum = torch.zeros(R, 1, device=dev)
-    # The frontier is the first candidates of the previous depth, in order,
-    # so a child's parent is (previous depth's offset) + its local index;
-    # the root's children get -1 (PAD).
-    prev_offset = PAD
-    offset = 0
+    # Candidates per depth (static sizes): the best m_d children of the
+    # frontier, of which the best n_beam are the next frontier.
     depth_limit = min(D, n_draft)
+    sizes, prev = [], 1
+    for _ in range(depth_limit):
+        sizes.append(min(n_draft, prev * K))
+        prev = min(n_beam, sizes[-1])
+    cand_cum, cand_idx = [], []
+    prev_cum = torch.zeros(R, 1, device=dev)
     for d in range(depth_limit):
-        # Children of the frontier; the best n_draft of them are candidates
-        # (no more can be selected), the best n_beam of those the next
-        # frontier.
+        # Children of the frontier as (frontier index * K + candidate):
+        # the only kernels a depth costs are this sum and its top-m; the
+        # parents and tokens are decoded for every depth at once below.
         c = (prev_cum[:, :, None] + logp[:, d, None, :]).reshape(
             R, prev_cum.shape[1] * K)
-        m = min(n_draft, c.shape[1])
-        top_cum, top_idx = c.topk(m, dim=1)
+        top_cum, top_idx = c.topk(sizes[d], dim=1)
         cand_cum.append(top_cum)
-        cand_parent.append(top_idx // K + prev_offset)
-        cand_tok.append(ids[:, d, :].gather(1, top_idx % K))
-        cand_depth.append(torch.full((R, m), d + 1, dtype=torch.long,
-                                     device=dev))
-        prev_cum = top_cum[:, :min(n_beam, m)]
-        prev_offset = offset
-        offset += m
+        cand_idx.append(top_idx)
+        prev_cum = top_cum[:, :min(n_beam, sizes[d])]
 
     tokens = torch.full((R, n_slots), PAD, dtype=torch.long, device=dev)
     parents = torch.full_like(tokens, PAD)
@@ -196,9 +191,15 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
                          torch.ones(R, dtype=torch.long, device=dev), 0)
 
     cum = torch.cat(cand_cum, 1)          # [R, C], laid out by depth
-    par_g = torch.cat(cand_parent, 1)     # [R, C] global candidate index
-    tok = torch.cat(cand_tok, 1)
-    dep = torch.cat(cand_depth, 1)
+    idx = torch.cat(cand_idx, 1)
+    # Each column's depth (1-based) and the offset of the depth before it
+    # (its frontier's first column; the root's children: PAD, whose local
+    # index is 0), then parent = that offset + frontier index, token =
+    # the depth's candidate.
+    col_depth, prev_off = _column_layout(sizes, dev)
+    par_g = prev_off + idx // K               # [R, C] global candidate index
+    tok = ids.reshape(R, D * K).gather(1, (col_depth - 1) * K + idx % K)
+    dep = col_depth.expand(R, -1)
     C = cum.shape[1]
 
     # Global best-first order; the stable sort keeps shallower first on ties.
@@ -230,6 +231,35 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
     cum_out[:, body] = torch.where(keep, cum.gather(1, sel), -math.inf)
     num_nodes = 1 + keep.sum(1)
     return DraftTree(tokens, parents, depth, cum_out, num_nodes, depth_limit)
+
+
+def _column_layout(sizes: list[int], dev) -> tuple[torch.Tensor,
+                                                    torch.Tensor]:
+    """[C] depth (1-based) of each candidate column, and [C] the first
+    column of the depth before it (PAD for depth 1), for depths of
+    ``sizes[d]`` columns laid out one after another. Made on the device
+    from Python ints (no host-to-device copy: the draft pass runs inside a
+    CUDA graph); a few kernels when every depth after the first has the
+    same size (the usual case), one pair per depth otherwise."""
+    C = sum(sizes)
+    ar = torch.arange(C, device=dev)
+    m0 = sizes[0]
+    if len(sizes) == 1 or all(m == sizes[1] for m in sizes[1:]):
+        m1 = sizes[1] if len(sizes) > 1 else 1
+        rest = (ar - m0).clamp(min=0) // m1            # 0 for depth 2
+        col_depth = torch.where(ar < m0, 1, 2 + rest)
+        prev_off = torch.where(ar < m0, PAD, (rest - 1) * m1 + m0)
+        prev_off = torch.where((ar >= m0) & (rest == 0), 0, prev_off)
+        return col_depth, prev_off
+    col_depth = torch.ones(C, dtype=torch.long, device=dev)
+    prev_off = torch.full((C,), PAD, dtype=torch.long, device=dev)
+    start = 0
+    for d, m in enumerate(sizes):
+        if d:
+            col_depth[start:start + m] = d + 1
+            prev_off[start:start + m] = start - sizes[d - 1]
+        start += m
+    return col_depth, prev_off
 
 
 def truncate_tree(tree: DraftTree, budget: int) -> DraftTree:

@@ -67,23 +67,26 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def packed_ancestor_mask(tree: DraftTree) -> torch.Tensor:
     """[R, N, ceil(N/64)] int64 packed form of ``ancestor_mask``, built
-    directly in words: a node's row is its parent's row plus its own bit,
-    filled one depth level at a time (O(max_depth * N * W), no N x N)."""
+    directly in words (O(log(max_depth) * N * W), no N x N) by pointer
+    jumping: after step k a node's row holds its own bit and those of its
+    2^k - 1 nearest ancestors, and ``anc`` is its 2^k-th ancestor (the
+    root is its own parent, so rows stop growing there); padding rows are
+    cleared at the end. A few kernels per step, ceil(log2(max_depth + 1))
+    steps: the draft pass builds this on the device every round."""
     R, N = tree.tokens.shape
     W = (N + BITS - 1) // BITS
     dev = tree.device
     ar = torch.arange(N, device=dev)
     valid = tree.valid()
-    own = torch.zeros(R, N, W, dtype=torch.long, device=dev)
+    words = torch.zeros(R, N, W, dtype=torch.long, device=dev)
     bit = torch.ones((), dtype=torch.long, device=dev) << (ar % BITS)
-    own.scatter_(2, (ar // BITS).expand(R, N)[:, :, None],
-                 torch.where(valid, bit, 0)[:, :, None])
-    words = own.clone()
-    par = tree.parents.clamp(min=0)[:, :, None].expand(R, N, W)
-    for d in range(1, tree.max_depth + 1):
-        level = (tree.depth == d)[:, :, None]
-        words = torch.where(level, own | words.gather(1, par), words)
-    return words
+    words.scatter_(2, (ar // BITS).expand(R, N)[:, :, None],
+                   torch.where(valid, bit, 0)[:, :, None])
+    anc = tree.parents.clamp(min=0)
+    for _ in range(max(1, (tree.max_depth).bit_length())):
+        words = words | words.gather(1, anc[:, :, None].expand(R, N, W))
+        anc = anc.gather(1, anc)
+    return torch.where(valid[:, :, None], words, 0)
 
 
 def packed_rows_host(parents: list[int], words: int) -> torch.Tensor | None:

@@ -11,14 +11,24 @@ import torch
 from ..tree import Acceptance, compaction_plan
 
 
-def move_kept_kv(kv_caches, acc: Acceptance, slots: torch.Tensor) -> None:
+def move_kept_kv(kv_caches, acc: Acceptance, slots: torch.Tensor,
+                 table=None) -> None:
     """Move each request's kept K/V to consecutive slots after its prefix
     in every layer of ``kv_caches`` (our backends' layout ``[blocks, 2,
-    block_size, H, D]``; one gather and one scatter per layer for the
-    batch). ``slots`` [R, N] int64: the cache slot each node was written to
-    (only the kept path's and the root's are read)."""
+    block_size, H, D]``). ``slots`` [R, N] int64: the cache slot each node
+    was written to (only the kept path's and the root's are read).
+    ``table``: the same caches as a ``kernels.kv_move.KVTable`` (CUDA):
+    one Triton launch for every layer; without it one gather and one
+    scatter per layer for the batch."""
     plan = compaction_plan(acc)               # [R, L] node offsets, -1: stays
     moving = plan.src >= 0
+    if table is not None:
+        from ..kernels.kv_move import move_kv_slots
+        move_kv_slots(
+            table,
+            torch.where(moving, slots.gather(1, plan.src.clamp(min=0)), -1),
+            torch.where(moving, slots.gather(1, plan.dst.clamp(min=0)), -1))
+        return
     # A slot nothing else touches for the moves that do nothing: the root's
     # (it never moves and no move writes it), copied onto itself.
     root = slots[:, :1]

@@ -90,7 +90,10 @@ class TritonTreeAttentionMetadata:
     slot_mapping: torch.Tensor         # [num_tokens] int64
     masks: torch.Tensor                # [R, N, W] int64
     max_nodes: int                     # new tokens of the longest request
-    max_seq_len: int                   # bounds every prefix (host int)
+    # Bounds every prefix (host int): the step's longest sequence, or for
+    # steps a full CUDA graph may replay the model's length (the tree
+    # kernel's prefix splits are sized from it at capture).
+    max_seq_len: int
     # Every tensor above in the builder's or vLLM's persistent buffers, so
     # a CUDA graph captured with this step's metadata replays correctly
     # with a later step's of the same shape (draft_pass.py checks it).
@@ -136,8 +139,9 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
     N, the draft pass when its 1 + depth slots exceed N) never run as a
     full graph and get fresh tensors. The launch shape comes from
     capture-time values only: the grid from the padded request count and
-    ``max_nodes`` (= N in every uniform step), one prefix split
-    (``JETSPEC_TREE_SPLITS`` other than 1 turns full graphs off).
+    ``max_nodes`` (= N in every uniform step) and the prefix splits
+    (``JETSPEC_TREE_SPLITS``) from the model's length instead of the step's
+    longest prefix: each request divides its own prefix on the device.
 
     Prefix lengths are clamped at 0: vLLM's CUDA-graph memory profile
     (``profile_cudagraph_memory``) warms full graphs up with dummy
@@ -160,6 +164,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
                                    device=device)
         # The masks' host-to-device copy through a pinned buffer of our own
         self.staging = Staging(device)
+        self.max_model_len = vllm_config.model_config.max_model_len
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -167,11 +172,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         from vllm.v1.attention.backend import AttentionCGSupport
         if not current_platform.is_cuda() or not full_graphs_setting():
             return AttentionCGSupport.NEVER
-        if splits_setting() != 1:
-            logger.info_once("jetspec: %s is not 1, verify steps use "
-                             "piecewise CUDA graphs (split workspaces are "
-                             "sized per step)", SPLITS_ENV)
-            return AttentionCGSupport.NEVER
+        splits_setting()        # a bad value is refused at start-up
         return AttentionCGSupport.UNIFORM_BATCH
 
     def build(self, common_prefix_len: int,
@@ -226,7 +227,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             slot_mapping=m.slot_mapping,
             masks=masks,
             max_nodes=max_nodes,
-            max_seq_len=int(m.max_seq_len),
+            max_seq_len=self.max_model_len if safe else int(m.max_seq_len),
             graph_safe=safe,
             causal=causal)
 
@@ -248,10 +249,13 @@ SPLITS_ENV = "JETSPEC_TREE_SPLITS"
 
 
 def splits_setting(env=None) -> int | str:
-    """``JETSPEC_TREE_SPLITS``: prefix splits of the tree kernel, an
-    integer >= 1 or ``auto`` (flash-decoding; not yet timed on a GPU).
-    Default 1: the single-pass kernel, the one checked on the H100."""
-    v = (os.environ if env is None else env).get(SPLITS_ENV, "1").strip()
+    """``JETSPEC_TREE_SPLITS``: prefix splits of the tree kernel
+    (flash-decoding), an integer >= 1 (1: the single-pass kernel) or
+    ``auto`` (the default: about two programs per SM; ``kernels.
+    tree_attention.choose_splits``). A batch-1 budget-16 step of the
+    Qwen3-8B shape has 8 programs without splits: each reads its whole
+    prefix alone (≈ 31 µs a layer on an H200, 2026-12-02)."""
+    v = (os.environ if env is None else env).get(SPLITS_ENV, "auto").strip()
     if v == "auto":
         return v
     if not v.isdigit() or int(v) < 1:

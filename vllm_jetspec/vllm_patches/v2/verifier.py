@@ -47,7 +47,7 @@ logger = init_logger("vllm.jetspec.v2")
 
 
 def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
-                       slots, *, max_depth: int):
+                       slots, *, max_depth: int, table=None):
     """Acceptance of a step's trees and the K/V moves that put each kept
     path at consecutive slots after its prefix, in every layer of
     ``kv_caches`` (our backends' layout ``[blocks, 2, block_size, H, D]``).
@@ -60,7 +60,7 @@ def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
     acc = accept(DraftTree(tokens, parents, depth,
                            torch.zeros(R, N, device=tokens.device), num_nodes,
                            max_depth=max_depth), tgt)
-    move_kept_kv(kv_caches, acc, slots)
+    move_kept_kv(kv_caches, acc, slots, table)
     return acc.tokens, acc.num_accepted, path_first_order(acc, depth)
 
 
@@ -80,6 +80,9 @@ class TreeVerifier:
         # tree sampler cannot honour; root_only_reason).
         self.root_only = np.zeros(runner.max_num_reqs, dtype=bool)
         self._kv: list[torch.Tensor] | None = None
+        # The same caches as one address table for the Triton move kernel
+        # (CUDA, caches alike; else the torch moves)
+        self._table = None
         self._group = 0
         # Of the current step, from begin_step
         self._slots: torch.Tensor | None = None
@@ -87,7 +90,7 @@ class TreeVerifier:
 
     def _accept(self, *args, max_depth: int):
         return accept_and_compact(self._target_kv(), *args,
-                                  max_depth=max_depth)
+                                  max_depth=max_depth, table=self._table)
 
     def _target_kv(self) -> list[torch.Tensor]:
         """The K/V caches of the target's layers (those on our tree
@@ -106,6 +109,12 @@ class TreeVerifier:
                                    f"cache groups {sorted(groups)}; one "
                                    "group is supported")
             self._group = groups.pop()
+            from ...kernels.kv_move import KVTable
+            if self._kv and self._kv[0].is_cuda and \
+                    KVTable.supports(self._kv):
+                self._table = KVTable(self._kv)
+                logger.info("jetspec: kept K/V moved by one kernel for the "
+                            "%d target layers", len(self._kv))
         return self._kv
 
     def add_request(self, req_index: int, params) -> None:
