@@ -257,3 +257,39 @@ def test_builder_takes_v2_tree_rows_from_the_device():
                                .tril())
     finally:
         tree_state.set_device_trees(None)
+
+
+def test_warmup_prompts_are_folded_into_the_vocabulary():
+    """vLLM's V2 warm-up prefills prompts of token ids 0 .. 1 + the draft
+    slots (65 for tree budget 64): for a jetspec engine on a model with a
+    smaller vocabulary they reach the step folded into it (unfolded, the
+    embedding's device-side assert killed the engine tests' 32-token model
+    on the H200); other engines' steps are untouched."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from vllm_jetspec.vllm_patches.v2 import wrap_warmup_kernels
+
+    def orig(runner, execute, sample):
+        out = SchedulerOutput.make_empty()
+        ids = list(range(65))
+        out.scheduled_new_reqs = [NS(prompt_token_ids=ids,
+                                     prefill_token_ids=ids)]
+        execute(out)
+        sample(None)
+
+    for jetspec in (True, False):
+        seen = []
+        runner = NS(speculative_config=NS(jetspec=object() if jetspec
+                                          else None),
+                    model_config=NS(get_vocab_size=lambda: 32))
+        wrap_warmup_kernels(orig)(
+            runner, lambda out: seen.append(out.scheduled_new_reqs[0]),
+            lambda g: None)
+        new = seen[0]
+        if jetspec:
+            assert new.prompt_token_ids == [t % 32 for t in range(65)]
+            assert new.prefill_token_ids == new.prompt_token_ids
+        else:
+            assert new.prompt_token_ids == list(range(65))

@@ -37,6 +37,8 @@ import torch
 from .types import PAD, DraftTree
 
 TREE_ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
+# Candidate rows up to this wide are sorted whole rather than top-k'd.
+SORT_MAX = 1024
 MAX_BUDGET = 256
 
 # top2gap_fanout defaults: a gap of GAP0 nats halves the width; BETA sets how
@@ -174,7 +176,14 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
         # parents and tokens are decoded for every depth at once below.
         c = (prev_cum[:, :, None] + logp[:, d, None, :]).reshape(
             R, prev_cum.shape[1] * K)
-        top_cum, top_idx = c.topk(sizes[d], dim=1)
+        if c.shape[1] <= SORT_MAX:
+            # One bitonic sort kernel; topk on such short rows is a radix
+            # select plus that sort (H200 trace, 2026-12-03: ≈ 8 + 4 µs a
+            # depth at batch 1). Stable: ties to the earlier candidate.
+            top_cum, top_idx = c.sort(dim=1, descending=True, stable=True)
+            top_cum, top_idx = top_cum[:, :sizes[d]], top_idx[:, :sizes[d]]
+        else:
+            top_cum, top_idx = c.topk(sizes[d], dim=1)
         cand_cum.append(top_cum)
         cand_idx.append(top_idx)
         prev_cum = top_cum[:, :min(n_beam, sizes[d])]

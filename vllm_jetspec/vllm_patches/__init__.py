@@ -202,6 +202,14 @@ PATCHES += [
               "request the replay sequence and whether it keeps its root "
               "only (penalties, bad words, structured output)",
           when="always (inert unless the engine's config is jetspec)"),
+    Patch(replaces="vllm.v1.worker.gpu_worker:warmup_kernels",
+          by="vllm_jetspec.vllm_patches.v2:wrap_warmup_kernels",
+          why="the warm-up's dummy prompts are the token ids 0 .. "
+              "1 + num_speculative_tokens: with a tree budget above the "
+              "(padded) vocabulary of a small model the embedding's "
+              "device-side assert kills the engine at start-up; the ids "
+              "are folded into the vocabulary",
+          when="jetspec engines on the V2 runner (CUDA)"),
 ]
 
 

@@ -137,10 +137,45 @@ def wrap_add_requests(orig):
     return add_requests
 
 
+def wrap_warmup_kernels(orig):
+    """vLLM's start-up warm-up (``gpu/warmup.py``) prefills dummy requests
+    whose prompts are the token ids ``0 .. decode_query_len``: with a tree
+    budget of 64 that is id 64, past the (padded) vocabulary of a model
+    with fewer tokens, and the embedding's device-side assert kills the
+    process (H200, 2026-12-03: the engine tests' 32-token model). Those
+    ids are folded into the vocabulary before the step runs; real models
+    (vocabularies far above any budget) see the same ids as before."""
+    def warmup_kernels(model_runner, execute_model, sample_tokens, *a, **k):
+        if not _jetspec(model_runner):
+            return orig(model_runner, execute_model, sample_tokens, *a, **k)
+        vocab = model_runner.model_config.get_vocab_size()
+
+        def execute(out, *ea, **ek):
+            fold_warmup_prompts(out, vocab)
+            return execute_model(out, *ea, **ek)
+        return orig(model_runner, execute, sample_tokens, *a, **k)
+    warmup_kernels._jetspec_wrapped = True
+    return warmup_kernels
+
+
+def fold_warmup_prompts(scheduler_output, vocab: int) -> None:
+    """Token ids of the step's new requests taken modulo ``vocab``."""
+    for new in scheduler_output.scheduled_new_reqs:
+        for name in ("prompt_token_ids", "prefill_token_ids"):
+            ids = getattr(new, name, None)
+            if ids and max(ids) >= vocab:
+                setattr(new, name, [t % vocab for t in ids])
+
+
 def apply() -> None:
     """Install the V2 runner patches (idempotent; inert for engines whose
     speculative config is not jetspec)."""
+    from vllm.v1.worker import gpu_worker
     from vllm.v1.worker.gpu import model_runner as mr
+
+    if not getattr(gpu_worker.warmup_kernels, "_jetspec_wrapped", False):
+        gpu_worker.warmup_kernels = wrap_warmup_kernels(
+            gpu_worker.warmup_kernels)
 
     R = mr.GPUModelRunner
     if getattr(R, "_jetspec_patched", False):
