@@ -293,3 +293,34 @@ def test_warmup_prompts_are_folded_into_the_vocabulary():
             assert new.prefill_token_ids == new.prompt_token_ids
         else:
             assert new.prompt_token_ids == list(range(65))
+
+
+def test_block_tables_cover_the_draft_pass_past_max_model_len():
+    """A jetspec runner's block tables get columns for the 1 + depth
+    tokens the DFlash draft pass attends past max_model_len in a request's
+    last rounds (without them its last row's reads ran past the table:
+    an illegal memory access on the H200); other runners' and tables built
+    outside initialize_kv_cache keep vLLM's width."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches import v2
+
+    built = []
+    make = v2.block_tables_with_slack(lambda **kw: built.append(kw))
+    kw = dict(block_sizes=[16, 32], max_num_reqs=1,
+              max_num_blocks_per_group=[128, 64])
+
+    def orig_init(runner, cfg):
+        make(**kw)
+
+    for jetspec, want in ((True, [128 + 1 + 1, 64 + 1 + 1]),
+                          (False, [128, 64])):
+        runner = NS(speculative_config=NS(jetspec=object() if jetspec
+                                          else None),
+                    speculator=NS(num_query_per_req=16),
+                    cudagraph_manager=None, _jetspec_prof=NS())
+        v2.wrap_initialize_kv_cache(orig_init)(runner, None)
+        assert built[-1]["max_num_blocks_per_group"] == want
+        assert v2._slack_tokens == 0
+    make(**kw)
+    assert built[-1]["max_num_blocks_per_group"] == [128, 64]

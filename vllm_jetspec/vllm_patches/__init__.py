@@ -202,6 +202,16 @@ PATCHES += [
               "request the replay sequence and whether it keeps its root "
               "only (penalties, bad words, structured output)",
           when="always (inert unless the engine's config is jetspec)"),
+    Patch(replaces="vllm.v1.worker.gpu.model_runner:BlockTables (the name "
+                   "the runner builds its block tables with)",
+          by="vllm_jetspec.vllm_patches.v2:block_tables_with_slack",
+          why="rows sized for max_model_len tokens, while the DFlash draft "
+              "pass attends over up to 1 + depth tokens more in a "
+              "request's last rounds: past the table's end for its last "
+              "row, an illegal memory access (stock dflash too); jetspec "
+              "engines get that many more columns (the null block)",
+          when="jetspec engines on the V2 runner (CUDA), while "
+               "initialize_kv_cache builds the tables"),
     Patch(replaces="vllm.v1.worker.gpu_worker:warmup_kernels",
           by="vllm_jetspec.vllm_patches.v2:wrap_warmup_kernels",
           why="the warm-up's dummy prompts are the token ids 0 .. "

@@ -77,9 +77,44 @@ def _count(modes: dict, key: str) -> None:
     modes[key] = modes.get(key, 0) + 1
 
 
+# Tokens past max_model_len the block tables being built must cover (set
+# while a jetspec runner builds them; see block_tables_with_slack).
+_slack_tokens = 0
+
+
+def block_tables_with_slack(orig):
+    """vLLM's V2 runner sizes each request's block-table row for
+    ``max_model_len`` tokens, but the DFlash draft pass (stock and ours)
+    attends over ``last position + 1 + 1 + depth`` tokens: in a request's
+    last rounds that reads up to ``depth + 1`` tokens' worth of columns
+    past its row, and past the table's end for the last row (H200,
+    2026-12-03: an illegal memory access killed stock ``dflash`` and
+    jetspec engines with ``max_num_seqs=1`` as a request reached
+    ``max_model_len``). For jetspec engines the rows get that many more
+    columns: zeros, i.e. vLLM's null block, whose contents nothing
+    reads for a real position."""
+    def make(*args, **kwargs):
+        extra = _slack_tokens
+        if extra and "max_num_blocks_per_group" in kwargs:
+            sizes = kwargs["block_sizes"]
+            kwargs["max_num_blocks_per_group"] = [
+                m + -(-extra // bs) + 1 for m, bs in
+                zip(kwargs["max_num_blocks_per_group"], sizes)]
+        return orig(*args, **kwargs)
+    make._jetspec_wrapped = True
+    return make
+
+
 def wrap_initialize_kv_cache(orig):
     def initialize_kv_cache(self, kv_cache_config):
-        orig(self, kv_cache_config)
+        global _slack_tokens
+        spec = getattr(self, "speculator", None)
+        if _jetspec(self) and spec is not None:
+            _slack_tokens = spec.num_query_per_req
+        try:
+            orig(self, kv_cache_config)
+        finally:
+            _slack_tokens = 0
         prof = self._jetspec_prof
         for manager, field, name in (
                 (self.cudagraph_manager, "graph_modes", None),
@@ -177,6 +212,8 @@ def apply() -> None:
         gpu_worker.warmup_kernels = wrap_warmup_kernels(
             gpu_worker.warmup_kernels)
 
+    if not getattr(mr.BlockTables, "_jetspec_wrapped", False):
+        mr.BlockTables = block_tables_with_slack(mr.BlockTables)
     R = mr.GPUModelRunner
     if getattr(R, "_jetspec_patched", False):
         return
