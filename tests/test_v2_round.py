@@ -313,8 +313,9 @@ def test_block_tables_cover_the_draft_pass_past_max_model_len():
     def orig_init(runner, cfg):
         make(**kw)
 
-    for jetspec, want in ((True, [128 + 1 + 1, 64 + 1 + 1]),
-                          (False, [128, 64])):
+    # 16 tokens: one more block of 16 (+1), of 32 (+1); widths kept
+    # multiples of 128 tokens' worth of blocks (8 of 16, 4 of 32).
+    for jetspec, want in ((True, [136, 68]), (False, [128, 64])):
         runner = NS(speculative_config=NS(jetspec=object() if jetspec
                                           else None),
                     speculator=NS(num_query_per_req=16),

@@ -92,14 +92,18 @@ def block_tables_with_slack(orig):
     jetspec engines with ``max_num_seqs=1`` as a request reached
     ``max_model_len``). For jetspec engines the rows get that many more
     columns: zeros, i.e. vLLM's null block, whose contents nothing
-    reads for a real position."""
+    reads for a real position. The width stays a multiple of vLLM's
+    alignment (128 tokens' worth of blocks, for backends that need it)."""
     def make(*args, **kwargs):
         extra = _slack_tokens
         if extra and "max_num_blocks_per_group" in kwargs:
-            sizes = kwargs["block_sizes"]
-            kwargs["max_num_blocks_per_group"] = [
-                m + -(-extra // bs) + 1 for m, bs in
-                zip(kwargs["max_num_blocks_per_group"], sizes)]
+            widths = []
+            for m, bs in zip(kwargs["max_num_blocks_per_group"],
+                             kwargs["block_sizes"]):
+                m += -(-extra // bs) + 1
+                align = 128 // bs if bs <= 128 else 1
+                widths.append(-(-m // align) * align)
+            kwargs["max_num_blocks_per_group"] = widths
         return orig(*args, **kwargs)
     make._jetspec_wrapped = True
     return make
