@@ -42,12 +42,16 @@ def test_step_masks_mix_chains_blocks_and_trees():
 
 
 def test_tree_splits_setting():
-    """JETSPEC_TREE_SPLITS: 'auto' (prefix splits from the grid size)
-    unless set to an integer >= 1 (1: the single-pass kernel); anything
-    else is one clear error."""
+    """JETSPEC_TREE_SPLITS: 'auto' (prefix splits from the grid size) on
+    CUDA and 1 elsewhere (Triton's interpreter), unless set to an integer
+    >= 1 (1: the single-pass kernel) or 'auto'; anything else is one clear
+    error."""
     from vllm_jetspec.vllm_patches.triton_attention import splits_setting
 
     assert splits_setting({}) == "auto"
+    assert splits_setting({}, cuda=False) == 1
+    assert splits_setting({"JETSPEC_TREE_SPLITS": "auto"},
+                          cuda=False) == "auto"
     assert splits_setting({"JETSPEC_TREE_SPLITS": "1"}) == 1
     assert splits_setting({"JETSPEC_TREE_SPLITS": "4"}) == 4
     assert splits_setting({"JETSPEC_TREE_SPLITS": "auto"}) == "auto"

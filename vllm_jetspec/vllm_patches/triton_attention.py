@@ -248,14 +248,19 @@ def _device_tree_rows(masks: torch.Tensor,
 SPLITS_ENV = "JETSPEC_TREE_SPLITS"
 
 
-def splits_setting(env=None) -> int | str:
+def splits_setting(env=None, cuda: bool = True) -> int | str:
     """``JETSPEC_TREE_SPLITS``: prefix splits of the tree kernel
     (flash-decoding), an integer >= 1 (1: the single-pass kernel) or
-    ``auto`` (the default: about two programs per SM; ``kernels.
-    tree_attention.choose_splits``). A batch-1 budget-16 step of the
-    Qwen3-8B shape has 8 programs without splits: each reads its whole
-    prefix alone (≈ 31 µs a layer on an H200, 2026-12-02)."""
-    v = (os.environ if env is None else env).get(SPLITS_ENV, "auto").strip()
+    ``auto`` (about two programs per SM; ``kernels.tree_attention.
+    choose_splits``). The default is ``auto`` on CUDA and 1 elsewhere
+    (``cuda=False``): Triton's interpreter runs programs one after
+    another, so splits only add programs and a combine pass (the CPU
+    engine test of this backend went from ≈ 2 to over 10 minutes with
+    them). A batch-1 budget-16 step of the Qwen3-8B shape has 8 programs
+    without splits: each reads its whole prefix alone (≈ 31 µs a layer on
+    an H200, 2026-12-02)."""
+    v = (os.environ if env is None else env).get(
+        SPLITS_ENV, "auto" if cuda else "1").strip()
     if v == "auto":
         return v
     if not v.isdigit() or int(v) < 1:
@@ -299,7 +304,8 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.splits = splits_setting()
+        from vllm.platforms import current_platform
+        self.splits = splits_setting(cuda=current_platform.is_cuda())
         self.large_tiles = tiles_setting()
         self.precision = precision_setting()
 
