@@ -90,7 +90,9 @@ if not torch.cuda.is_available():
     # a new Python process: 35-45 s of every engine start on the 2-core
     # machine (the warm-up's whole cost, 2026-12-03), for seconds of test.
     # Eager, that helper draws the same distribution (softmax, exponential
-    # race, argmax); greedy and seeded sampling never call it. The demo
+    # race, argmax). Greedy steps and all-seeded batches never call it (a
+    # batch mixing seeded and unseeded requests samples every row with
+    # it, compiled or not: vLLM-CPU's own behaviour). The demo
     # test runs without this (tests/test_tools.py), so CI still covers
     # the compiled default.
     os.environ.setdefault(COMPILE_ENV, "1")

@@ -325,3 +325,10 @@ def test_block_tables_cover_the_draft_pass_past_max_model_len():
         assert v2._slack_tokens == 0
     make(**kw)
     assert built[-1]["max_num_blocks_per_group"] == [128, 64]
+    # Widths not passed by name (another vLLM): built as given, warned.
+    v2._slack_tokens = 16
+    try:
+        make(block_sizes=[16])
+    finally:
+        v2._slack_tokens = 0
+    assert built[-1] == {"block_sizes": [16]}

@@ -96,7 +96,13 @@ def block_tables_with_slack(orig):
     alignment (128 tokens' worth of blocks, for backends that need it)."""
     def make(*args, **kwargs):
         extra = _slack_tokens
-        if extra and "max_num_blocks_per_group" in kwargs:
+        if extra and "max_num_blocks_per_group" not in kwargs:
+            # vLLM 0.26 passes it by name; anything else is another vLLM.
+            logger.warning_once(
+                "jetspec: BlockTables built without max_num_blocks_per_group"
+                " by name: block-table rows not widened for the draft pass "
+                "(a request reaching max_model_len may read past its row)")
+        elif extra:
             widths = []
             for m, bs in zip(kwargs["max_num_blocks_per_group"],
                              kwargs["block_sizes"]):
