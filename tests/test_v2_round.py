@@ -332,3 +332,15 @@ def test_block_tables_cover_the_draft_pass_past_max_model_len():
     finally:
         v2._slack_tokens = 0
     assert built[-1] == {"block_sizes": [16]}
+
+
+def test_tree_build_setting():
+    """The draft pass builds its trees with the fused kernel unless told
+    otherwise (the kernel's equality with the tree core:
+    kernels/test_tree_build.py)."""
+    from vllm_jetspec.vllm_patches.v2.speculator import tree_build_setting
+
+    assert tree_build_setting({}) == "kernel"
+    assert tree_build_setting({"JETSPEC_TREE_BUILD": "torch"}) == "torch"
+    with pytest.raises(ValueError, match="JETSPEC_TREE_BUILD"):
+        tree_build_setting({"JETSPEC_TREE_BUILD": "fast"})

@@ -7,6 +7,7 @@
 #   bash scripts/gpu/on_device.sh fit SECONDS [fit args...]   # resumable
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
 #   bash scripts/gpu/on_device.sh kernels             # kernel tests + timing on CUDA
+#   bash scripts/gpu/on_device.sh treebuild           # tree-build kernel tests + timing
 #   bash scripts/gpu/on_device.sh engine-tests [SECS] [pytest args] # on CUDA
 #     (env TESTS: test files, LOG: log name, default engine_tests)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
@@ -121,6 +122,16 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
         --json "$OUT/kernel_tiles.json" > "$OUT/kernel_tiles.log" 2>&1 \
         || echo "kernel tile sweep rc $?"
     tail -2 "$OUT/kernel_tiles.log" ;;
+treebuild)  # the fused tree-build kernel's tests on CUDA, then its device
+    # time against the torch tree core (CUDA graphs; kernels/bench_tree_build.py)
+    timeout "${KTEST_SECS:-150}" python3 -m pytest -q -p no:cacheprovider \
+        kernels/test_tree_build.py kernels/test_kv_move.py \
+        > "$OUT/tree_build_tests.log" 2>&1 || echo "tree build tests rc $?"
+    tail -3 "$OUT/tree_build_tests.log"
+    timeout 150 python3 -m vllm_jetspec.kernels.bench_tree_build \
+        --batch 1 8 32 --budget 16 64 128 --json "$OUT/tree_build_bench.json" \
+        > "$OUT/tree_build_bench.log" 2>&1 || echo "tree build bench rc $?"
+    cat "$OUT/tree_build_bench.log" | tail -40 ;;
 engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     secs=${1:-400}; shift || true
     # Each engine writes its own log under pytest's temporary folders:

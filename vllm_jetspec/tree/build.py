@@ -120,10 +120,12 @@ def build_tree(
         raise ValueError(f"tree budget must be in [1, {MAX_BUDGET}], "
                          f"got {n_slots}")
 
-    # Sort each depth's candidates, best first (the head's top-K usually is).
-    logp, order = topk_logp.float().sort(dim=-1, descending=True)
+    # Sort each depth's candidates, best first (the head's top-K usually
+    # is); stable, so equal log-probs keep the head's order.
+    logp = topk_logp.float()
+    logp, order = logp.masked_fill(torch.isnan(logp), -math.inf).sort(
+        dim=-1, descending=True, stable=True)
     ids = topk_ids.long().gather(-1, order)
-    logp = logp.masked_fill(torch.isnan(logp), -math.inf)
 
     if algo == "chain":
         logp = logp.masked_fill(

@@ -7,7 +7,9 @@ the host), the head's forward replays one FULL CUDA graph per batch size,
 and the drafts land in a device buffer the next step's input ids are built
 from. This subclass changes what happens after the head's forward, inside
 that same graph: the per-depth top-K instead of the argmax, one tree per
-request under the budget (``tree.build_tree``), its packed ancestor mask;
+request under the budget and its packed ancestor mask (one Triton launch,
+``kernels/tree_build.py``, equal to ``tree.build_tree`` +
+``packed_ancestor_mask``);
 the tree's nodes 1.. are the request's draft tokens. So a tree round has
 no more host work than a linear one.
 
@@ -21,6 +23,7 @@ tree is stored under its request-state index, where the next verify step
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,22 @@ from ...tree.masks import BITS
 from ..config import settings_of
 
 logger = init_logger("vllm.jetspec.v2")
+
+
+TREE_BUILD_ENV = "JETSPEC_TREE_BUILD"
+
+
+def tree_build_setting(env=None) -> str:
+    """``JETSPEC_TREE_BUILD``: how the draft pass builds its trees,
+    ``kernel`` (default: one Triton launch, ``kernels/tree_build.py``) or
+    ``torch`` (the tree core's ``build_tree`` + ``packed_ancestor_mask``,
+    ≈ 80 small kernels; the same trees)."""
+    v = (os.environ if env is None else env).get(TREE_BUILD_ENV,
+                                                 "kernel").strip()
+    if v not in ("kernel", "torch"):
+        raise ValueError(f"jetspec: {TREE_BUILD_ENV} must be 'kernel' or "
+                         f"'torch', got {v!r}")
+    return v
 
 
 @dataclass
@@ -100,6 +119,7 @@ class JetSpecSpeculator(DFlashSpeculator):
             (R, self.max_model_len + self.num_query_per_req), -1,
             dtype=torch.int64, device=device) if self.replay else None
         self.verify_step: VerifyStep | None = None
+        self.tree_kernel = tree_build_setting() == "kernel"
 
     def capture(self) -> None:
         super().capture()
@@ -162,6 +182,17 @@ class JetSpecSpeculator(DFlashSpeculator):
         anchor = self.input_buffers.input_ids[
             self.anchor_index[:num_reqs]].long()
         K = v.shape[-1]
+        if self.tree_kernel:
+            # One launch for the trees and their masks, written straight
+            # into the row buffers (kernels/tree_build.py).
+            from vllm_jetspec.kernels.tree_build import build_tree_rows
+            build_tree_rows(
+                v.view(num_reqs, D, K), i.view(num_reqs, D, K), anchor,
+                s.budget, algo=s.algo,
+                out=(self.draft_tokens[:num_reqs],
+                     self.row_parents[:num_reqs], self.row_depth[:num_reqs],
+                     self.row_masks[:num_reqs], self.row_nodes[:num_reqs]))
+            return
         tree = build_tree(v.view(num_reqs, D, K), i.view(num_reqs, D, K),
                           anchor, s.budget, algo=s.algo)
         nodes = tree.tokens[:, 1:]
