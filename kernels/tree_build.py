@@ -108,16 +108,16 @@ def _tree_build_kernel(
         pc = tl.where((jj == 0) & (d == 0), 0.0, pc)
         c = pc + tl.load(S_LP + r * DP * KP + d * KP + kk)
         okc = (jj < prev) & (kk < K)
-        key = _pack(tl.where(okc, _desc_key(c), INT32_MAX), jj * KP + kk)
-        key = tl.sort(tl.reshape(key, [NBP * KP]))
-        hi, idx = _unpack(key)
+        ckey = _pack(tl.where(okc, _desc_key(c), INT32_MAX), jj * KP + kk)
+        ckey = tl.sort(tl.reshape(ckey, [NBP * KP]))
+        chi, idx = _unpack(ckey)
         m = tl.minimum(prev * K, N_DRAFT)
         st = pos < m
         j_s = idx // KP
         par = tl.where(d == 0, -1, off_prev + j_s)
         tok = tl.load(S_ID + r * DP * KP + d * KP + idx % KP, mask=st,
                       other=-1)
-        tl.store(crow + off + pos, _key_value(hi), mask=st)
+        tl.store(crow + off + pos, _key_value(chi), mask=st)
         tl.store(C_PAR + r * CP + off + pos, par, mask=st)
         tl.store(C_TOK + r * CP + off + pos, tok, mask=st)
         tl.store(C_DEP + r * CP + off + pos, d + 1 + 0 * pos, mask=st)
