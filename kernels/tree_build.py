@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_jetspec.tree.build import DEFAULT_BETA, DEFAULT_GAP0, top2gap_fanout
+
 ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
 # Above every real key (the image of NaN, which never occurs: NaN is -inf).
 INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
@@ -68,7 +70,7 @@ def _unpack(key):
 
 @triton.jit
 def _tree_build_kernel(
-    LOGP, IDS, ANCHOR,
+    LOGP, IDS,
     S_LP, S_ID, C_CUM, C_PAR, C_TOK, C_DEP, NODE_OF,
     DRAFT, PARENTS, DEPTH, MASKS, NUM_NODES,
     budget,
@@ -207,7 +209,7 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
                     beta: float | None = None, gap0: float | None = None):
     """``build_tree_rows_ref`` in one launch (plus, for ``top2gap_fanout``,
     the fanout mask in torch first). ``logp`` [R, D, K] float, ``ids``
-    [R, D, K] int64, ``anchor`` [R] (the root token: not stored, the draft
+    [R, D, K] int64, ``anchor`` [R] (the root token: only checked, the draft
     rows hold nodes 1..). ``out``: (draft [R, B-1], parents [R, B], depth
     [R, B], masks [R, B, W], num_nodes [R]) contiguous int64 rows to write
     (e.g. the first R rows of a draft pass's buffers), else new ones.
@@ -223,8 +225,6 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
     dev = logp.device
     logp = logp.float()
     if algo == "top2gap_fanout":
-        from vllm_jetspec.tree.build import (DEFAULT_BETA, DEFAULT_GAP0,
-                                             top2gap_fanout)
         logp = logp.masked_fill(torch.isnan(logp), -math.inf)
         logp, order = logp.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order)
@@ -257,7 +257,7 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
     c_dep = torch.empty(R, CP, dtype=torch.int32, device=dev)
     node_of = torch.empty(R, CP, dtype=torch.int32, device=dev)
     _tree_build_kernel[(R,)](
-        logp.contiguous(), ids.long().contiguous(), anchor,
+        logp.contiguous(), ids.long().contiguous(),
         s_lp, s_id, c_cum, c_par, c_tok, c_dep, node_of,
         draft, parents, depth, masks, num_nodes, budget,
         num_warps=4 if max(CP, p["NBP"] * KP) <= 1024 else 8, **p)

@@ -184,7 +184,10 @@ class JetSpecSpeculator(DFlashSpeculator):
         K = v.shape[-1]
         if self.tree_kernel:
             # One launch for the trees and their masks, written straight
-            # into the row buffers (kernels/tree_build.py).
+            # into the row buffers (kernels/tree_build.py). Imported on use,
+            # as the other kernels are (Triton reads TRITON_INTERPRET at
+            # its first import); under CUDA graphs this body runs only at
+            # capture.
             from vllm_jetspec.kernels.tree_build import build_tree_rows
             build_tree_rows(
                 v.view(num_reqs, D, K), i.view(num_reqs, D, K), anchor,
