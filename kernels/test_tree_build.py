@@ -85,6 +85,14 @@ def test_draft_pass_trees_match_reference(algo, budget, D, K):
                algo)
 
 
+def test_ties_on_rows_wider_than_1024():
+    """Equal path sums on a depth with more than 1024 candidates (79 x 16):
+    the torch core picked among them with a topk there until 2026-12-03 and
+    built another tree than the kernel (budget 256 on the H200); both now
+    break ties the same way, shallower then earlier."""
+    _check(*_inputs(1, 3, 16, 5, ties=True), 80, "topb_prefix")
+
+
 def test_writes_into_given_rows():
     """The draft pass hands views of its buffers: rows past R untouched."""
     logp, ids, anchor = _inputs(2, 3, 3, 3)

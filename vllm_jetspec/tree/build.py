@@ -23,9 +23,10 @@ Algorithms (``budget`` counts the root, so ``budget - 1`` draft nodes):
 - ``chain``: width 1, the linear DFlash baseline: the top-1 token at each
   depth, ``min(D, budget - 1)`` nodes.
 
-All of it is tensor code with a static number of steps (one ``topk`` per
-depth, one sort), so none of it synchronises with the device when the budget
-is a Python int.
+All of it is tensor code with a static number of steps (one stable sort
+per depth, one overall), so none of it synchronises with the device when
+the budget is a Python int; equal path sums go to the shallower, then the
+earlier candidate.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ import torch
 from .types import PAD, DraftTree
 
 TREE_ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
-# Candidate rows up to this wide are sorted whole rather than top-k'd.
-SORT_MAX = 1024
 MAX_BUDGET = 256
 
 # top2gap_fanout defaults: a gap of GAP0 nats halves the width; BETA sets how
@@ -178,14 +177,15 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
         # parents and tokens are decoded for every depth at once below.
         c = (prev_cum[:, :, None] + logp[:, d, None, :]).reshape(
             R, prev_cum.shape[1] * K)
-        if c.shape[1] <= SORT_MAX:
-            # One bitonic sort kernel; topk on such short rows is a radix
-            # select plus that sort (H200 trace, 2026-12-03: ≈ 8 + 4 µs a
-            # depth at batch 1). Stable: ties to the earlier candidate.
-            top_cum, top_idx = c.sort(dim=1, descending=True, stable=True)
-            top_cum, top_idx = top_cum[:, :sizes[d]], top_idx[:, :sizes[d]]
-        else:
-            top_cum, top_idx = c.topk(sizes[d], dim=1)
+        # A stable sort, whatever the row's width: ties go to the earlier
+        # candidate, so the tree is a function of the inputs (a topk picks
+        # among equal path sums as it likes: it did for rows over 1024
+        # candidates until 2026-12-03, and the Triton build,
+        # kernels/tree_build.py, must give the same tree). On short rows
+        # it is also one bitonic sort kernel where topk is a radix select
+        # plus that sort (H200 trace, 2026-12-03: ≈ 8 + 4 µs a depth).
+        top_cum, top_idx = c.sort(dim=1, descending=True, stable=True)
+        top_cum, top_idx = top_cum[:, :sizes[d]], top_idx[:, :sizes[d]]
         cand_cum.append(top_cum)
         cand_idx.append(top_idx)
         prev_cum = top_cum[:, :min(n_beam, sizes[d])]
@@ -276,7 +276,7 @@ def _column_layout(sizes: list[int], dev) -> tuple[torch.Tensor,
 def truncate_tree(tree: DraftTree, budget: int) -> DraftTree:
     """The tree of ``budget`` nodes (root included) that ``build_tree`` makes
     with the same top-K for ``accum_logp`` and ``topb_prefix`` (up to exact
-    ties in path log-prob, where ``topk`` may pick either candidate), from
+    ties in path log-prob, not checked for), from
     one it made with a larger budget: its ``budget - 1`` best nodes by
     cumulative log-prob, ties to the shallower, then to the earlier node (what the
     stable sort in ``_select_best_prefixes`` does; nodes are laid out by
