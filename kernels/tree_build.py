@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_jetspec.tree.build import DEFAULT_BETA, DEFAULT_GAP0, top2gap_fanout
+from vllm_jetspec.tree.build import (DEFAULT_BETA, DEFAULT_GAP0, beam_sizes,
+                                     frontier_of, top2gap_fanout)
 
 ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
 # Above every real key (the image of NaN, which never occurs: NaN is -inf).
@@ -186,19 +187,11 @@ def _pow2(n: int) -> int:
 
 
 def plan(D: int, K: int, n_slots: int, algo: str) -> dict:
-    """The static sizes of a launch (what ``tree.build._select_best_prefixes``
-    derives from the same arguments)."""
-    n_draft = n_slots - 1
-    frontier = {"chain": 1, "accum_logp": K}.get(algo, n_draft)
-    n_beam = max(1, min(frontier, n_draft))
-    dlim = min(D, n_draft)
-    sizes, prev = [], 1
-    for _ in range(dlim):
-        sizes.append(min(n_draft, prev * K))
-        prev = min(n_beam, sizes[-1])
+    """The static sizes of a launch (the tree core's beam sizes, padded)."""
+    n_beam, sizes = beam_sizes(D, K, n_slots, frontier_of(algo, K, n_slots))
     W = (n_slots + 63) // 64
     return dict(D=D, K=K, KP=_pow2(K), DP=_pow2(D), N_SLOTS=n_slots,
-                N_DRAFT=n_draft, N_BEAM=n_beam, DLIM=dlim,
+                N_DRAFT=n_slots - 1, N_BEAM=n_beam, DLIM=len(sizes),
                 CHAIN=algo == "chain", NBP=_pow2(n_beam),
                 CP=_pow2(sum(sizes)), BP=_pow2(n_slots), W=W, WP=_pow2(W))
 

@@ -129,18 +129,32 @@ def build_tree(
     if algo == "chain":
         logp = logp.masked_fill(
             torch.arange(K, device=logp.device) >= 1, -math.inf)
-        frontier = 1
     elif algo == "top2gap_fanout":
         fan = top2gap_fanout(logp, beta, gap0)  # [R, D]
         allowed = torch.arange(K, device=logp.device) < fan[..., None]
         logp = logp.masked_fill(~allowed, -math.inf)
-        frontier = n_slots - 1
-    elif algo == "topb_prefix":
-        frontier = n_slots - 1
-    else:  # accum_logp
-        frontier = K
     return _select_best_prefixes(logp, ids, anchor.long(), budget_r, n_slots,
-                                 max(1, frontier))
+                                 max(1, frontier_of(algo, K, n_slots)))
+
+
+def frontier_of(algo: str, K: int, n_slots: int) -> int:
+    """How many nodes of a depth may have children, per algorithm."""
+    return {"chain": 1, "accum_logp": K}.get(algo, n_slots - 1)
+
+
+def beam_sizes(D: int, K: int, n_slots: int,
+               frontier: int) -> tuple[int, list[int]]:
+    """Static sizes of the beam loop: the frontier's width ``n_beam`` and,
+    per depth (at most ``min(D, n_slots - 1)``), how many candidates are
+    kept, the best ``m_d`` children of the frontier (the best ``n_beam`` of
+    which are the next frontier)."""
+    n_draft = n_slots - 1
+    n_beam = max(1, min(frontier, n_draft))
+    sizes, prev = [], 1
+    for _ in range(min(D, n_draft)):
+        sizes.append(min(n_draft, prev * K))
+        prev = min(n_beam, sizes[-1])
+    return n_beam, sizes
 
 
 def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
@@ -160,15 +174,8 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
     R, D, K = logp.shape
     dev = logp.device
     n_draft = n_slots - 1
-    n_beam = max(1, min(frontier, n_draft))
-
-    # Candidates per depth (static sizes): the best m_d children of the
-    # frontier, of which the best n_beam are the next frontier.
-    depth_limit = min(D, n_draft)
-    sizes, prev = [], 1
-    for _ in range(depth_limit):
-        sizes.append(min(n_draft, prev * K))
-        prev = min(n_beam, sizes[-1])
+    n_beam, sizes = beam_sizes(D, K, n_slots, frontier)
+    depth_limit = len(sizes)
     cand_cum, cand_idx = [], []
     prev_cum = torch.zeros(R, 1, device=dev)
     for d in range(depth_limit):
