@@ -94,7 +94,8 @@ def test_ties_on_rows_wider_than_1024():
 
 
 def test_writes_into_given_rows():
-    """The draft pass hands views of its buffers: rows past R untouched."""
+    """The draft pass hands views of its buffers and no anchor: rows past R
+    untouched."""
     logp, ids, anchor = _inputs(2, 3, 3, 3)
     B = 6
     bufs = (torch.full((4, B - 1), 99, dtype=torch.long, device=DEV),
@@ -102,7 +103,7 @@ def test_writes_into_given_rows():
             torch.full((4, B), 99, dtype=torch.long, device=DEV),
             torch.full((4, B, 1), 99, dtype=torch.long, device=DEV),
             torch.full((4,), 99, dtype=torch.long, device=DEV))
-    build_tree_rows(logp.to(DEV), ids.to(DEV), anchor.to(DEV), B,
+    build_tree_rows(logp.to(DEV), ids.to(DEV), None, B,
                     out=tuple(b[:2] for b in bufs))
     want = build_tree_rows_ref(logp, ids, anchor, B)
     for b, w in zip(bufs, want):

@@ -197,13 +197,14 @@ def plan(D: int, K: int, n_slots: int, algo: str) -> dict:
 
 
 def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
-                    anchor: torch.Tensor, budget: int,
+                    anchor: torch.Tensor | None, budget: int,
                     algo: str = "accum_logp", out=None,
                     beta: float | None = None, gap0: float | None = None):
     """``build_tree_rows_ref`` in one launch (plus, for ``top2gap_fanout``,
     the fanout mask in torch first). ``logp`` [R, D, K] float, ``ids``
-    [R, D, K] int64, ``anchor`` [R] (the root token: only checked, the draft
-    rows hold nodes 1..). ``out``: (draft [R, B-1], parents [R, B], depth
+    [R, D, K] int64, ``anchor`` [R] or None (the root token: the draft rows
+    hold nodes 1.., so the kernel never reads it; given, its shape is
+    checked). ``out``: (draft [R, B-1], parents [R, B], depth
     [R, B], masks [R, B, W], num_nodes [R]) contiguous int64 rows to write
     (e.g. the first R rows of a draft pass's buffers), else new ones.
     Scratch is allocated per call (inside a CUDA graph: the graph's
@@ -211,7 +212,8 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
     if algo not in ALGOS:
         raise ValueError(f"unknown tree algorithm {algo!r}")
     R, D, K = logp.shape
-    if ids.shape != logp.shape or anchor.shape != (R,):
+    if ids.shape != logp.shape or (anchor is not None
+                                   and anchor.shape != (R,)):
         raise ValueError("logp and ids must be [R, D, K], anchor [R]")
     if not 1 <= budget <= 256:
         raise ValueError(f"tree budget must be in [1, 256], got {budget}")

@@ -71,6 +71,18 @@ def test_tree_tiles_setting():
         tiles_setting({"JETSPEC_TREE_TILES": "huge"})
 
 
+def test_env_choice_names_the_variable_and_its_choices():
+    """The switches' shared reader: default when unset, the value stripped,
+    anything else one error naming the variable and every choice."""
+    from vllm_jetspec.vllm_patches.config import env_choice
+
+    assert env_choice("X", ("a", "b"), "a", {}) == "a"
+    assert env_choice("X", ("a", "b"), "a", {"X": " b "}) == "b"
+    with pytest.raises(ValueError,
+                       match=r"jetspec: X must be 'a' or 'b' or 'c', got 'd'"):
+        env_choice("X", ("a", "b", "c"), "a", {"X": "d"})
+
+
 def test_tree_precision_setting():
     """JETSPEC_TREE_PRECISION: ieee (default) or tf32; else one error."""
     from vllm_jetspec.vllm_patches.triton_attention import precision_setting

@@ -8,8 +8,11 @@
 #   bash scripts/gpu/on_device.sh eval NUM_PROMPTS MAX_NEW
 #   bash scripts/gpu/on_device.sh kernels             # kernel tests + timing on CUDA
 #   bash scripts/gpu/on_device.sh treebuild           # tree-build kernel tests + timing
+#     (env KTEST_ARGS: more pytest args, e.g. "-k 256"; KBENCH=0: no bench)
 #   bash scripts/gpu/on_device.sh engine-tests [SECS] [pytest args] # on CUDA
 #     (env TESTS: test files, LOG: log name, default engine_tests)
+#   bash scripts/gpu/on_device.sh round-diff [BUDGET] [ALGO]  # engine rounds
+#     vs the oracle's, margins at the first difference (after engine-tests)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
 #     (env CHECK_BUDGETS="16 64", BATCHES="1 4", NPROMPTS=4, BASELINE=dflash,
 #      NAME: output name, BENCH_ARGS e.g. "--ar-from /tmp/jetspec/bench_smollm2/ar.json")
@@ -125,9 +128,10 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
 treebuild)  # the fused tree-build kernel's tests on CUDA, then its device
     # time against the torch tree core (CUDA graphs; kernels/bench_tree_build.py)
     timeout "${KTEST_SECS:-300}" python3 -m pytest -q -p no:cacheprovider \
-        kernels/test_tree_build.py kernels/test_kv_move.py \
+        kernels/test_tree_build.py kernels/test_kv_move.py ${KTEST_ARGS:-} \
         > "$OUT/tree_build_tests.log" 2>&1 || echo "tree build tests rc $?"
     tail -3 "$OUT/tree_build_tests.log"
+    [ "${KBENCH:-1}" = 1 ] || exit 0
     timeout 150 python3 -m vllm_jetspec.kernels.bench_tree_build \
         --batch 1 8 32 --budget 16 64 128 --json "$OUT/tree_build_bench.json" \
         > "$OUT/tree_build_bench.log" 2>&1 || echo "tree build bench rc $?"
@@ -146,6 +150,14 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
         > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
     (cd "$W/pt" && find . -name "*.log" | tar czf "$OUT/${LOG:-engine_tests}_engines.tgz" -T -) || true
     tail -40 "$OUT/${LOG:-engine_tests}.log" ;;
+round-diff)  # [BUDGET] [ALGO]: where the engine's tree rounds part from the
+    # oracle's and how close to a tie (scripts/gpu/round_diff.py; the tiny
+    # models of the last engine-tests call, else trained anew)
+    timeout "${RD_SECS:-300}" python3 scripts/gpu/round_diff.py \
+        "$W/pt/shared-jetspec-tiny" "$W/round_diff" "${1:-64}" \
+        "${2:-accum_logp}" > "$OUT/round_diff.log" 2>&1 || echo "round-diff rc $?"
+    cp "$W/round_diff/round_diff.json" "$OUT/" 2>/dev/null || true
+    grep -E '^(engine|rounds|\{)' "$OUT/round_diff.log" | cut -c1-600 ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \

@@ -421,6 +421,19 @@ def patched_max_num_new_slots_for_drafting(orig: property) -> property:
     return property(fget, doc=orig.__doc__)
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str,
+               env=None) -> str:
+    """The value of environment variable ``name`` (``env``: a mapping in
+    its place), stripped, ``default`` when unset; one clear error naming
+    the variable and its choices for anything else. The jetspec switches
+    (``JETSPEC_TREE_BUILD``, ``JETSPEC_TREE_TILES``, ...) read through it."""
+    v = (os.environ if env is None else env).get(name, default).strip()
+    if v not in choices:
+        listed = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"jetspec: {name} must be {listed}, got {v!r}")
+    return v
+
+
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 

@@ -40,7 +40,7 @@ from ..tree.sampling import depth_noise
 from ..tree.masks import BITS, packed_rows_host
 from . import budget_graphs, tree_state
 from .compaction import move_kept_kv, path_first_order
-from .config import settings_of
+from .config import env_choice, settings_of
 from .draft_pass import DraftPass, draft_graphs_wanted
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
@@ -274,10 +274,7 @@ def _select_attention(vllm_config, device) -> None:
                                                      register_backend)
     pkg = "vllm_jetspec.vllm_patches."
     if device.type == "cpu":
-        choice = os.environ.get(ATTENTION_ENV, "torch")
-        if choice not in ("torch", "triton"):
-            raise ValueError(f"jetspec: {ATTENTION_ENV} must be 'torch' or "
-                             f"'triton', got {choice!r}")
+        choice = env_choice(ATTENTION_ENV, ("torch", "triton"), "torch")
         register_backend(AttentionBackendEnum.CPU_ATTN, pkg + (
             "torch_attention.TorchTreeAttentionBackend" if choice == "torch"
             else "triton_attention.TritonTreeAttentionBackendCPU"))

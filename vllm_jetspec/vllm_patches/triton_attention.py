@@ -35,6 +35,7 @@ from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from . import tree_state
+from .config import env_choice
 from .staging import Staging
 from .torch_attention import (TorchTreeAttentionBackend,
                               TorchTreeAttentionImpl,
@@ -112,11 +113,7 @@ def full_graphs_setting(env=None) -> bool:
     graphs of verify steps in which every request has exactly ``1 +
     num_speculative_tokens`` (= budget) tokens; ``0`` keeps the backend at
     piecewise graphs (attention eager between graph pieces)."""
-    v = (os.environ if env is None else env).get(FULL_GRAPHS_ENV, "1").strip()
-    if v not in ("0", "1"):
-        raise ValueError(f"jetspec: {FULL_GRAPHS_ENV} must be 0 or 1, "
-                         f"got {v!r}")
-    return v == "1"
+    return env_choice(FULL_GRAPHS_ENV, ("0", "1"), "1", env) == "1"
 
 
 class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
@@ -277,11 +274,7 @@ def tiles_setting(env=None) -> bool:
     large trees and prefills, 64-row ones otherwise; ``kernels.
     tree_attention.tile_config``) or ``small`` (64-row programs for every
     launch). True for large."""
-    v = (os.environ if env is None else env).get(TILES_ENV, "large").strip()
-    if v not in ("small", "large"):
-        raise ValueError(f"jetspec: {TILES_ENV} must be 'small' or 'large', "
-                         f"got {v!r}")
-    return v == "large"
+    return env_choice(TILES_ENV, ("small", "large"), "large", env) == "large"
 
 
 PRECISION_ENV = "JETSPEC_TREE_PRECISION"
@@ -292,12 +285,7 @@ def precision_setting(env=None) -> str:
     products for fp32 models, ``ieee`` (default) or ``tf32`` (what vLLM's
     own Triton attention uses for fp32: faster on tensor cores, ~1e-3
     relative error). bf16/fp16 models are unaffected."""
-    v = (os.environ if env is None else env).get(PRECISION_ENV,
-                                                 "ieee").strip()
-    if v not in ("ieee", "tf32"):
-        raise ValueError(f"jetspec: {PRECISION_ENV} must be 'ieee' or "
-                         f"'tf32', got {v!r}")
-    return v
+    return env_choice(PRECISION_ENV, ("ieee", "tf32"), "ieee", env)
 
 
 class TritonTreeAttentionImpl(TorchTreeAttentionImpl):

@@ -23,7 +23,6 @@ tree is stored under its request-state index, where the next verify step
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
 from ...replay import force_top1, load_replay
 from ...tree import build_tree, packed_ancestor_mask
 from ...tree.masks import BITS
-from ..config import settings_of
+from ..config import env_choice, settings_of
 
 logger = init_logger("vllm.jetspec.v2")
 
@@ -48,12 +47,7 @@ def tree_build_setting(env=None) -> str:
     ``kernel`` (default: one Triton launch, ``kernels/tree_build.py``) or
     ``torch`` (the tree core's ``build_tree`` + ``packed_ancestor_mask``,
     ≈ 80 small kernels; the same trees)."""
-    v = (os.environ if env is None else env).get(TREE_BUILD_ENV,
-                                                 "kernel").strip()
-    if v not in ("kernel", "torch"):
-        raise ValueError(f"jetspec: {TREE_BUILD_ENV} must be 'kernel' or "
-                         f"'torch', got {v!r}")
-    return v
+    return env_choice(TREE_BUILD_ENV, ("kernel", "torch"), "kernel", env)
 
 
 @dataclass
@@ -179,23 +173,23 @@ class JetSpecSpeculator(DFlashSpeculator):
         v = v - logits.logsumexp(-1, keepdim=True)
         if self.replay is not None:
             v, i = force_top1(v, i, self._replay_tokens(num_reqs))
-        anchor = self.input_buffers.input_ids[
-            self.anchor_index[:num_reqs]].long()
         K = v.shape[-1]
         if self.tree_kernel:
             # One launch for the trees and their masks, written straight
-            # into the row buffers (kernels/tree_build.py). Imported on use,
-            # as the other kernels are (Triton reads TRITON_INTERPRET at
-            # its first import); under CUDA graphs this body runs only at
-            # capture.
+            # into the row buffers (kernels/tree_build.py; the rows hold
+            # nodes 1.., so no anchor). Imported on use, as the other
+            # kernels are (Triton reads TRITON_INTERPRET at its first
+            # import); under CUDA graphs this body runs only at capture.
             from vllm_jetspec.kernels.tree_build import build_tree_rows
             build_tree_rows(
-                v.view(num_reqs, D, K), i.view(num_reqs, D, K), anchor,
+                v.view(num_reqs, D, K), i.view(num_reqs, D, K), None,
                 s.budget, algo=s.algo,
                 out=(self.draft_tokens[:num_reqs],
                      self.row_parents[:num_reqs], self.row_depth[:num_reqs],
                      self.row_masks[:num_reqs], self.row_nodes[:num_reqs]))
             return
+        anchor = self.input_buffers.input_ids[
+            self.anchor_index[:num_reqs]].long()
         tree = build_tree(v.view(num_reqs, D, K), i.view(num_reqs, D, K),
                           anchor, s.budget, algo=s.algo)
         nodes = tree.tokens[:, 1:]
