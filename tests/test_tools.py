@@ -222,3 +222,23 @@ def test_kernel_bench_roofline():
     assert rows[0]["frac_of_copy"] == 0.5 and "bound" not in rows[0]
     assert matmul_tflops(n=64, repeats=2, dtype=torch.float32,
                          device="cpu") > 0
+
+
+def test_first_differences_name_prompt_and_position():
+    """A bench row whose outputs differ from AR's says where (per prompt,
+    the first differing token), so the near-tie can be looked up."""
+    from vllm_jetspec.tools.engine_job import first_differences, result_rows
+
+    base = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    ids = [[1, 2, 3], [4, 9, 6], [7, 8, 1]]
+    assert first_differences(ids, base) == {1: 1, 2: 2}
+    assert first_differences(base, base) == {}
+    res = {"batches": {"1": dict(ids=ids, tokens=9, seconds=1.0, drafts=0,
+                                 accepted=0)}}
+    ar = {"batches": {"1": dict(ids=base, tokens=8, seconds=1.0, drafts=0,
+                                accepted=0)}}
+    row, = result_rows("jetspec", 16, res, ar)
+    assert row["identical_to_ar"] is False
+    assert row["differs_at"] == {1: 1, 2: 2}
+    row, = result_rows("ar", 0, ar, ar)
+    assert row["identical_to_ar"] is True and "differs_at" not in row

@@ -226,7 +226,7 @@ trace8b)  # BUDGETS...: Qwen3-8B shape replay, batch 1: device idle by host
         timeout "${TRACE_SECS:-240}" python3 scripts/gpu/trace8b.py "$W/shapes" "$W/trace8b" \
             "$b" "${MAX_NEW:-64}" > "$OUT/trace8b_$b.log" 2>&1 || echo "trace8b $b rc $?"
         cp "$W/trace8b/trace8b_$b.txt" "$W/trace8b/trace8b_$b.json.gz" "$OUT/" 2>/dev/null || true
-        grep '^{' "$OUT/trace8b_$b.log" | tail -1
+        grep '^{' "$OUT/trace8b_$b.log" | tail -1 || true
     done ;;
 soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.tools.soak, SmolLM2
     # fp32 + the shipped head, 1000 mixed requests at concurrency 32; auto

@@ -17,9 +17,12 @@ was to a tie:
    different counts: the depth where the trees part, the head's log-prob of
    the target's token there, the smallest change of that one log-prob that
    makes the CPU tree accept what the engine accepted (binary search through
-   the tree core), the head's largest log-prob difference between the GPU
-   and the CPU for the same context, and what the tree from the GPU's
-   log-probs accepts.
+   the tree core), the top-K cut of that depth (the K-th and (K+1)-th
+   log-probs and the target token's rank: a token on the cut with a gap of
+   float rounding is in one device's top-K and not in the other's), the
+   head's largest log-prob difference between the GPU and the CPU for the
+   same context (IEEE fp32 and TF32 matmuls), and what the trees from the
+   GPU's log-probs accept.
 
 A margin of the order of float32 rounding (≲ 1e-5 nats on sums of ≈ 10) with
 the GPU's head moving the log-probs by more than that is a near-tie; a
@@ -42,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+# The engine's core process is spawned, not forked: this process may have
+# touched CUDA already (a forked child then cannot initialise it).
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -177,6 +183,22 @@ def margin(v, i, anchor, greedy, budget, algo, d: int, want: int) -> dict:
     return out
 
 
+def width_cut(logp_row: torch.Tensor, K: int, token: int) -> dict:
+    """The top-K cut of one depth's log-probs (the tree only ever sees a
+    depth's K best tokens): the K-th and (K+1)-th entries, the gap between
+    them, and the rank of the target's ``token`` (a token at rank K-1 or K
+    with a gap of float rounding is in one device's top-K and not in the
+    other's)."""
+    v, i = logp_row.sort(descending=True, stable=True)
+    rank = int((i == token).nonzero()[0, 0])
+    return dict(rank_of_target_token=rank,
+                kth=[int(i[K - 1]), float(v[K - 1])],
+                next=[int(i[K]), float(v[K])],
+                gap=float(v[K - 1] - v[K]),
+                top=[[int(a), round(float(b), 6)]
+                     for a, b in zip(i[:K + 2], v[:K + 2])])
+
+
 def main() -> None:
     tiny = Path(sys.argv[1])
     out = Path(sys.argv[2])
@@ -256,18 +278,23 @@ def main() -> None:
                 row["round"]["margin"] = margin(
                     rd["v"], rd["i"], rd["anchor"], greedy, budget, algo,
                     min(a, e) + 1, e)
+            D, K = rd["v"].shape
+            with torch.no_grad():
+                lc = load_head(head_dir).eval().draft_block(
+                    rd["ctx"], rd["anchor"], tgt_cpu.get_input_embeddings(),
+                    tgt_cpu.get_output_embeddings(),
+                    num_draft=D).float().log_softmax(-1)
+            if len(greedy) > min(a, e):
+                d = min(a, e) + 1
+                row["round"]["width_cut"] = dict(depth=d, **width_cut(
+                    lc[d - 1], K, greedy[d - 1]))
             if cuda:
                 with torch.no_grad():
                     lg = head_gpu.draft_block(
                         rd["ctx"].cuda(), rd["anchor"],
                         tgt_gpu.get_input_embeddings(),
                         tgt_gpu.get_output_embeddings(),
-                        num_draft=rd["v"].shape[0]).float().log_softmax(-1)
-                    lc = load_head(head_dir).eval().draft_block(
-                        rd["ctx"], rd["anchor"],
-                        tgt_cpu.get_input_embeddings(),
-                        tgt_cpu.get_output_embeddings(),
-                        num_draft=rd["v"].shape[0]).float().log_softmax(-1)
+                        num_draft=D).float().log_softmax(-1)
                 gv, gi = lg.cpu().topk(rd["v"].shape[1], dim=-1)
                 row["round"]["head_max_abs_diff_gpu_cpu"] = float(
                     (lg.cpu() - lc).abs().max())
@@ -277,6 +304,21 @@ def main() -> None:
                 if len(greedy) > min(a, e):
                     row["round"]["gpu_head_tree_accepts"] = accepted_len(
                         gv, gi, rd["anchor"], greedy, budget, algo)
+                    # ... and with TF32 matmuls (what fp32 attention in
+                    # vLLM's backends does on tensor cores)
+                    torch.backends.cuda.matmul.allow_tf32 = True
+                    with torch.no_grad():
+                        lt = head_gpu.draft_block(
+                            rd["ctx"].cuda(), rd["anchor"],
+                            tgt_gpu.get_input_embeddings(),
+                            tgt_gpu.get_output_embeddings(),
+                            num_draft=D).float().log_softmax(-1).cpu()
+                    torch.backends.cuda.matmul.allow_tf32 = False
+                    tv, ti = lt.topk(K, dim=-1)
+                    row["round"]["tf32_head"] = dict(
+                        max_abs_diff_vs_cpu=float((lt - lc).abs().max()),
+                        tree_accepts=accepted_len(tv, ti, rd["anchor"],
+                                                  greedy, budget, algo))
         report["prompts"].append(row)
         print(json.dumps({k: v for k, v in row.items()
                           if k not in ("engine", "cpu", "cuda")}),

@@ -531,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     if not same:
         print("bench: some outputs differ from AR's"
               + (" (dummy weights: near-tied logits)" if dummy else ""))
+        for r in rows:
+            if r.get("differs_at"):
+                print(f"  {r['method']} {r['budget']} batch {r['batch']}: "
+                      "first differing token by prompt "
+                      f"{r['differs_at']}")
     return 0 if same or dummy else 1
 
 

@@ -141,6 +141,19 @@ def _batches(llm, job, prompts, sp, profile) -> dict:
     return out
 
 
+def first_differences(ids: list[list[int]],
+                      base: list[list[int]]) -> dict[int, int]:
+    """{prompt index: first token position where ``ids`` and ``base``
+    differ} for the prompts whose outputs differ (a shorter output differs
+    where it ends)."""
+    out = {}
+    for j, (a, b) in enumerate(zip(ids, base)):
+        if a != b:
+            out[j] = next((k for k, (x, y) in enumerate(zip(a, b))
+                           if x != y), min(len(a), len(b)))
+    return out
+
+
 def result_rows(method: str, budget: int, res: dict, ar: dict,
                 prompt_set: str | None = None) -> list[dict]:
     """One row per batch size of an engine's result (of ``prompt_set``
@@ -163,6 +176,10 @@ def result_rows(method: str, budget: int, res: dict, ar: dict,
             tok_s=tok_s, speedup=tok_s / ar_s if ar_s else 0.0,
             identical_to_ar=r["ids"] == base["ids"], tokens=r["tokens"],
             seconds=r["seconds"], rounds=r["drafts"]))
+        if r["ids"] != base["ids"]:
+            # where to look for the near-tie (scripts/gpu/diverge.py)
+            rows[-1]["differs_at"] = first_differences(r["ids"],
+                                                       base["ids"])
         modes = (r.get("profile") or {}).get("graph_modes")
         if modes:
             rows[-1]["graph_modes"] = dict(sorted(modes.items()))
