@@ -145,13 +145,11 @@ def first_differences(ids: list[list[int]],
                       base: list[list[int]]) -> dict[int, int]:
     """{prompt index: first token position where ``ids`` and ``base``
     differ} for the prompts whose outputs differ (a shorter output differs
-    where it ends)."""
-    out = {}
-    for j, (a, b) in enumerate(zip(ids, base)):
-        if a != b:
-            out[j] = next((k for k, (x, y) in enumerate(zip(a, b))
-                           if x != y), min(len(a), len(b)))
-    return out
+    where it ends; ``soak.first_diff``)."""
+    from .soak import first_diff
+
+    diffs = (first_diff(a, b) for a, b in zip(ids, base))
+    return {j: d for j, d in enumerate(diffs) if d is not None}
 
 
 def result_rows(method: str, budget: int, res: dict, ar: dict,
