@@ -127,6 +127,9 @@ def test_answers_equal_no_spec(soak):
     _, rep = soak
     c = rep["compare"]["spec_vs_ref"]
     assert c["greedy"]["compared"] >= 40 and not c["greedy"]["differ"]
+    # Stop strings inside a tree round: plain decoding's token ids (the
+    # stop-string patch), none past the stop string.
+    assert c["token_ids_past_stop_string"]["requests"] == 0, c
     # The seeded blocks: vLLM itself reproducible there (all-seeded
     # batches on CPU), and jetspec's seeded answers identical.
     r = rep["compare"]["ref_repro"]["seeded_block"]

@@ -242,3 +242,50 @@ def test_first_differences_name_prompt_and_position():
     assert row["differs_at"] == {1: 1, 2: 2}
     row, = result_rows("ar", 0, ar, ar)
     assert row["identical_to_ar"] is True and "differs_at" not in row
+
+
+def test_soak_names_the_cause_of_each_difference():
+    """The soak's probes at a difference (vllm_jetspec.tools.soak.diff_cause):
+    each server's pick after the same prefix says whether the backends
+    order a near-tie differently (flip), vLLM did not reproduce itself
+    (reference) or jetspec's round disagrees with its own plain step
+    (spec); the tie bound is how far the backends move one token against
+    the other, over the temperature. Rows from the H200 soak of
+    2026-12-03 (requests 90, 592, 755)."""
+    from vllm_jetspec.tools.soak import diff_cause
+
+    def probe(top, sampled=None):
+        d = dict(top=top, gap=round(top[0][1] - top[1][1], 6))
+        if sampled is not None:
+            d["sampled"] = sampled
+        return d
+
+    flip = dict(tokens_there=[5127, 14172], params={"temperature": 0.0},
+                logprobs_at_diff=dict(
+                    spec=probe([[14172, -1.53103], [5127, -1.546447]]),
+                    ref=probe([[5127, -1.536876], [14172, -1.538942]])))
+    c = diff_cause(flip)
+    assert c["cause"] == "flip"
+    assert c["tie_bound"] == pytest.approx(0.017483, abs=1e-6)
+    assert c["probe_deviation"] == pytest.approx(0.009571, abs=1e-6)
+    ref = dict(tokens_there=[30, 28], params={"temperature": 0.0},
+               logprobs_at_diff=dict(
+                   spec=probe([[28, -1.651124], [30, -1.652583]]),
+                   ref=probe([[28, -1.653253], [30, -1.653404]])))
+    assert diff_cause(ref)["cause"] == "reference"
+    ends = dict(tokens_there=[None, 198], logprobs_at_diff=dict(
+        spec=probe([[198, -0.23], [29, -3.3]]),
+        ref=probe([[198, -0.23], [29, -3.3]])))
+    assert diff_cause(ends)["cause"] == "ends"
+    # Seeded: the picks are the probes' draws, not their top tokens; the
+    # bound is over the temperature.
+    seeded = dict(tokens_there=[7, 9], params={"temperature": 0.5},
+                  logprobs_at_diff=dict(
+                      spec=probe([[3, -1.0], [9, -2.0], [7, -2.01]], 9),
+                      ref=probe([[3, -1.0], [7, -2.0], [9, -2.004]], 7)))
+    c = diff_cause(seeded)
+    assert c["cause"] == "flip"
+    assert c["tie_bound"] == pytest.approx((0.01 + 0.004) / 0.5, abs=1e-6)
+    seeded["logprobs_at_diff"]["spec"]["sampled"] = 3
+    assert diff_cause(seeded)["cause"] == "spec"
+    assert diff_cause(dict(tokens_there=[1, 2]))["cause"] == "unprobed"

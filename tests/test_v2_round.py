@@ -344,3 +344,44 @@ def test_tree_build_setting():
     assert tree_build_setting({"JETSPEC_TREE_BUILD": "torch"}) == "torch"
     with pytest.raises(ValueError, match="JETSPEC_TREE_BUILD"):
         tree_build_setting({"JETSPEC_TREE_BUILD": "fast"})
+
+
+@pytest.mark.parametrize("sizes,warned", [([1, 2, 4, 8, 16], False),
+                                          ([128], True)])
+def test_draft_pass_without_its_graph_is_said(monkeypatch, sizes, warned):
+    """A draft pass of 16 tokens a request finds no FULL graph when the
+    capture sizes were given for the verify step only (trace8b at budget
+    128, 2026-12-03): one warning at start-up; vLLM's default sizes give
+    it graphs and no warning. The descriptors are those vLLM's manager
+    plans for one request (``CudaGraphManager._init_candidates``)."""
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+    from vllm_jetspec.vllm_patches.v2 import speculator as sp
+
+    q, max_reqs = 16, 1
+    full = [BatchExecutionDescriptor(cg_mode=CUDAGraphMode.FULL,
+                                     num_tokens=q, num_reqs=1,
+                                     uniform_token_count=q)
+            for s in sizes if -(-s // q) * q <= max_reqs * q][:1]
+    manager = SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL,
+                              _capture_descs={CUDAGraphMode.FULL: full}
+                              if full else {})
+    fake = SimpleNamespace(
+        query_cudagraph_manager=manager, num_query_per_req=q,
+        vllm_config=SimpleNamespace(compilation_config=SimpleNamespace(
+            cudagraph_capture_sizes=sizes)))
+    said = []
+    monkeypatch.setattr(sp.logger, "warning",
+                        lambda msg, *a: said.append(msg % a))
+    sp.JetSpecSpeculator._warn_if_draft_not_graphed(fake)
+    assert bool(said) == warned, said
+    if warned:
+        assert "no FULL CUDA graph" in said[0] and "[128]" in said[0]
+    # Eager engines (no graph mode): nothing to say.
+    said.clear()
+    manager.cudagraph_mode = CUDAGraphMode.NONE
+    sp.JetSpecSpeculator._warn_if_draft_not_graphed(fake)
+    assert not said

@@ -2,10 +2,16 @@
 prompts: plain decoding with vLLM's default attention backend (A), plain
 decoding through jetspec's Triton tree-attention backend (B, registered as
 CUSTOM), and jetspec at budgets 16 and 64 (C, D). For each pair, per prompt:
-the first differing position and, for plain-decoding runs, the gap between
-the top-2 log-probs there (a near-tie means kernel numerics, not a bug).
+the first differing position and, from every plain-decoding run whose tokens
+equal both up to there, the gap between the top-2 log-probs there (a
+near-tie means kernel numerics, not a bug; the gaps of both backends side by
+side).
 
     python scripts/gpu/diverge.py OUT_DIR [NUM_PROMPTS] [MAX_NEW]
+
+Env: DIVERGE_KINDS (engines), DIVERGE_PROMPTS (prompt set), DIVERGE_GRAPHS=1
+(torch.compile + CUDA graphs, as `bench --graphs` runs them; default eager),
+DIVERGE_SEQS (max_num_seqs, default 4; 1 = the bench's batch 1).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ def engine(kind: str, out: str, n: int, max_new: int) -> None:
     head = str(shipped_head_dir())
     prompts = encode_prompts(assets.load_prompts(os.environ.get("DIVERGE_PROMPTS", "gsm8k"), limit=n),
                              AutoTokenizer.from_pretrained(target), chat=True)
-    kw = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.4,
-              max_model_len=2048, max_num_seqs=4,
+    kw = dict(dtype="float32",
+              enforce_eager=os.environ.get("DIVERGE_GRAPHS", "0") != "1",
+              gpu_memory_utilization=0.4, max_model_len=2048,
+              max_num_seqs=int(os.environ.get("DIVERGE_SEQS", "4")),
               max_num_batched_tokens=2048)
     spec = None
     if kind == "plain_custom":
@@ -83,20 +91,27 @@ def main() -> None:
         with open(path) as f:
             res[k] = json.load(f)
     report = []
+    plain = [k for k in res if k.startswith("plain")]
     for a, b in [("plain_default", "plain_custom"),
                  ("plain_custom", "jetspec16"), ("plain_custom", "jetspec64"),
-                 ("plain_default", "jetspec16")]:
+                 ("plain_default", "jetspec16"), ("plain_default", "jetspec64")]:
         if a not in res or b not in res:
             continue
         for i, (x, y) in enumerate(zip(res[a], res[b])):
             d = next((j for j, (u, v) in enumerate(zip(x["ids"], y["ids"]))
                       if u != v), None)
-            gap = None
+            gaps = {}
             if d is not None:
-                g = (x["gaps"] or y["gaps"] or [None] * (d + 1))
-                gap = g[d]
+                # A plain run's gap at d speaks for this pair only where
+                # that run decoded the same d tokens before it.
+                for k in plain:
+                    r = res[k][i]
+                    if r["gaps"] and len(r["ids"]) > d and \
+                            r["ids"][:d] == x["ids"][:d]:
+                        gaps[k] = r["gaps"][d]
             line = dict(pair=f"{a} vs {b}", prompt=i, first_diff=d,
-                        top2_gap_there=gap)
+                        top2_gap_there=gaps.get(a, gaps.get(b)),
+                        top2_gap_by_run=gaps or None)
             report.append(line)
             print(json.dumps(line))
     with open(os.path.join(out, "report.json"), "w") as f:

@@ -13,6 +13,9 @@
 #     (env TESTS: test files, LOG: log name, default engine_tests)
 #   bash scripts/gpu/on_device.sh round-diff [BUDGET] [ALGO]  # engine rounds
 #     vs the oracle's, margins at the first difference (after engine-tests)
+#   bash scripts/gpu/on_device.sh diverge [N] [MAX_NEW]  # first differing token
+#     and top-2 gaps, SmolLM2 plain vs jetspec (scripts/gpu/diverge.py; env
+#     DIVERGE_KINDS, DIVERGE_GRAPHS=1, DIVERGE_SEQS=1 for the bench's batch 1)
 #   bash scripts/gpu/on_device.sh cuda-check          # jetspec on CUDA vs AR (SmolLM2)
 #     (env CHECK_BUDGETS="16 64", BATCHES="1 4", NPROMPTS=4, BASELINE=dflash,
 #      NAME: output name, BENCH_ARGS e.g. "--ar-from /tmp/jetspec/bench_smollm2/ar.json")
@@ -21,7 +24,7 @@
 #      BENCH_ARGS="--stock-ar --ar-from /tmp/jetspec/NAME0/ar.json", GMU=0.85)
 #   bash scripts/gpu/on_device.sh one BUDGET SEQS [BATCH]  # one 8B-shape engine
 #     starts and generates (capture check; env TAG, ONE_SECS)
-#   bash scripts/gpu/on_device.sh syncs [BUDGET] [MAX_NEW]  # syncs per round
+#   bash scripts/gpu/on_device.sh syncs ["BUDGETS"] [MAX_NEW]  # syncs per round
 #     (env SYNC_MODES="eager graphs")
 #   bash scripts/gpu/on_device.sh soak 16|auto [soak args]  # the serving soak
 #     (env SOAK_N=1000, SOAK_BLOCKS=512, SOAK_REPRO=same, SOAK_PASS_SECS=90;
@@ -158,6 +161,13 @@ round-diff)  # [BUDGET] [ALGO]: where the engine's tree rounds part from the
         "${2:-accum_logp}" > "$OUT/round_diff.log" 2>&1 || echo "round-diff rc $?"
     cp "$W/round_diff/round_diff.json" "$OUT/" 2>/dev/null || true
     grep -E '^(engine|rounds|\{)' "$OUT/round_diff.log" | cut -c1-600 ;;
+diverge)  # [N] [MAX_NEW]: where plain decoding and jetspec part, SmolLM2
+    # fp32 on GSM8K, with the top-2 log-prob gaps of the plain runs there
+    DIVERGE_PROMPTS=${DIVERGE_PROMPTS:-$W/prompts/gsm8k.jsonl} \
+        timeout "${DIVERGE_SECS:-500}" python3 scripts/gpu/diverge.py "$W/diverge" \
+        "${1:-8}" "${2:-128}" > "$OUT/diverge.log" 2>&1 || echo "diverge rc $?"
+    cp "$W/diverge/report.json" "$OUT/diverge_report.json" 2>/dev/null || true
+    grep -E '^\{|failed' "$OUT/diverge.log" | grep -v '"first_diff": null' | cut -c1-400 || true ;;
 cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
     timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype float32 \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
@@ -188,15 +198,17 @@ one)  # BUDGET SEQS [BATCH]: start one 8B-shape jetspec engine, 64 tokens
         > "$log" 2>&1 || echo "one rc $?"
     grep -v "^frame" "$log" | grep -E "started in|generated|Error|error:|File \"/work" \
         | head -30 ;;
-syncs)  # [BUDGET] [MAX_NEW]: synchronisations per round, eager and graphs
+syncs)  # [BUDGETS] [MAX_NEW]: synchronisations per round, eager and graphs
+    # (BUDGETS: one or more, space-separated in one argument; dflash = stock)
+    for b in ${1:-64}; do
     for mode in ${SYNC_MODES:-eager graphs}; do
         flag=(); [ $mode = graphs ] && flag=(--graphs)
-        SYNC_PROMPTS=$W/prompts/gsm8k.jsonl timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_$mode" "${1:-64}" \
-            "${2:-64}" "${flag[@]}" > "$OUT/syncs_$mode.log" 2>&1 \
-            || echo "syncs $mode rc $?"
-        cp "$W/syncs_$mode/syncs.json" "$OUT/syncs_$mode.json" 2>/dev/null || true
-        tail -25 "$OUT/syncs_$mode.log"
-    done ;;
+        SYNC_PROMPTS=$W/prompts/gsm8k.jsonl timeout 240 python3 scripts/gpu/syncs.py "$W/syncs_${b}_$mode" "$b" \
+            "${2:-64}" "${flag[@]}" > "$OUT/syncs_${b}_$mode.log" 2>&1 \
+            || echo "syncs $b $mode rc $?"
+        cp "$W/syncs_${b}_$mode/syncs.json" "$OUT/syncs_${b}_$mode.json" 2>/dev/null || true
+        tail -25 "$OUT/syncs_${b}_$mode.log"
+    done; done ;;
 sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
     files=(); for d in $1; do files+=("$W/prompts/$d.jsonl"); done
     ds=${NAME:-$(echo $1 | cut -d' ' -f1)}; shift

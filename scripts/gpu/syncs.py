@@ -6,9 +6,12 @@ SmolLM2 (fp32) + the shipped head, jetspec at one budget, in this process
 debug mode (``torch.cuda.set_sync_debug_mode("warn")``) turns every
 synchronising CUDA call into a warning attributed to the Python line that
 made it; they are counted per line over a generation and divided by the
-number of engine steps. Writes ``syncs.json`` to OUT_DIR.
+number of engine steps. Writes ``syncs.json`` to OUT_DIR. BUDGET
+``dflash`` counts stock vLLM's linear DFlash drafter with the same head
+(depth from its config) for comparison: on the V2 runner vLLM's own
+round has synchronisations too, and only those beyond it are jetspec's.
 
-    python scripts/gpu/syncs.py OUT_DIR [BUDGET] [MAX_NEW] [--graphs]
+    python scripts/gpu/syncs.py OUT_DIR [BUDGET|dflash] [MAX_NEW] [--graphs]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     graphs = "--graphs" in sys.argv
     out = args[0]
-    budget = int(args[1]) if len(args) > 1 else 64
+    budget = args[1] if len(args) > 1 else "64"
     max_new = int(args[2]) if len(args) > 2 else 64
     os.makedirs(out, exist_ok=True)
 
@@ -38,6 +41,15 @@ def main() -> int:
     from vllm_jetspec.heads import shipped_head_dir
 
     target = str(assets.default_model_dir())
+    head = str(shipped_head_dir())
+    if budget == "dflash":
+        from vllm_jetspec.head.config import HeadConfig
+        depth = HeadConfig.from_json(os.path.join(head, "config.json")).block_size - 1
+        spec = {"method": "dflash", "model": head,
+                "num_speculative_tokens": depth}
+    else:
+        spec = {"method": "jetspec", "model": head,
+                "tree_budget": int(budget)}
     prompts = encode_prompts(assets.load_prompts(
         os.environ.get("SYNC_PROMPTS", "gsm8k"), limit=1),
                              AutoTokenizer.from_pretrained(target), chat=True)
@@ -45,9 +57,7 @@ def main() -> int:
               gpu_memory_utilization=0.4, max_model_len=2048,
               max_num_seqs=4, max_num_batched_tokens=2048,
               disable_log_stats=False,
-              speculative_config={"method": "jetspec",
-                                  "model": str(shipped_head_dir()),
-                                  "tree_budget": budget})
+              speculative_config=spec)
     sp = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True)
     tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(tp, SamplingParams(max_tokens=16, ignore_eos=True),

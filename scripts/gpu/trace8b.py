@@ -125,9 +125,15 @@ def main() -> None:
                 "model": head, "replay": replay}
     kw = {}
     if budget:
-        kw = dict(max_num_batched_tokens=batched_tokens(budget, 1, 15),
-                  compilation_config=dict(
-                      cudagraph_capture_sizes=graph_sizes(budget, 1)))
+        # The verify step's size and the draft pass's (1 + depth tokens a
+        # request, the V2 runner's DFlash graph): with the verify size only,
+        # a budget other than 1 + depth left the draft pass without its
+        # FULL graph (budget 128, 2026-12-03: `_run_model` piecewise in the
+        # trace), as `bench` already knew (its `graph_sizes(depth + 1)`).
+        kw = dict(max_num_batched_tokens=batched_tokens(budget, 1, depth),
+                  compilation_config=dict(cudagraph_capture_sizes=sorted(
+                      set(graph_sizes(budget, 1))
+                      | set(graph_sizes(depth + 1, 1)))))
     llm = LLM(os.path.join(shapes, "qwen3-8b"), load_format="dummy",
               dtype="bfloat16", max_model_len=2048, max_num_seqs=1,
               skip_tokenizer_init=True, gpu_memory_utilization=0.85,

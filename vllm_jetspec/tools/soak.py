@@ -868,25 +868,45 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
     return dict(results=results, wall_s=wall, peak_rss_mb=peak["rss_mb"])
 
 
+# Per-request parameters a one-token probe from the answer's prefix
+# reproduces exactly (the Gumbel noise of vLLM's V2 sampler is keyed by the
+# request's seed and the token's position, so a seeded draw at that position
+# is the same draw; min_p and logit_bias do not depend on earlier output).
+# Penalties, min_tokens and structured output depend on the output so far:
+# such answers are not probed.
+PROBE_SEEDED = (None, "logit_bias", "min_p", "logprobs")
+PROBE_DROP = ("max_tokens", "stop", "stream", "stream_options", "logprobs",
+              "top_logprobs", "n")
+
+
 async def probe(server: Server, prompt_ids: list[int], prefix: list[int],
-                timeout: float) -> dict:
+                timeout: float, req: Req | None = None) -> dict:
     """The server's top log-probs for the token after ``prompt + prefix``
-    (plain decoding: a logprobs request never verifies a tree)."""
+    (plain decoding: a logprobs request never verifies a tree) and the
+    token it picks there: greedy, or with ``req``'s sampling parameters and
+    seed (a seeded request's draw at that position)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="soak",
                                 max_retries=0, timeout=timeout)
+    kw: dict = dict(temperature=0)
+    extra: dict = {"return_tokens_as_token_ids": True}
+    if req is not None and req.mode == "seeded":
+        kw = {k: v for k, v in req.params.items() if k not in PROBE_DROP}
+        extra.update({k: v for k, v in req.extra.items()
+                      if k not in ("min_tokens", "return_token_ids")})
     try:
         resp = await client.completions.create(
             model=MODEL_NAME, prompt=list(prompt_ids) + list(prefix),
-            max_tokens=1, temperature=0, logprobs=5,
-            extra_body={"return_tokens_as_token_ids": True})
-        top = resp.choices[0].logprobs.top_logprobs[0]
+            max_tokens=1, logprobs=5, extra_body=extra, **kw)
+        lp = resp.choices[0].logprobs
+        top = lp.top_logprobs[0]
         pairs = sorted(((int(k.split(":")[1]), v) for k, v in top.items()),
                        key=lambda kv: -kv[1])
         return dict(top=[[t, round(v, 6)] for t, v in pairs],
                     gap=round(pairs[0][1] - pairs[1][1], 6)
-                    if len(pairs) > 1 else None)
+                    if len(pairs) > 1 else None,
+                    sampled=int(lp.tokens[0].split(":")[1]))
     except Exception as e:  # noqa: BLE001 -- reported, not fatal
         return dict(error=repr(e)[:300])
     finally:
@@ -915,11 +935,13 @@ def same_answer(x: tuple, y: tuple) -> tuple[bool, int]:
     vLLM checks stop strings in the front end, over all the tokens a step
     emitted (``IncrementalDetokenizer.update``): it cuts the text at the
     stop string but returns every token id of the step. A speculative step
-    emits several tokens, so an answer cut by a stop string may carry a few
-    token ids past it (and count them in ``usage``) where plain decoding,
-    one token a step, carries none. Such answers are equal when text,
-    finish reason and stop string are, and one's token ids begin with all
-    of the other's."""
+    emits several tokens, so an answer cut by a stop string could carry a
+    few token ids past it (and count them in ``usage``) where plain
+    decoding, one token a step, carries none; the plugin's stop-string
+    patch (``vllm_patches/stop_strings.py``) feeds a step's tokens one at
+    a time, so none should be left. Such answers are counted apart (text,
+    finish reason and stop string equal, one's token ids beginning with
+    all of the other's) and fail the verdict."""
     if x == y:
         return True, 0
     if x[1:] != y[1:] or x[2] != "stop" or not isinstance(x[3], str):
@@ -1079,6 +1101,52 @@ def run_pass(server: Server, plan: list[Req], args, label: str,
     return dict(summary=summary, results=run["results"])
 
 
+def diff_cause(d: dict) -> dict:
+    """What the probes say about one difference between no-spec
+    (``tokens_there[0]``) and jetspec (``[1]``): each server, asked after
+    the same prefix, gives its top log-probs and its pick (greedy: its top
+    token; seeded: its draw with the request's parameters and seed, the
+    same noise as in the answer). ``cause``: ``flip`` (each server's pick
+    is the token it produced: the two backends order a near-tie
+    differently), ``reference`` (no-spec's pick is not the token it
+    produced: vLLM not reproducible there), ``spec`` (jetspec's pick is not
+    its own answer's token: its tree round against its plain step), ``ends``
+    (one answer has no token there: finish or stop reason differ), or
+    ``unprobed``. ``probe_deviation``: the largest difference between the
+    two probes' log-probs of a token both list (the backends' disagreement
+    there). ``tie_bound``, where both probes list both tokens: how far the
+    two backends move one token's score against the other's, |Δ(lp_a −
+    lp_b)| / temperature (1 for greedy); in a flip, the winner's margin in
+    the sampler's scores (temperature-scaled logits plus the shared noise)
+    is below it on both servers, so this bounds the tie."""
+    ref_tok, spec_tok = d["tokens_there"]
+    g = d.get("logprobs_at_diff") or {}
+    top = {k: v["top"] for k, v in g.items() if v.get("top")}
+    # The token each probe picked (a seeded probe's draw; greedy: its top).
+    pick = {k: g[k].get("sampled", top[k][0][0]) for k in top}
+    dev = bound = None
+    if "spec" in top and "ref" in top:
+        a, b = dict(map(tuple, top["spec"])), dict(map(tuple, top["ref"]))
+        shared = [abs(a[t] - b[t]) for t in a if t in b]
+        dev = round(max(shared), 6) if shared else None
+        if ref_tok is not None and spec_tok is not None and all(
+                t in a and t in b for t in (ref_tok, spec_tok)):
+            temp = (d.get("params") or {}).get("temperature") or 1.0
+            swing = (a[spec_tok] - a[ref_tok]) - (b[spec_tok] - b[ref_tok])
+            bound = round(abs(swing) / temp, 6)
+    if ref_tok is None or spec_tok is None:
+        cause = "ends"
+    elif "spec" not in top or "ref" not in top:
+        cause = "unprobed"
+    elif pick["ref"] != ref_tok:
+        cause = "reference"
+    elif pick["spec"] != spec_tok:
+        cause = "spec"
+    else:
+        cause = "flip"
+    return dict(cause=cause, probe_deviation=dev, tie_bound=bound)
+
+
 def check_verdict(report: dict, args) -> list[str]:
     bad = []
     for label, p in report["passes"].items():
@@ -1099,6 +1167,11 @@ def check_verdict(report: dict, args) -> list[str]:
     if c:
         if c["greedy"]["differ"]:
             bad.append(f"{len(c['greedy']['differ'])} greedy answers differ")
+        past = c["token_ids_past_stop_string"]["requests"]
+        if past:
+            # Plain decoding's token ids since the stop-string patch
+            # (vllm_patches/stop_strings.py): any left is a difference.
+            bad.append(f"{past} answers carry token ids past a stop string")
         if c["seeded_where_reproducible"]["differ"]:
             bad.append(f"{len(c['seeded_where_reproducible']['differ'])} "
                        "seeded answers differ where vLLM is reproducible")
@@ -1339,17 +1412,27 @@ def main(argv: list[str] | None = None) -> int:
 
     def probe_diffs(srv: Server, key: str, diffs: list[dict],
                     base: list, which: str = "spec") -> None:
-        """Top log-probs at each greedy difference of comparison ``which``
-        ("spec": jetspec vs no-spec; "repro": no-spec vs no-spec), asked
-        of ``srv`` (``key``: its backend, "spec" or "ref")."""
+        """Top log-probs and the token picked at each difference of
+        comparison ``which`` ("spec": jetspec vs no-spec; "repro": no-spec
+        vs no-spec), asked of ``srv`` (``key``: its backend, "spec" or
+        "ref"); seeded answers with their own parameters and seed."""
         for d in diffs:
             res = base[d["idx"]]
+            r = plan[d["idx"]]
             if d["first_diff"] is None or not res.get("prompt_token_ids"):
+                continue
+            if r.mode == "seeded" and r.unsupported not in PROBE_SEEDED:
                 continue
             p = asyncio.run(probe(srv, res["prompt_token_ids"],
                                   res["token_ids"][:d["first_diff"]],
-                                  args.request_timeout))
+                                  args.request_timeout, r))
             gaps.setdefault((which, d["idx"]), {})[key] = p
+
+    def spec_diffs(c: dict) -> list[dict]:
+        """Greedy and seeded differences of a comparison (seeded ones are
+        probed too: their cause, not the verdict)."""
+        return (c["greedy"]["differ"] + c["seeded_block"]["differ"]
+                + c["seeded_mixed"]["differ"])
 
     t_start = time.time()
     try:
@@ -1364,18 +1447,18 @@ def main(argv: list[str] | None = None) -> int:
         ref.stop()
         spec_srv = pass_on("spec", "jetspec", spec)
         c0 = compare(plan, runs["ref"]["results"], runs["spec"]["results"])
-        probe_diffs(spec_srv, "spec", c0["greedy"]["differ"],
+        probe_diffs(spec_srv, "spec", spec_diffs(c0),
                     runs["ref"]["results"])
         spec_srv.stop()
         if args.repro == "fresh":
             ref2 = pass_on("ref2", "no-spec (2nd server)", None)
-            probe_diffs(ref2, "ref", c0["greedy"]["differ"],
+            probe_diffs(ref2, "ref", spec_diffs(c0),
                         runs["ref"]["results"])
             c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
             probe_diffs(ref2, "ref", c1["greedy"]["differ"],
                         runs["ref"]["results"], "repro")
             ref2.stop()
-        elif c0["greedy"]["differ"]:
+        elif spec_diffs(c0):
             # The no-spec backend's gap at each difference: a server
             # started again for the probes only.
             srv = Server("no-spec (probes)", args, None,
@@ -1384,7 +1467,7 @@ def main(argv: list[str] | None = None) -> int:
             print("[soak] starting a no-spec server for the probes",
                   flush=True)
             srv.start(args.startup_timeout)
-            probe_diffs(srv, "ref", c0["greedy"]["differ"],
+            probe_diffs(srv, "ref", spec_diffs(c0),
                         runs["ref"]["results"])
             srv.stop()
     finally:
@@ -1434,6 +1517,17 @@ def main(argv: list[str] | None = None) -> int:
             d["logprobs_at_diff"] = g
             gs = [v.get("gap") for v in g.values() if v.get("gap") is not None]
             d["near_tie"] = bool(gs) and max(gs) < args.near_tie
+            if which == "spec":
+                d.update(diff_cause(d))
+    # Seeded differences: what the same probes (with each request's own
+    # parameters and seed) say; judged by seeded_where_reproducible only.
+    for k in ("seeded_block", "seeded_mixed"):
+        for d in c_spec[k]["differ"]:
+            r = plan[d["idx"]]
+            d.update(params=r.params, extra=r.extra,
+                     unsupported=r.unsupported, api=r.api)
+            d["logprobs_at_diff"] = gaps.get(("spec", d["idx"]), {})
+            d.update(diff_cause(d))
     mism = []
     for r in plan:
         if not r.bad:
@@ -1474,10 +1568,18 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(row, default=str) + "\n")
     for c, name in ((c_spec, "spec vs no-spec"),
                     (comp.get("ref_repro"), "no-spec vs no-spec")):
-        for d in (c or {}).get("greedy", {}).get("differ", []):
-            print(f"[soak] greedy difference ({name}) request {d['idx']}: "
-                  f"first differing token {d['first_diff']}, logprobs there "
-                  f"{json.dumps(d.get('logprobs_at_diff'))}", flush=True)
+        for kind in ("greedy", "seeded_block", "seeded_mixed"):
+            for d in (c or {}).get(kind, {}).get("differ", []):
+                if kind != "greedy" and "cause" not in d:
+                    continue
+                cause = (f", cause {d['cause']} (probes differ by up to "
+                         f"{d['probe_deviation']} nats, tie bound "
+                         f"{d['tie_bound']})" if "cause" in d else "")
+                print(f"[soak] {kind} difference ({name}) request "
+                      f"{d['idx']}: first differing token {d['first_diff']}"
+                      f", logprobs there "
+                      f"{json.dumps(d.get('logprobs_at_diff'))}{cause}",
+                      flush=True)
     print(report["summary"], flush=True)
     return 0 if report["verdict"]["ok"] else 1
 

@@ -223,6 +223,24 @@ PATCHES += [
 ]
 
 
+PATCHES += [
+    Patch(replaces="vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer."
+                   "update",
+          by="vllm_jetspec.vllm_patches.stop_strings:patched_update",
+          why="vLLM checks stop strings once per step over all the step's "
+              "new text, in the order the request lists them: with several "
+              "tokens a step (any speculative method) a stop string listed "
+              "first wins over one that appears earlier in the text, and "
+              "the step's tokens past the stop string stay in the output "
+              "(H200 soak 2026-12-03: stop ['e', '\\n'] returned "
+              "'\\n\\nTh' past the '\\n'). A step's tokens go to "
+              "vLLM's update one at a time, so text, stop string and token "
+              "ids are plain decoding's",
+          when="always, in the front end (steps of one token and requests "
+               "without stop strings go to vLLM's update unchanged)"),
+]
+
+
 def apply(env: dict[str, str] | None = None) -> list[Patch]:
     """Apply the patches this process needs; idempotent. Returns them."""
     env = os.environ if env is None else env
@@ -258,6 +276,8 @@ def apply(env: dict[str, str] | None = None) -> list[Patch]:
     metrics.apply()
     from . import logits_params
     logits_params.apply()
+    from . import stop_strings
+    stop_strings.apply()
     applied = list(PATCHES[1:])
     if env.get(TORCH_ATTENTION_ENV) == "1":
         from vllm.v1.attention.backends.registry import (

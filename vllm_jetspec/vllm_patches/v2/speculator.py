@@ -121,6 +121,35 @@ class JetSpecSpeculator(DFlashSpeculator):
                 self.query_cudagraph_manager.needs_capture():
             logger.info("jetspec: draft pass replays a graph per shape "
                         "(CUDA): the head, its top-K and the trees")
+        self._warn_if_draft_not_graphed()
+
+    def _warn_if_draft_not_graphed(self) -> None:
+        """vLLM's DFlash graph manager captures the draft pass (1 + depth
+        tokens a request) only at the capture sizes that round up to a
+        multiple of that within ``max_num_seqs`` requests. vLLM's default
+        sizes (1, 2, 4, 8, 16, 24, ...) always give some; sizes given for
+        the verify step only (e.g. just 128 for one tree of 128) give none,
+        and every draft pass then runs outside a FULL graph — 2026-12-03,
+        budget 128: ``_run_model`` in the trace, the round host-bound.
+        Says so once at start-up (reads the manager's capture plan; if
+        vLLM renames it, says nothing)."""
+        m = self.query_cudagraph_manager
+        descs = getattr(m, "_capture_descs", None)
+        if m is None or not getattr(m, "cudagraph_mode", None) or \
+                not isinstance(descs, dict):
+            return
+        q = self.num_query_per_req
+        full = [d for d in descs.get(CUDAGraphMode.FULL, [])
+                if getattr(d, "uniform_token_count", None) == q]
+        if not full:
+            logger.warning(
+                "jetspec: the draft pass (%d tokens a request) has no FULL "
+                "CUDA graph at these cudagraph_capture_sizes (%s) and runs "
+                "outside one every round; add multiples of %d up to "
+                "max_num_seqs x %d to the sizes (vLLM's default sizes "
+                "include them)", q,
+                self.vllm_config.compilation_config.cudagraph_capture_sizes,
+                q, q)
 
     # -- requests ---------------------------------------------------------
 
