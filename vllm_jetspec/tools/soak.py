@@ -1428,11 +1428,20 @@ def main(argv: list[str] | None = None) -> int:
                                   args.request_timeout, r))
             gaps.setdefault((which, d["idx"]), {})[key] = p
 
+    repro: dict = {}
+
     def spec_diffs(c: dict) -> list[dict]:
-        """Greedy and seeded differences of a comparison (seeded ones are
-        probed too: their cause, not the verdict)."""
-        return (c["greedy"]["differ"] + c["seeded_block"]["differ"]
-                + c["seeded_mixed"]["differ"])
+        """Greedy differences of a comparison, and the seeded ones the
+        verdict judges (its buckets, where no-spec reproduced itself when
+        that is known yet): those get probed for their cause."""
+        buckets = (["seeded_block"] if args.judge_seeded == "blocks" else
+                   ["seeded_block", "seeded_mixed"])
+        irrepro = {d["idx"] for k in buckets
+                   for d in (repro.get("c") or {}).get(k, {}).get("differ",
+                                                                  [])}
+        return c["greedy"]["differ"] + [d for k in buckets
+                                        for d in c[k]["differ"]
+                                        if d["idx"] not in irrepro]
 
     t_start = time.time()
     try:
@@ -1442,6 +1451,7 @@ def main(argv: list[str] | None = None) -> int:
                                     fresh_start=False)
             save_partial()
             c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
+            repro["c"] = c1
             probe_diffs(ref, "ref", c1["greedy"]["differ"],
                         runs["ref"]["results"], "repro")
         ref.stop()
@@ -1452,9 +1462,10 @@ def main(argv: list[str] | None = None) -> int:
         spec_srv.stop()
         if args.repro == "fresh":
             ref2 = pass_on("ref2", "no-spec (2nd server)", None)
+            c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
+            repro["c"] = c1
             probe_diffs(ref2, "ref", spec_diffs(c0),
                         runs["ref"]["results"])
-            c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
             probe_diffs(ref2, "ref", c1["greedy"]["differ"],
                         runs["ref"]["results"], "repro")
             ref2.stop()
@@ -1526,8 +1537,10 @@ def main(argv: list[str] | None = None) -> int:
             r = plan[d["idx"]]
             d.update(params=r.params, extra=r.extra,
                      unsupported=r.unsupported, api=r.api)
-            d["logprobs_at_diff"] = gaps.get(("spec", d["idx"]), {})
-            d.update(diff_cause(d))
+            g = gaps.get(("spec", d["idx"]))
+            if g:           # probed: judged, and no-spec reproduced itself
+                d["logprobs_at_diff"] = g
+                d.update(diff_cause(d))
     mism = []
     for r in plan:
         if not r.bad:
