@@ -289,3 +289,7 @@ def test_soak_names_the_cause_of_each_difference():
     seeded["logprobs_at_diff"]["spec"]["sampled"] = 3
     assert diff_cause(seeded)["cause"] == "spec"
     assert diff_cause(dict(tokens_there=[1, 2]))["cause"] == "unprobed"
+    # Output-dependent parameters: a one-token probe's pick says nothing.
+    assert diff_cause(dict(flip, unsupported="structured_regex"))[
+        "cause"] == "unprobed"
+    assert diff_cause(dict(flip, unsupported="logit_bias"))["cause"] == "flip"

@@ -873,8 +873,10 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
 # request's seed and the token's position, so a seeded draw at that position
 # is the same draw; min_p and logit_bias do not depend on earlier output).
 # Penalties, min_tokens and structured output depend on the output so far:
-# such answers are not probed.
+# a probe's pick says nothing there (seeded: not probed; greedy: probed for
+# the gaps, cause "unprobed").
 PROBE_SEEDED = (None, "logit_bias", "min_p", "logprobs")
+PROBE_EXTRA_DROP = ("min_tokens", "return_token_ids", "structured_outputs")
 PROBE_DROP = ("max_tokens", "stop", "stream", "stream_options", "logprobs",
               "top_logprobs", "n")
 
@@ -889,16 +891,21 @@ async def probe(server: Server, prompt_ids: list[int], prefix: list[int],
 
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="soak",
                                 max_retries=0, timeout=timeout)
-    kw: dict = dict(temperature=0)
-    extra: dict = {"return_tokens_as_token_ids": True}
-    if req is not None and req.mode == "seeded":
-        kw = {k: v for k, v in req.params.items() if k not in PROBE_DROP}
-        extra.update({k: v for k, v in req.extra.items()
-                      if k not in ("min_tokens", "return_token_ids")})
+    # In the body as sent (extra_body: whatever the request carried, the
+    # client checks no names).
+    body: dict = {"temperature": 0}
+    if req is not None:
+        # The request's own parameters (greedy: its logit_bias, min_p, ...;
+        # seeded: its sampling parameters and seed) but one token.
+        body.update({k: v for k, v in req.params.items()
+                     if k not in PROBE_DROP})
+        body.update({k: v for k, v in req.extra.items()
+                     if k not in PROBE_EXTRA_DROP})
+    body["return_tokens_as_token_ids"] = True
     try:
         resp = await client.completions.create(
             model=MODEL_NAME, prompt=list(prompt_ids) + list(prefix),
-            max_tokens=1, logprobs=5, extra_body=extra, **kw)
+            max_tokens=1, logprobs=5, extra_body=body)
         lp = resp.choices[0].logprobs
         top = lp.top_logprobs[0]
         pairs = sorted(((int(k.split(":")[1]), v) for k, v in top.items()),
@@ -1112,7 +1119,8 @@ def diff_cause(d: dict) -> dict:
     produced: vLLM not reproducible there), ``spec`` (jetspec's pick is not
     its own answer's token: its tree round against its plain step), ``ends``
     (one answer has no token there: finish or stop reason differ), or
-    ``unprobed``. ``probe_deviation``: the largest difference between the
+    ``unprobed`` (no probe, or parameters that depend on the output so
+    far: penalties, min_tokens, structured output). ``probe_deviation``: the largest difference between the
     two probes' log-probs of a token both list (the backends' disagreement
     there). ``tie_bound``, where both probes list both tokens: how far the
     two backends move one token's score against the other's, |Δ(lp_a −
@@ -1136,7 +1144,8 @@ def diff_cause(d: dict) -> dict:
             bound = round(abs(swing) / temp, 6)
     if ref_tok is None or spec_tok is None:
         cause = "ends"
-    elif "spec" not in top or "ref" not in top:
+    elif "spec" not in top or "ref" not in top or \
+            d.get("unsupported") not in PROBE_SEEDED:
         cause = "unprobed"
     elif pick["ref"] != ref_tok:
         cause = "reference"
