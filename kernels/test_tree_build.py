@@ -42,10 +42,10 @@ def _inputs(R, D, K, seed, ties=False, holes=False, vocab=1000):
     return logp, ids, anchor
 
 
-def _check(logp, ids, anchor, budget, algo):
-    want = build_tree_rows_ref(logp, ids, anchor, budget, algo)
+def _check(logp, ids, anchor, budget, algo, layout="depth"):
+    want = build_tree_rows_ref(logp, ids, anchor, budget, algo, layout)
     got = build_tree_rows(logp.to(DEV), ids.to(DEV), anchor.to(DEV),
-                          budget, algo)
+                          budget, algo, layout=layout)
     for name, w, o in zip(NAMES, want, got):
         assert torch.equal(o.cpu(), w), (name, budget, algo, w, o.cpu())
 
@@ -83,6 +83,21 @@ def test_draft_pass_trees_match_reference(algo, budget, D, K):
     else:
         _check(*_inputs(1, D, K, budget, ties=True, holes=True), budget,
                algo)
+
+
+@pytest.mark.parametrize("algo,budget,D,K", [
+    (a, *shape) for shape in SMALL + LARGE + GPU_ONLY for a in ALGOS
+    if DEV == "cuda" or shape[0] <= 4 or (shape[0] <= 16 and
+                                          a == "accum_logp")])
+def test_best_first_layout_matches_reference(algo, budget, D, K):
+    """``layout="best_first"`` (the V2 draft pass under ``tree_budget:
+    "auto"``): the tree core's best-first trees, ties and holes included.
+    On CPU the draft-pass shape for ``accum_logp`` only (interpreter)."""
+    kinds = KINDS if DEV == "cuda" or budget <= 4 else [(True, True)]
+    for seed, (ties, holes) in enumerate(kinds):
+        _check(*_inputs(3 if budget <= 4 or DEV == "cuda" else 1, D, K,
+                        10 * budget + seed, ties, holes), budget, algo,
+               layout="best_first")
 
 
 def test_ties_on_rows_wider_than_1024():

@@ -14,7 +14,8 @@ area and does the same steps in order:
    log-prob) sorted best first; the best ``m_d`` are the depth's
    candidates, the best ``n_beam`` of them the next frontier;
 3. all candidates sorted best first (ties: shallower, then earlier), the
-   best ``budget - 1`` finite ones kept, laid out by depth then rank;
+   best ``budget - 1`` finite ones kept, laid out by depth then rank
+   (or by rank alone: ``layout="best_first"``);
 4. parents as node indices, then each node's ancestor row by walking up
    the parents (``max_depth`` steps).
 
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_jetspec.tree.build import (DEFAULT_BETA, DEFAULT_GAP0, beam_sizes,
+from vllm_jetspec.tree.build import (DEFAULT_BETA, DEFAULT_GAP0, LAYOUTS,
+                                     beam_sizes,
                                      frontier_of, top2gap_fanout)
 
 ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
@@ -77,7 +79,8 @@ def _tree_build_kernel(
     budget,
     D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DP: tl.constexpr,
     N_SLOTS: tl.constexpr, N_DRAFT: tl.constexpr, N_BEAM: tl.constexpr,
-    DLIM: tl.constexpr, CHAIN: tl.constexpr, NBP: tl.constexpr,
+    DLIM: tl.constexpr, CHAIN: tl.constexpr, BEST_FIRST: tl.constexpr,
+    NBP: tl.constexpr,
     CP: tl.constexpr, BP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -140,8 +143,11 @@ def _tree_build_kernel(
     n_sel = tl.minimum(n_cand, N_DRAFT)
     in_sel = col < n_sel
     keep = in_sel & (_key_value(hi) > float("-inf")) & (col < budget - 1)
-    dep = tl.load(C_DEP + r * CP + sel, mask=in_sel, other=0)
-    order = tl.where(keep, dep * CP + col, (DLIM + 2) * CP + col)
+    if BEST_FIRST:
+        order = tl.where(keep, col, (DLIM + 2) * CP + col)
+    else:
+        dep = tl.load(C_DEP + r * CP + sel, mask=in_sel, other=0)
+        order = tl.where(keep, dep * CP + col, (DLIM + 2) * CP + col)
     order = tl.where(in_sel, order, INT32_MAX)
     key = tl.sort(_pack(order, sel))
     order, sel = _unpack(key)
@@ -186,20 +192,23 @@ def _pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(max(1, n)))
 
 
-def plan(D: int, K: int, n_slots: int, algo: str) -> dict:
+def plan(D: int, K: int, n_slots: int, algo: str,
+         layout: str = "depth") -> dict:
     """The static sizes of a launch (the tree core's beam sizes, padded)."""
     n_beam, sizes = beam_sizes(D, K, n_slots, frontier_of(algo, K, n_slots))
     W = (n_slots + 63) // 64
     return dict(D=D, K=K, KP=_pow2(K), DP=_pow2(D), N_SLOTS=n_slots,
                 N_DRAFT=n_slots - 1, N_BEAM=n_beam, DLIM=len(sizes),
-                CHAIN=algo == "chain", NBP=_pow2(n_beam),
+                CHAIN=algo == "chain", BEST_FIRST=layout == "best_first",
+                NBP=_pow2(n_beam),
                 CP=_pow2(sum(sizes)), BP=_pow2(n_slots), W=W, WP=_pow2(W))
 
 
 def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
                     anchor: torch.Tensor | None, budget: int,
                     algo: str = "accum_logp", out=None,
-                    beta: float | None = None, gap0: float | None = None):
+                    beta: float | None = None, gap0: float | None = None,
+                    layout: str = "depth"):
     """``build_tree_rows_ref`` in one launch (plus, for ``top2gap_fanout``,
     the fanout mask in torch first). ``logp`` [R, D, K] float, ``ids``
     [R, D, K] int64, ``anchor`` [R] or None (the root token: the draft rows
@@ -207,10 +216,13 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
     checked). ``out``: (draft [R, B-1], parents [R, B], depth
     [R, B], masks [R, B, W], num_nodes [R]) contiguous int64 rows to write
     (e.g. the first R rows of a draft pass's buffers), else new ones.
+    ``layout``: the tree core's node order (``tree.LAYOUTS``).
     Scratch is allocated per call (inside a CUDA graph: the graph's
     pool)."""
     if algo not in ALGOS:
         raise ValueError(f"unknown tree algorithm {algo!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown tree layout {layout!r}")
     R, D, K = logp.shape
     if ids.shape != logp.shape or (anchor is not None
                                    and anchor.shape != (R,)):
@@ -227,7 +239,7 @@ def build_tree_rows(logp: torch.Tensor, ids: torch.Tensor,
                              DEFAULT_GAP0 if gap0 is None else gap0)
         logp = logp.masked_fill(
             torch.arange(K, device=dev) >= fan[..., None], -math.inf)
-    p = plan(D, K, budget, algo)
+    p = plan(D, K, budget, algo, layout)
     B, W = budget, p["W"]
     if out is None:
         out = (torch.empty(R, B - 1, dtype=torch.long, device=dev),

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from vllm_jetspec.autobudget import BudgetPolicy, CostModel
+from vllm_jetspec.autobudget import (BudgetPolicy, CostModel,
+                                      ObservedBudgetPolicy)
 
 
 def cost():
@@ -150,3 +151,133 @@ def test_cost_model_from_bench_rows():
     assert c.ar_ms == {1: 7.0, 8: pytest.approx(1e3 * 4.0 * 8 / 4096)}
     assert c.round_ms == {16: {1: 16.0}, 4: {1: 12.0}}
     assert c.draft_ms == {1: 2.5}
+
+
+# -- tree_budget "auto" on vLLM's V2 runner (ObservedBudgetPolicy) ----------
+
+def v2_cost():
+    c = cost()
+    c.draft_ms = {1: 1.0, 8: 2.0}
+    c.tau = {4: 2.5, 16: 4.0, 64: 5.0}
+    return c
+
+
+def test_tau_round_trip_from_rows_and_errors(tmp_path):
+    """``tau`` (tokens per round by budget) goes through the file; from
+    bench rows it is the mean over batch sizes weighted by rounds; a file
+    without it loads (older files) with an empty one; tau < 1 is refused."""
+    c = v2_cost()
+    c.save(str(tmp_path / "c.json"))
+    assert CostModel.load(str(tmp_path / "c.json")).tau == c.tau
+    raw = c.to_dict()
+    del raw["tau"]
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    assert CostModel.load(str(tmp_path / "old.json")).tau == {}
+    raw["tau"] = {"4": 0.5}
+    (tmp_path / "low.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="tau"):
+        CostModel.load(str(tmp_path / "low.json"))
+    seg = dict(draft_ms=2.0, tree_ms=0.5)
+    rows = [dict(method="ar", budget=0, batch=1, round_ms=7.0),
+            dict(method="jetspec", budget=16, batch=1, round_ms=16.0,
+                 steps=30, tau=3.0, **seg),
+            dict(method="jetspec", budget=16, batch=8, round_ms=20.0,
+                 steps=10, tau=4.0, **seg),
+            dict(method="auto", budget=16, batch=1, round_ms=1.0, steps=9,
+                 tau=9.0, **seg)]
+    # 30 rounds of 1 request at 3.0, 10 rounds of 8 at 4.0
+    assert CostModel.from_bench_rows(rows).tau == {
+        16: pytest.approx((30 * 3.0 + 80 * 4.0) / 110)}
+
+
+def test_observed_policy_needs_tau():
+    with pytest.raises(ValueError, match="tau"):
+        ObservedBudgetPolicy(cost(), 64)
+    c = v2_cost()
+    c.tau = {4: 2.5}
+    with pytest.raises(ValueError, match="no budget with tau"):
+        ObservedBudgetPolicy(c, 2)
+    assert ObservedBudgetPolicy(c, 64).candidates == [4]
+
+
+def test_observed_policy_rates_trees_against_plain_steps():
+    """rate(b) = (1 + c (tau(b) - 1)) / round(b, B) against 1 / (AR +
+    draft pass): the biggest tree at batch 1, 16 at batch 2-8 (64's round
+    grows faster), plain steps at batch 8 once acceptance drops to a
+    tenth of the benchmark's."""
+    p = ObservedBudgetPolicy(v2_cost(), 64)
+    assert [p.best(B)[0] for B in (1, 2, 4, 8)] == [64, 16, 16, 16]
+    assert p.best(1)[1] == pytest.approx(5.0 / (12.0 + 0.05 * 64))
+    assert ObservedBudgetPolicy(v2_cost(), 16).best(1)[0] == 16
+    p.calibration = 0.1
+    assert p.best(8) == (1, pytest.approx(1 / (18.0 + 2.0)))
+    assert p.best(1)[0] == 16          # 1.3 / 12.8 > 1.4 / 15.2, 1 / 12
+
+
+def test_observed_policy_falls_back_probes_and_recovers():
+    """With nothing accepted (calibration -> 0) the policy picks plain
+    steps, runs a probe round after ``probe_every`` of them, then waits
+    twice as long (up to the cap); when probes show acceptance again,
+    trees come back and the wait resets."""
+    p = ObservedBudgetPolicy(v2_cost(), 64, ema=0.5, probe_every=4,
+                             max_probe_every=16)
+    assert p.choose(1) == 64
+    for _ in range(12):
+        p.observe(64, [1, 1])          # nothing accepted
+    assert p.calibration < 0.01
+    picks = [p.choose(1) for _ in range(60)]
+    probes = [i for i, b in enumerate(picks) if b > 1]
+    # waits of 4, 8, 16, 16 plain steps between probes
+    assert [b - a for a, b in zip([-1] + probes, probes)] == [5, 9, 17, 17]
+    assert p.probes == 4 and p.choices[1] == 56
+    for _ in range(12):
+        p.observe(64, [5, 5])          # tau 5 again
+    assert p.calibration == pytest.approx(1.0, abs=1e-3)
+    assert p.choose(1) == 64 and p._interval == 4
+
+
+def test_observed_policy_ignores_unknown_budgets_and_empty_steps():
+    p = ObservedBudgetPolicy(v2_cost(), 64)
+    p.observe(7, [1, 1])               # cut near max_model_len: no tau
+    p.observe(16, [])
+    assert p.calibration == 1.0
+    p.observe(16, [2, 4])              # 2 accepted of 3 expected
+    assert p.calibration == pytest.approx(1.0 + 0.1 * (2 / 3 - 1.0))
+
+
+def test_observed_step_times_rescale_the_cost_model():
+    """Plain steps of a jetspec engine run the head's draft pass too,
+    which a cost model measured on V2 does not split out (H200,
+    2026-12-04, SmolLM2 batch 1: 3.3 ms against AR's 1.9, and the
+    unscaled policy chose plain steps at 0.59 x AR): the observed times
+    scale each choice's cost, and the choice moves to trees."""
+    c = v2_cost()
+    c.draft_ms = {}
+    c.ar_ms = {1: 2.0, 8: 6.0}
+    c.round_ms = {b: {1: 12.0, 8: 20.0} for b in (4, 16, 64)}
+    p = ObservedBudgetPolicy(c, 64, ema=0.5)
+    assert p.best(1)[0] == 1               # 1/2 > 5/12
+    for _ in range(20):
+        p.observe_time(1, 1, 6.0)          # plain steps really take 6 ms
+    assert p.time_scale["plain"] == pytest.approx(6.0 / 2.0, rel=1e-3)
+    assert p.best(1)[0] == 64              # 5/12 > 1/6
+    p.observe_time(1, 1, 1e6)              # a pause: at most 4 x
+    assert p.time_scale["plain"] < 4.0
+    p.observe_time(7, 1, 3.0)              # no such budget: ignored
+    p.observe_time(16, 1, float("nan"))
+    assert set(p.time_scale) == {"plain"}
+
+
+def test_tree_rounds_share_one_time_scale():
+    """A machine slower than the file's makes the running budget look
+    slower than the model; with one factor per budget the others (not
+    seen) looked cheaper and the policy drifted to larger trees (H200,
+    2026-12-04, SmolLM2: 32 at batch 1 where 8 was best). Every tree
+    budget shares the factor, so their ranking stays the file's."""
+    c = v2_cost()
+    p = ObservedBudgetPolicy(c, 64, ema=0.5)
+    ranking = p.best(2)[0]
+    for _ in range(20):
+        p.observe_time(ranking, 2, 1.3 * c.round(ranking, 2))
+    assert p.time_scale == {"tree": pytest.approx(1.3, rel=1e-3)}
+    assert p.best(2)[0] == ranking

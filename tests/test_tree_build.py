@@ -263,3 +263,69 @@ def test_truncated_tree_equals_the_smaller_build(seed, R, D, K, big, small,
             p = int(cut.parents[r, j])
             assert 0 <= p < j and cut.depth[r, j] == cut.depth[r, p] + 1
         assert (cut.tokens[r, n:] == -1).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 8),
+       st.integers(1, 7), st.integers(2, 80), st.sampled_from(TREE_ALGOS),
+       st.booleans(), st.sampled_from([0.0, 0.3, 4.0]))
+def test_best_first_layout_is_the_depth_layout_reordered(seed, R, D, K, B,
+                                                         algo, holes, sharp):
+    """``layout="best_first"`` holds the same nodes as the depth layout
+    (same paths, path log-probs, count), sorted by path log-prob, and is a
+    valid tree: every parent before its children."""
+    v, i = draft(seed, R, D, K, sharp=sharp, holes=holes)
+    a = torch.arange(R) + 1
+    bf = build_tree(v, i, a, B, algo=algo, layout="best_first")
+    dl = build_tree(v, i, a, B, algo=algo)
+    bf.validate(layout="best_first")
+    assert torch.equal(bf.num_nodes, dl.num_nodes)
+    for r in range(R):
+        n = int(bf.num_nodes[r])
+        pb = node_paths(bf.tokens[r], bf.parents[r], n)
+        pd = node_paths(dl.tokens[r], dl.parents[r], n)
+        assert sorted(pb.values()) == sorted(pd.values())
+        cum_of = {pd[j]: float(dl.cum_logp[r, j]) for j in range(n)}
+        assert [cum_of[pb[j]] for j in range(n)] == \
+            bf.cum_logp[r, :n].tolist()
+        assert (bf.tokens[r, n:] == -1).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 8),
+       st.integers(1, 7), st.integers(2, 80), st.integers(1, 80),
+       st.sampled_from(["accum_logp", "topb_prefix"]), st.booleans())
+def test_best_first_prefix_is_the_smaller_tree(seed, R, D, K, big, small,
+                                               algo, holes):
+    """What ``tree_budget: "auto"`` on vLLM's V2 runner verifies: the first
+    ``small`` nodes of a best-first tree of ``big`` nodes are the tree a
+    build at budget ``small`` makes (same paths; no exact ties here, see
+    ``test_truncated_tree_equals_the_smaller_build`` for those), and their
+    packed ancestor rows are the first rows of the big tree's."""
+    small = min(small, big)
+    v, i = draft(seed, R, D, K, sharp=1.0, holes=holes)
+    a = torch.arange(R) + 1
+    bf = build_tree(v, i, a, big, algo=algo, layout="best_first")
+    want = build_tree(v, i, a, small, algo=algo)
+    rows = packed_ancestor_mask(bf)
+    for r in range(R):
+        n = min(int(bf.num_nodes[r]), small)
+        assert n == int(want.num_nodes[r])
+        got = node_paths(bf.tokens[r], bf.parents[r], n)
+        assert sorted(got.values()) == sorted(
+            node_paths(want.tokens[r], want.parents[r], n).values())
+        # Row j's bits name only nodes < n: ancestors precede.
+        for j in range(n):
+            bits = unpack_mask(rows[r:r + 1, j:j + 1], big)[0, 0]
+            assert not bits[n:].any()
+            anc, k = {j}, j
+            while k > 0:
+                k = int(bf.parents[r, k])
+                anc.add(k)
+            assert set(torch.nonzero(bits).flatten().tolist()) == anc
+
+
+def test_unknown_layout_raises():
+    v, i = draft(0, 1, 2, 2)
+    with pytest.raises(ValueError, match="unknown tree layout"):
+        build_tree(v, i, torch.tensor([1]), 4, layout="breadth")

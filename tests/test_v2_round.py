@@ -14,17 +14,18 @@ from vllm_jetspec.tree.ragged import (path_first_gather, position_offsets,
                                       ragged_rows, to_padded)
 
 
-def _step(seed=0, R=4, B=9, D=4, K=3, V=50):
+def _step(seed=0, R=4, B=9, D=4, K=3, V=50, layout="depth"):
     """A verify step in a V2 runner's layout: request 0 a prefill chunk of
     5 tokens (1 sampled row), the others trees of B nodes (request 2's cut
     to 6 by the scheduler), every request's rows at the end of its
-    query."""
+    query. ``layout``: the trees' node order (best first under
+    ``tree_budget: "auto"``)."""
     g = torch.Generator().manual_seed(seed)
     logp = torch.randn(R, D, K, generator=g).log_softmax(-1)
     ids = torch.stack([torch.randperm(V, generator=g)[:K]
                        for _ in range(R * D)]).view(R, D, K)
     anchor = torch.randint(0, V, (R,), generator=g)
-    tree = build_tree(logp, ids, anchor, B)
+    tree = build_tree(logp, ids, anchor, B, layout=layout)
     counts = torch.tensor([1, B, 6, B])
     query = torch.tensor([5, B, 6, B])
     starts = torch.cat([torch.zeros(1, dtype=torch.long), query.cumsum(0)])
@@ -55,13 +56,17 @@ def test_ragged_layout_round_trips():
 
 
 @pytest.mark.parametrize("kernel", [False, True])
-def test_accept_and_compact_moves_each_kept_path_and_reorders(kernel):
+@pytest.mark.parametrize("layout", ["depth", "best_first"])
+def test_accept_and_compact_moves_each_kept_path_and_reorders(kernel,
+                                                              layout):
     """With the torch moves, and with the Triton kernel that moves every
-    layer in one launch (the CUDA path; here in Triton's interpreter)."""
+    layer in one launch (the CUDA path; here in Triton's interpreter); for
+    trees laid out by depth and best first (``auto``: the scheduler's cut
+    is a prefix of the best-first tree)."""
     from vllm_jetspec.kernels.kv_move import KVTable
     from vllm_jetspec.vllm_patches.v2.verifier import accept_and_compact
 
-    tree, counts, query, starts, li = _step(seed=3)
+    tree, counts, query, starts, li = _step(seed=3, layout=layout)
     R, B = tree.tokens.shape
     M = int(counts.sum())
     rows = ragged_rows(counts, M)
@@ -385,3 +390,126 @@ def test_draft_pass_without_its_graph_is_said(monkeypatch, sizes, warned):
     manager.cudagraph_mode = CUDAGraphMode.NONE
     sp.JetSpecSpeculator._warn_if_draft_not_graphed(fake)
     assert not said
+
+
+# -- tree_budget "auto" on the V2 runner (vllm_patches/v2/auto.py) ----------
+
+def _v2_policy(max_budget=64):
+    from vllm_jetspec.autobudget import CostModel, ObservedBudgetPolicy
+
+    cost = CostModel(ar_ms={1: 11.0, 8: 18.0},
+                     round_ms={b: {1: 12.0 + 0.05 * b, 8: 20.0 + 1.0 * b}
+                               for b in (4, 16, 64)},
+                     draft_ms={1: 1.0, 8: 2.0},
+                     tau={4: 2.5, 16: 4.0, 64: 5.0})
+    return ObservedBudgetPolicy(cost, max_budget)
+
+
+def test_dynamic_schedule_is_valid_for_vllm_and_lists_every_choice():
+    """The schedule handed to vLLM passes vLLM's own validation; its
+    lookup by batch size is the policy's choice at calibration 1, and it
+    lists every draft count the policy may pick (0: plain; vLLM captures
+    a verify graph for each listed count)."""
+    from vllm.v1.spec_decode.dynamic.utils import (
+        build_dynamic_sd_schedule_lookup,
+        validate_and_normalize_dynamic_sd_schedule)
+
+    from vllm_jetspec.vllm_patches.v2.auto import dynamic_schedule
+
+    p = _v2_policy()
+    sched = dynamic_schedule(p, max_batch=300)
+    validate_and_normalize_dynamic_sd_schedule(sched)
+    assert {k for _, _, k in sched} == {0, 3, 15, 63}
+    lookup = build_dynamic_sd_schedule_lookup(sched, 256, 63)
+    assert [lookup[b] for b in (1, 2, 8, 200)] == \
+        [p.best(b)[0] - 1 for b in (1, 2, 8, 200)]
+    assert p.choices == {}             # planning is not choosing
+
+
+def test_policy_lookup_and_observed_steps():
+    """The scheduler's lookup asks the policy (drafts = budget - 1); a
+    step's outputs teach it at the budget most of its requests ran
+    (requests without drafts, e.g. prefills, and a request the scheduler
+    cut near max_model_len are left out)."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.v2.auto import PolicyLookup, observe_step
+
+    p = _v2_policy()
+    look = PolicyLookup(p)
+    assert look[1] == 63 and look[8] == 15
+    assert p.choices == {64: 1, 16: 1}
+    so = SimpleNamespace(scheduled_spec_decode_tokens={
+        "a": [-1] * 15, "b": [-1] * 15, "c": [-1] * 4})
+    mo = SimpleNamespace(req_id_to_index={"a": 0, "b": 1, "c": 2, "p": 3},
+                         sampled_token_ids=[[1, 2], [3, 4, 5, 6], [7], [8]])
+    observe_step(p, so, mo)            # a, b at 16: 1 and 3 accepted
+    assert p.calibration == pytest.approx(1.0 + 0.1 * (2 / 3 - 1.0))
+    c = p.calibration
+    observe_step(p, SimpleNamespace(scheduled_spec_decode_tokens={}), mo)
+    observe_step(p, so, SimpleNamespace(req_id_to_index={},
+                                        sampled_token_ids=[]))
+    assert p.calibration == c
+
+
+def test_scheduler_patch_installs_and_is_listed():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_jetspec.vllm_patches import PATCHES, v2
+
+    v2.apply()
+    v2.apply()
+    assert Scheduler.__init__._jetspec_wrapped
+    assert Scheduler.update_from_output._jetspec_wrapped
+    assert any("Scheduler.__init__" in p.replaces for p in PATCHES)
+
+
+def test_draft_graphs_are_planned_without_the_dynamic_schedule(monkeypatch):
+    """vLLM's graph manager would read the verify step's dynamic-SD query
+    lengths for the draft pass too; the speculator plans its manager
+    without them (the draft pass always runs 1 + depth tokens a
+    request), and puts the schedule back."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu.spec_decode.dflash.speculator import \
+        DFlashSpeculator
+
+    from vllm_jetspec.vllm_patches.v2.speculator import JetSpecSpeculator
+
+    seen = []
+    monkeypatch.setattr(
+        DFlashSpeculator, "init_cudagraph_manager",
+        lambda self, mode: seen.append(
+            self.vllm_config.speculative_config
+            .num_speculative_tokens_per_batch_size))
+    spec = SimpleNamespace(num_speculative_tokens_per_batch_size=[(1, 8, 3)])
+    fake = JetSpecSpeculator.__new__(JetSpecSpeculator)
+    fake.vllm_config = SimpleNamespace(speculative_config=spec)
+    fake.init_cudagraph_manager("FULL")
+    assert seen == [None]
+    assert spec.num_speculative_tokens_per_batch_size == [(1, 8, 3)]
+
+
+def test_step_clock_times_runs_of_the_same_decode_step():
+    """The scheduler's clock times a step when it and the one before were
+    decode steps of one budget and batch (no prefill in the interval)."""
+    from types import SimpleNamespace
+
+    from vllm_jetspec.vllm_patches.v2.auto import StepClock, decode_budget
+
+    def so(counts, drafts):
+        return SimpleNamespace(num_scheduled_tokens=counts,
+                               scheduled_spec_decode_tokens=drafts)
+
+    plain = so({"a": 1, "b": 1}, {})
+    tree = so({"a": 16, "b": 16}, {"a": [-1] * 15, "b": [-1] * 15})
+    mixed = so({"a": 16, "b": 40}, {"a": [-1] * 15})
+    assert [decode_budget(x) for x in (plain, tree, mixed)] == [1, 16, None]
+    t = iter([0.0, 0.010, 0.013, 0.020, 0.030, 0.031])
+    clock = StepClock(clock=lambda: next(t))
+    p = _v2_policy()
+    seen = []
+    p.observe_time = lambda b, n, ms: seen.append((b, n, round(ms, 3)))
+    for x in (plain, plain, mixed, tree, tree, plain):
+        clock.tick(p, x)
+    assert seen == [(1, 2, 10.0), (16, 2, 10.0)]

@@ -28,6 +28,31 @@ estimate). Pure python/torch, no vLLM import.
   (exponential moving average over rounds; starts at 1).
 
 Lossless whatever it picks: every budget is verified as usual.
+
+That policy runs in the V1 runner's hooks, which pick the budget of a step
+after its draft pass. On vLLM's V2 runner (CUDA, async scheduling) the
+scheduler fixes a step's draft slots before the trees exist, one count for
+the whole batch; ``ObservedBudgetPolicy`` chooses there, from the batch size
+and the acceptance the scheduler has seen (one step late):
+
+    rate(b) = (1 + c * (tau(b) - 1)) / T(b, B)
+
+with ``tau(b)`` the tokens per round the cost model's benchmark measured at
+each budget (``tau`` in the file) and ``c`` a running calibration: accepted
+drafts per round over ``tau(b) - 1`` at the budget that ran. Step times are
+calibrated the same way: the scheduler times its steps (the interval
+between two outputs, decode steps only), and the plain step's cost and the
+tree rounds' costs are each scaled by observed over modelled - one factor
+for plain steps (a plain step of a jetspec engine still runs the head's
+draft pass, which a file measured on V2 does not split out: H200,
+2026-12-04, SmolLM2 batch 1, 3.3 ms against the AR row's 1.9) and one
+shared by every tree budget (a slower or faster machine than the file's;
+one factor per budget made the budgets not yet seen look cheaper than the
+one running, and the policy drifted to larger trees: same day, batch 8,
+0.88 x AR against 1.04 x). When plain
+steps win it still runs one probe round now and then (every
+``probe_every`` steps, doubling while probes keep losing) so it sees when
+trees pay again.
 """
 
 from __future__ import annotations
@@ -49,6 +74,9 @@ class CostModel:
     meta: dict = field(default_factory=dict)
     # batch -> ms of the head's draft pass (+ tree) per step; 0 if unknown
     draft_ms: dict[int, float] = field(default_factory=dict)
+    # budget -> tokens per request and round the benchmark measured there
+    # (1 + accepted drafts); empty in files written before 2026-12-04
+    tau: dict[int, float] = field(default_factory=dict)
 
     @staticmethod
     def _interp(points: dict[int, float], B: int) -> float:
@@ -86,6 +114,7 @@ class CostModel:
         return dict(format=COST_FORMAT, meta=self.meta,
                     ar_ms={str(k): v for k, v in self.ar_ms.items()},
                     draft_ms={str(k): v for k, v in self.draft_ms.items()},
+                    tau={str(b): v for b, v in self.tau.items()},
                     round_ms={str(b): {str(k): v for k, v in d.items()}
                               for b, d in self.round_ms.items()})
 
@@ -109,6 +138,8 @@ class CostModel:
                       for b, d in raw["round_ms"].items()}
             draft = {int(k): float(v)
                      for k, v in (raw.get("draft_ms") or {}).items()}
+            tau = {int(k): float(v)
+                   for k, v in (raw.get("tau") or {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) \
                 as e:
             raise ValueError(f"jetspec: {path!r} is not a {COST_FORMAT} "
@@ -121,7 +152,10 @@ class CostModel:
         if any(v < 0 for v in draft.values()):
             raise ValueError(f"jetspec: cost model {path!r}: negative "
                              "draft_ms")
-        return cls(ar, rounds, raw.get("meta") or {}, draft)
+        if any(not (v >= 1.0 and math.isfinite(v)) for v in tau.values()):
+            raise ValueError(f"jetspec: cost model {path!r}: tau (tokens "
+                             "per round) must be >= 1")
+        return cls(ar, rounds, raw.get("meta") or {}, draft, tau)
 
     @classmethod
     def from_bench_rows(cls, rows: list[dict], meta: dict | None = None
@@ -138,12 +172,22 @@ class CostModel:
                   r.get("tokens") and r.get("seconds")))}
         rounds: dict[int, dict[int, float]] = {}
         draft: dict[int, float] = {}
+        rounds_at: dict[int, float] = {}     # budget -> rounds measured
+        tokens_at: dict[int, float] = {}     # budget -> tokens of those
         for r in sorted(rows, key=lambda r: -r["budget"]):
             if r["method"] == "jetspec" and r["round_ms"] > 0:
                 rounds.setdefault(r["budget"], {})[r["batch"]] = r["round_ms"]
                 # The smallest budget's draft pass (it ends up last).
                 draft[r["batch"]] = r["draft_ms"] + r["tree_ms"]
-        return cls(ar, rounds, meta or {}, draft)
+                # tau over every batch size, weighted by its rounds (the
+                # acceptance does not depend on the batch; greedy rows)
+                n = float(r.get("steps") or 0) * r["batch"]
+                if r.get("tau") and n > 0:
+                    rounds_at[r["budget"]] = rounds_at.get(r["budget"], 0) + n
+                    tokens_at[r["budget"]] = tokens_at.get(r["budget"], 0) \
+                        + n * float(r["tau"])
+        tau = {b: tokens_at[b] / rounds_at[b] for b in rounds_at}
+        return cls(ar, rounds, meta or {}, draft, tau)
 
 
 class BudgetPolicy:
@@ -213,3 +257,115 @@ class BudgetPolicy:
             return
         ratio = accepted / estimated
         self.calibration += self.ema * (ratio - self.calibration)
+
+
+class ObservedBudgetPolicy:
+    """The tree budget of each step on vLLM's V2 runner, chosen by its
+    scheduler before the step's trees exist (one budget for the batch;
+    1 = a plain step). Pure python: the scheduler calls ``choose(batch)``
+    when it sets the next step's draft slots and ``observe(budget,
+    emitted)`` with each verified step's tokens per request."""
+
+    def __init__(self, cost: CostModel, max_budget: int, ema: float = 0.1,
+                 probe_every: int = 16, max_probe_every: int = 256):
+        if not cost.tau:
+            raise ValueError(
+                "jetspec: tree_budget 'auto' on vLLM's V2 runner needs the "
+                "measured tokens per round ('tau') in the cost model: write "
+                "it again with python -m vllm_jetspec.tools.bench "
+                "--cost-model (files before 2026-12-04 lack it)")
+        self.cost = cost
+        self.candidates = [b for b in cost.budgets
+                           if 2 <= b <= max_budget and b in cost.tau]
+        if not self.candidates:
+            raise ValueError(
+                f"jetspec: the cost model has no budget with tau in "
+                f"[2, {max_budget}] (it has {cost.budgets}, tau for "
+                f"{sorted(cost.tau)})")
+        self.ema = ema
+        self.calibration = 1.0
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self._interval = probe_every    # plain steps before the next probe
+        self._plain_run = 0             # plain steps chosen in a row
+        self.choices: dict[int, int] = {}     # budget -> steps (1: plain)
+        self.probes = 0
+        # "plain" / "tree" -> observed over modelled step time
+        self.time_scale: dict[str, float] = {}
+
+    def expected_tokens(self, budget: int) -> float:
+        return 1.0 + self.calibration * (self.cost.tau[budget] - 1.0)
+
+    def modelled_ms(self, budget: int, batch: int) -> float:
+        """The cost model's step time (1: a plain step)."""
+        return self.cost.plain(batch) if budget == 1 else \
+            self.cost.round(budget, batch)
+
+    @staticmethod
+    def _kind(budget: int) -> str:
+        return "plain" if budget == 1 else "tree"
+
+    def step_ms(self, budget: int, batch: int) -> float:
+        """Step time: the cost model's, scaled by what was observed."""
+        return self.modelled_ms(budget, batch) * \
+            self.time_scale.get(self._kind(budget), 1.0)
+
+    def best(self, batch: int) -> tuple[int, float]:
+        """(budget, tokens per ms) of the best choice for ``batch``
+        requests under the current calibration; budget 1: plain steps."""
+        best, best_rate = 1, 1.0 / self.step_ms(1, batch)
+        for b in self.candidates:
+            rate = self.expected_tokens(b) / self.step_ms(b, batch)
+            if rate > best_rate:
+                best, best_rate = b, rate
+        return best, best_rate
+
+    def best_tree(self, batch: int) -> int:
+        return max(self.candidates, key=lambda b: self.expected_tokens(b)
+                   / self.step_ms(b, batch))
+
+    def observe_time(self, budget: int, batch: int, ms: float) -> None:
+        """A decode step of ``batch`` requests at ``budget`` (1: plain)
+        took ``ms`` (wall time between two outputs). One step's ratio to
+        the model is clamped to [1/4, 4] (a pause between requests is not
+        a step time)."""
+        if budget != 1 and budget not in self.cost.round_ms:
+            return
+        if not (ms > 0 and math.isfinite(ms)) or batch < 1:
+            return
+        ratio = min(4.0, max(0.25, ms / self.modelled_ms(budget, batch)))
+        kind = self._kind(budget)
+        old = self.time_scale.get(kind, 1.0)
+        self.time_scale[kind] = old + self.ema * (ratio - old)
+
+    def choose(self, batch: int) -> int:
+        """The budget of the next step for ``batch`` requests."""
+        best, _ = self.best(max(1, batch))
+        if best == 1:
+            self._plain_run += 1
+            if self._plain_run > self._interval:
+                # A probe: one round of the best tree, to learn whether
+                # trees pay again; the next wait is twice as long.
+                self._plain_run = 0
+                self._interval = min(2 * self._interval,
+                                     self.max_probe_every)
+                self.probes += 1
+                best = self.best_tree(max(1, batch))
+        else:
+            self._plain_run = 0
+            self._interval = self.probe_every
+        self.choices[best] = self.choices.get(best, 0) + 1
+        return best
+
+    def observe(self, budget: int, emitted: list[int]) -> None:
+        """A verified step at ``budget``: tokens each request emitted
+        (accepted drafts + 1). Budgets the policy does not know (a request
+        the scheduler cut near ``max_model_len``) and empty steps teach
+        nothing."""
+        if budget not in self.cost.tau or not emitted:
+            return
+        prior = self.cost.tau[budget] - 1.0
+        if prior <= 0:
+            return
+        ratio = (sum(emitted) / len(emitted) - 1.0) / prior
+        self.calibration += self.ema * (max(0.0, ratio) - self.calibration)

@@ -263,9 +263,9 @@ soak-cost)  # cost_model.json for `soak auto`: AR and budgets (COST_BUDGETS)
     timeout "${BENCH_SECS:-560}" python3 -m vllm_jetspec.tools.bench \
         --prompts "$W/prompts/gsm8k.jsonl" --budgets ${COST_BUDGETS:-8 16 32} \
         --batch-sizes 1 8 32 --num-prompts 32 --max-new-tokens 64 --baseline none \
-        --graphs --max-model-len 1024 --resume --out "$W/soak_cost" \
+        --graphs --max-model-len 1024 --resume --out "$W/soak_cost" ${COST_ARGS:-} \
         > "$OUT/soak_cost.log" 2>&1 || echo "bench rc $?"
-    cp "$W/soak_cost/cost_model.json" "$OUT/" 2>/dev/null || true
+    cp "$W/soak_cost/cost_model.json" "$W/soak_cost/bench.json" "$OUT/" 2>/dev/null || true
     tail -5 "$OUT/soak_cost.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

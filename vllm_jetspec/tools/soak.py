@@ -1272,9 +1272,10 @@ def parse_args(argv):
                    help="environment of every server (repeatable). On a GPU "
                    "jetspec runs vLLM's V2 runner, as plain vLLM does (both "
                    "sample a seeded request with noise keyed by seed and "
-                   "position); with tree_budget 'auto' jetspec runs V1, and "
-                   "VLLM_USE_V2_MODEL_RUNNER=0 is added unless given, so "
-                   "that the reference samples seeds the same way")
+                   "position); with tree_budget 'auto' and a cost model "
+                   "without measured tau (files before 2026-12-04) jetspec "
+                   "runs V1, and VLLM_USE_V2_MODEL_RUNNER=0 is added unless "
+                   "given, so that the reference samples seeds the same way")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0,
                    help="first port (each server takes the next); 0: free "
@@ -1343,6 +1344,17 @@ def parse_args(argv):
     return args
 
 
+def _auto_on_v2(cost_model: str | None) -> bool:
+    """Whether a jetspec server with ``tree_budget: "auto"`` and this cost
+    model runs the V2 runner on a GPU (its file has measured tau); a bad
+    or missing file is the server's error to give."""
+    from ..autobudget import CostModel
+    try:
+        return bool(cost_model) and bool(CostModel.load(cost_model).tau)
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -1356,10 +1368,12 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_cache_gb = 1
     if args.judge_seeded == "auto":
         args.judge_seeded = "all" if on_gpu else "blocks"
-    if on_gpu and args.budget == "auto" and not any(
+    if on_gpu and args.budget == "auto" and not _auto_on_v2(
+            args.cost_model) and not any(
             kv.startswith("VLLM_USE_V2_MODEL_RUNNER=")
             for kv in args.server_env):
-        # jetspec's auto budget runs vLLM's V1 runner (static budgets: V2)
+        # jetspec's auto budget then runs vLLM's V1 runner (config.
+        # select_runner); the reference with it
         args.server_env.append("VLLM_USE_V2_MODEL_RUNNER=0")
     if args.spec_config:
         spec = json.loads(args.spec_config)

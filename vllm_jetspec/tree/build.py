@@ -38,6 +38,7 @@ import torch
 from .types import PAD, DraftTree
 
 TREE_ALGOS = ("accum_logp", "top2gap_fanout", "topb_prefix", "chain")
+LAYOUTS = ("depth", "best_first")
 MAX_BUDGET = 256
 
 # top2gap_fanout defaults: a gap of GAP0 nats halves the width; BETA sets how
@@ -70,6 +71,7 @@ def build_tree(
     max_budget: int | None = None,
     beta: float = DEFAULT_BETA,
     gap0: float = DEFAULT_GAP0,
+    layout: str = "depth",
 ) -> DraftTree:
     """Build one tree per request.
 
@@ -87,6 +89,15 @@ def build_tree(
         max_budget: slots per tree in the output (default: ``budget`` when an
             int, else ``budget.max()``, which synchronises).
         beta, gap0: ``top2gap_fanout`` parameters.
+        layout: node order, one of ``LAYOUTS``: ``"depth"`` (by depth, then
+            best first) or ``"best_first"`` (best first: by cumulative
+            log-prob, ties to the shallower, then to the earlier candidate
+            - still topological, a parent before its children). Under
+            ``best_first`` the first ``b`` nodes are ``truncate_tree(tree,
+            b)``'s nodes (for ``accum_logp`` and ``topb_prefix``: the tree
+            of budget ``b``), so an engine may verify any prefix of the
+            tree (``tree_budget: "auto"`` on vLLM's V2 runner, whose
+            scheduler picks the drafts per step).
 
     Non-finite log-probs (tokens the head gives no mass) never become nodes,
     so a tree may hold fewer than ``budget`` nodes.
@@ -94,6 +105,9 @@ def build_tree(
     if algo not in TREE_ALGOS:
         raise ValueError(f"unknown tree algorithm {algo!r}; "
                          f"expected one of {TREE_ALGOS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown tree layout {layout!r}; "
+                         f"expected one of {LAYOUTS}")
     if topk_logp.dim() != 3 or topk_ids.shape != topk_logp.shape:
         raise ValueError("topk_logp and topk_ids must both be [R, D, K], got "
                          f"{tuple(topk_logp.shape)} and "
@@ -134,7 +148,8 @@ def build_tree(
         allowed = torch.arange(K, device=logp.device) < fan[..., None]
         logp = logp.masked_fill(~allowed, -math.inf)
     return _select_best_prefixes(logp, ids, anchor.long(), budget_r, n_slots,
-                                 max(1, frontier_of(algo, K, n_slots)))
+                                 max(1, frontier_of(algo, K, n_slots)),
+                                 best_first=layout == "best_first")
 
 
 def frontier_of(algo: str, K: int, n_slots: int) -> int:
@@ -159,7 +174,8 @@ def beam_sizes(D: int, K: int, n_slots: int,
 
 def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
                           anchor: torch.Tensor, budget_r: torch.Tensor,
-                          n_slots: int, frontier: int) -> DraftTree:
+                          n_slots: int, frontier: int,
+                          best_first: bool = False) -> DraftTree:
     """The ``budget_r - 1`` best paths (cumulative log-prob) among those whose
     every proper prefix is among the ``frontier`` best candidates of its
     depth.
@@ -228,9 +244,12 @@ def _select_best_prefixes(logp: torch.Tensor, ids: torch.Tensor,
     sel_cum = cum.gather(1, sel)
     keep = torch.isfinite(sel_cum) & (rank[None, :] < budget_r[:, None] - 1)
 
-    # Topological layout: by depth, then by rank; dropped ones go last.
+    # Topological layout: by depth, then by rank (or by rank alone, which
+    # is topological too: a parent's rank is lower than its child's);
+    # dropped ones go last.
     sel_dep = dep.gather(1, sel)
-    key = torch.where(keep, sel_dep * n_sel + rank, (D + 2) * n_sel + rank)
+    key = torch.where(keep, rank if best_first else sel_dep * n_sel + rank,
+                      (D + 2) * n_sel + rank)
     perm = key.argsort(dim=1)
     sel = sel.gather(1, perm)
     keep = keep.gather(1, perm)

@@ -7,7 +7,8 @@ Conventions shared by the whole tree core:
   the target emitted, whose KV is computed by the verify forward together with
   the draft nodes.
 - Valid nodes occupy slots ``[0, num_nodes)``; they are in topological order
-  (sorted by depth, so a parent always precedes its children). Slots past
+  (a parent always precedes its children): sorted by depth, or best first
+  (``build_tree(layout="best_first")``, whose every prefix is a tree). Slots past
   ``num_nodes`` are padding: token -1, parent -1, depth -1, cum_logp -inf.
 """
 
@@ -78,9 +79,11 @@ class DraftTree:
         num = torch.ones(batch_size, dtype=torch.long, device=device)
         return cls(tokens, parents, depth, cum, num, max_depth=0)
 
-    def validate(self) -> None:
+    def validate(self, layout: str = "depth") -> None:
         """Check every invariant; raises ``ValueError`` naming the first
-        violation. Synchronises with the device: for tests and debugging."""
+        violation. ``layout``: ``"depth"`` also checks the nodes are sorted
+        by depth, ``"best_first"`` that they are sorted by cumulative
+        log-prob. Synchronises with the device: for tests and debugging."""
         R, N = self.tokens.shape
         for name in ("parents", "depth", "cum_logp"):
             if getattr(self, name).shape != (R, N):
@@ -115,8 +118,13 @@ class DraftTree:
                 if int(depth[r, i]) > self.max_depth:
                     raise ValueError(f"request {r}: node {i} deeper than "
                                      f"max_depth {self.max_depth}")
-                if i > 1 and depth[r, i] < depth[r, i - 1]:
+                if layout == "depth" and i > 1 and \
+                        depth[r, i] < depth[r, i - 1]:
                     raise ValueError(f"request {r}: nodes not sorted by depth")
+                if layout == "best_first" and i > 1 and \
+                        cum[r, i] > cum[r, i - 1]:
+                    raise ValueError(f"request {r}: nodes not sorted best "
+                                     "first")
                 if tokens[r, i] < 0:
                     raise ValueError(f"request {r}: node {i} has no token")
                 key = (p, int(tokens[r, i]))
@@ -156,7 +164,8 @@ class CompactionPlan:
     slot ``prefix_len + i``; the kept path must end at ``prefix_len + d`` for
     depth ``d``. Moves in increasing ``dst`` order are safe in place, since
     ``dst <= src`` and a later move's source lies past every earlier
-    destination (nodes are sorted by depth)."""
+    destination (nodes are in topological order: the path node at depth
+    ``d`` sits at index ``>= d``)."""
 
     # [R, L] int64: node slot to copy from (offset from the anchor's slot);
     # -1 where nothing moves.

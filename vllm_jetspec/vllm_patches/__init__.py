@@ -220,6 +220,19 @@ PATCHES += [
               "device-side assert kills the engine at start-up; the ids "
               "are folded into the vocabulary",
           when="jetspec engines on the V2 runner (CUDA)"),
+    Patch(replaces="vllm.v1.core.sched.scheduler:Scheduler.__init__ / "
+                   "update_from_output",
+          by="vllm_jetspec.vllm_patches.v2.auto:wrap_scheduler_init, "
+             "wrap_update_from_output",
+          why="tree_budget 'auto' on the V2 runner goes through vLLM's "
+              "dynamic speculative decoding, whose scheduler looks each "
+              "step's draft count up by batch size alone; the lookup is "
+              "replaced by the jetspec policy (cost model, batch size and "
+              "the acceptance the scheduler saw one step late, plain "
+              "steps when trees do not pay), which update_from_output "
+              "feeds before vLLM's bookkeeping",
+          when="jetspec engines with tree_budget 'auto' on the V2 runner "
+               "(CUDA)"),
 ]
 
 

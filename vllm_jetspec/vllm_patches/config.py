@@ -438,28 +438,31 @@ V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def select_runner(env: dict | None = None, on_cuda: bool | None = None,
-                  auto: bool = False) -> str:
+                  auto_on_v1: bool = False) -> str:
     """Which of vLLM's model runners a jetspec engine runs on: ``"v2"`` on
     CUDA (the device-side, asynchronous rounds of ``vllm_patches.v2``;
-    vLLM's own default there), ``"v1"`` on vLLM's CPU platform (its only
-    runner) or when the user sets ``VLLM_USE_V2_MODEL_RUNNER=0`` (the
-    synchronous V1 hooks, ``vllm_patches.runner``), and for ``tree_budget:
-    "auto"`` (its per-step budget choice is built on the V1 hooks only).
-    Set in this process's environment, which the engine's processes
-    inherit."""
+    vLLM's own default there; ``tree_budget: "auto"`` included, through
+    vLLM's dynamic speculative decoding, ``v2.auto``), ``"v1"`` on vLLM's
+    CPU platform (its only runner), when the user sets
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` (the synchronous V1 hooks,
+    ``vllm_patches.runner``), and for ``auto`` with a cost model that has
+    no measured tokens per round (``auto_on_v1``: the V1 hooks' policy
+    reads the head's own estimates instead). Set in this process's
+    environment, which the engine's processes inherit."""
     env = os.environ if env is None else env
     if on_cuda is None:
         from vllm.platforms import current_platform
         on_cuda = current_platform.is_cuda()
     v = (env.get(V2_RUNNER_ENV) or "").strip().lower()
     if on_cuda and v not in ("0", "false", "no"):
-        if not auto:
+        if not auto_on_v1:
             env[V2_RUNNER_ENV] = "1"
             return "v2"
         logger.warning("jetspec: tree_budget 'auto' runs on vLLM's V1 model "
-                       "runner (synchronous rounds); a static tree_budget "
-                       "runs the V2 runner's asynchronous device-side "
-                       "rounds")
+                       "runner (synchronous rounds): its cost model has no "
+                       "measured tokens per round ('tau'), which the V2 "
+                       "runner's policy needs; write it again with python "
+                       "-m vllm_jetspec.tools.bench --cost-model")
     env[V2_RUNNER_ENV] = "0"
     return "v1"
 
@@ -630,7 +633,11 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
-        runner = select_runner(auto=settings.auto)
+        auto_on_v1 = False
+        if settings.auto:
+            from .v2.auto import has_tau
+            auto_on_v1 = not has_tau(settings.cost_model)
+        runner = select_runner(auto_on_v1=auto_on_v1)
         refuse_cpu_expert_parallel(target_parallel_config)
         if runner == "v1":
             refuse_async_scheduling(self)
@@ -641,6 +648,13 @@ def patched_create_speculative_config(orig):
             return None
         cfg = orig(self, target_model_config, target_parallel_config)
         hand_head_to_vllm(cfg, settings)
+        if runner == "v2" and settings.auto:
+            # vLLM's dynamic speculative decoding: the scheduler's per-step
+            # draft count (the policy's, v2/auto.py) and a FULL verify
+            # graph per count it may pick.
+            from .v2.auto import dynamic_schedule, make_policy
+            object.__setattr__(cfg, "num_speculative_tokens_per_batch_size",
+                               dynamic_schedule(make_policy(settings)))
         # A plain attribute: pickled with the config into every process.
         object.__setattr__(cfg, "jetspec", settings)
         # For the batch limits vLLM fills next (the slots as vLLM will

@@ -176,6 +176,11 @@ def worker_profile(worker, reset: bool = True) -> dict:
         return dict(enabled=False, steps=0, seconds={})
     out = prof.snapshot(reset=reset)
     policy = getattr(getattr(runner, "drafter", None), "policy", None)
+    if policy is None and getattr(runner, "_jetspec_verifier", None):
+        # V2 runner: the policy is the scheduler's, in this process when
+        # the executor runs its worker in-process (one GPU)
+        from .v2.auto import active_policy
+        policy = active_policy()
     if policy is not None:
         # tree_budget "auto": steps per chosen budget (1: plain decoding)
         # since the last reset, and the head's calibration factor.

@@ -114,6 +114,24 @@ class JetSpecSpeculator(DFlashSpeculator):
             dtype=torch.int64, device=device) if self.replay else None
         self.verify_step: VerifyStep | None = None
         self.tree_kernel = tree_build_setting() == "kernel"
+        # tree_budget "auto" (v2/auto.py): the scheduler picks how many of
+        # a tree's nodes a step verifies, so trees are laid out best first
+        # (every prefix is the tree of that budget).
+        self.layout = "best_first" if s.auto else "depth"
+
+    def init_cudagraph_manager(self, cudagraph_mode: CUDAGraphMode) -> None:
+        """vLLM's graph manager reads a dynamic-SD schedule (``auto``) as
+        the verify step's query lengths; the draft pass always runs 1 +
+        depth tokens a request, so its manager is planned without it."""
+        spec = self.vllm_config.speculative_config
+        sched = getattr(spec, "num_speculative_tokens_per_batch_size", None)
+        object.__setattr__(spec, "num_speculative_tokens_per_batch_size",
+                           None)
+        try:
+            super().init_cudagraph_manager(cudagraph_mode)
+        finally:
+            object.__setattr__(spec, "num_speculative_tokens_per_batch_size",
+                               sched)
 
     def capture(self) -> None:
         super().capture()
@@ -212,7 +230,7 @@ class JetSpecSpeculator(DFlashSpeculator):
             from vllm_jetspec.kernels.tree_build import build_tree_rows
             build_tree_rows(
                 v.view(num_reqs, D, K), i.view(num_reqs, D, K), None,
-                s.budget, algo=s.algo,
+                s.budget, algo=s.algo, layout=self.layout,
                 out=(self.draft_tokens[:num_reqs],
                      self.row_parents[:num_reqs], self.row_depth[:num_reqs],
                      self.row_masks[:num_reqs], self.row_nodes[:num_reqs]))
@@ -220,7 +238,7 @@ class JetSpecSpeculator(DFlashSpeculator):
         anchor = self.input_buffers.input_ids[
             self.anchor_index[:num_reqs]].long()
         tree = build_tree(v.view(num_reqs, D, K), i.view(num_reqs, D, K),
-                          anchor, s.budget, algo=s.algo)
+                          anchor, s.budget, algo=s.algo, layout=self.layout)
         nodes = tree.tokens[:, 1:]
         self.draft_tokens[:num_reqs] = torch.where(nodes >= 0, nodes, 0)
         self.row_parents[:num_reqs] = tree.parents
