@@ -281,3 +281,25 @@ def test_tree_rounds_share_one_time_scale():
         p.observe_time(ranking, 2, 1.3 * c.round(ranking, 2))
     assert p.time_scale == {"tree": pytest.approx(1.3, rel=1e-3)}
     assert p.best(2)[0] == ranking
+
+
+def test_run_a_numbers_through_the_shared_factor_policy():
+    """H200, 2026-12-04 (docs/autobudget.md, run A): the cost model that
+    run wrote, and its measured plain step of a jetspec engine (6.72 s for
+    2048 tokens in 2025 steps, 2008 of them plain, at batch 1: 3.3 ms).
+    The first policy took plain steps at batch 1 (0.59 x AR); with the
+    plain factor learned from those steps the choice is budget 8, the
+    best static budget of that run at batch 1, 8 and 32 (a prediction
+    from measured inputs, not a measurement of the policy)."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "docs" / "data" / \
+        "cost_model_smollm2_h200_2026-12-04.json"
+    p = ObservedBudgetPolicy(CostModel.load(str(path)), 32)
+    # The file alone: budget 8 and plain nearly tie at batch 1 (0.5205
+    # against 0.5180 tokens/ms); at run A's calibration (0.96) plain wins.
+    p.calibration = 0.9604513200656987
+    assert p.best(1)[0] == 1
+    for _ in range(50):
+        p.observe_time(1, 1, 1e3 * 6.722781578 / 2025)
+    assert [p.best(B)[0] for B in (1, 8, 32)] == [8, 8, 8]

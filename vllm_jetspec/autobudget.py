@@ -271,9 +271,9 @@ class ObservedBudgetPolicy:
         if not cost.tau:
             raise ValueError(
                 "jetspec: tree_budget 'auto' on vLLM's V2 runner needs the "
-                "measured tokens per round ('tau') in the cost model: write "
-                "it again with python -m vllm_jetspec.tools.bench "
-                "--cost-model (files before 2026-12-04 lack it)")
+                "measured tokens per round ('tau') in the cost model: run "
+                "python -m vllm_jetspec.tools.bench again (it writes "
+                "cost_model.json; files before 2026-12-04 lack tau)")
         self.cost = cost
         self.candidates = [b for b in cost.budgets
                            if 2 <= b <= max_budget and b in cost.tau]

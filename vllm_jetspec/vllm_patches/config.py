@@ -461,8 +461,8 @@ def select_runner(env: dict | None = None, on_cuda: bool | None = None,
         logger.warning("jetspec: tree_budget 'auto' runs on vLLM's V1 model "
                        "runner (synchronous rounds): its cost model has no "
                        "measured tokens per round ('tau'), which the V2 "
-                       "runner's policy needs; write it again with python "
-                       "-m vllm_jetspec.tools.bench --cost-model")
+                       "runner's policy needs; python -m "
+                       "vllm_jetspec.tools.bench writes it since 2026-12-04")
     env[V2_RUNNER_ENV] = "0"
     return "v1"
 
