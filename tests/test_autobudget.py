@@ -303,3 +303,14 @@ def test_run_a_numbers_through_the_shared_factor_policy():
     for _ in range(50):
         p.observe_time(1, 1, 1e3 * 6.722781578 / 2025)
     assert [p.best(B)[0] for B in (1, 8, 32)] == [8, 8, 8]
+
+
+def test_has_tau(tmp_path):
+    from vllm_jetspec.autobudget import has_tau
+
+    v2_cost().save(str(tmp_path / "new.json"))
+    cost().save(str(tmp_path / "old.json"))
+    assert has_tau(str(tmp_path / "new.json"))
+    assert not has_tau(str(tmp_path / "old.json"))
+    with pytest.raises(ValueError, match="does not exist"):
+        has_tau(str(tmp_path / "none.json"))

@@ -190,6 +190,14 @@ class CostModel:
         return cls(ar, rounds, meta or {}, draft, tau)
 
 
+def has_tau(path: str) -> bool:
+    """Whether a cost-model file carries the measured tokens per round
+    that ``ObservedBudgetPolicy`` (``auto`` on vLLM's V2 runner) needs;
+    ``bench`` writes them since 2026-12-04. Raises ``ValueError`` on a bad
+    file, as ``CostModel.load``."""
+    return bool(CostModel.load(path).tau)
+
+
 class BudgetPolicy:
     """Picks a budget per step; learns the head's calibration online."""
 

@@ -1348,9 +1348,9 @@ def _auto_on_v2(cost_model: str | None) -> bool:
     """Whether a jetspec server with ``tree_budget: "auto"`` and this cost
     model runs the V2 runner on a GPU (its file has measured tau); a bad
     or missing file is the server's error to give."""
-    from ..autobudget import CostModel
+    from ..autobudget import has_tau
     try:
-        return bool(cost_model) and bool(CostModel.load(cost_model).tau)
+        return bool(cost_model) and has_tau(cost_model)
     except ValueError:
         return False
 

@@ -635,7 +635,7 @@ def patched_create_speculative_config(orig):
             spec, target_model_config.hf_config)
         auto_on_v1 = False
         if settings.auto:
-            from .v2.auto import has_tau
+            from ..autobudget import has_tau
             auto_on_v1 = not has_tau(settings.cost_model)
         runner = select_runner(auto_on_v1=auto_on_v1)
         refuse_cpu_expert_parallel(target_parallel_config)

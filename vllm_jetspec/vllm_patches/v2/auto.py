@@ -56,12 +56,6 @@ def make_policy(settings) -> ObservedBudgetPolicy:
                                 settings.budget)
 
 
-def has_tau(cost_model: str) -> bool:
-    """Whether a cost-model file carries the measured tokens per round
-    that the V2 policy needs (``bench`` writes them since 2026-12-04)."""
-    return bool(CostModel.load(cost_model).tau)
-
-
 def dynamic_schedule(policy: ObservedBudgetPolicy,
                      max_batch: int = SCHEDULE_MAX_BATCH
                      ) -> list[tuple[int, int, int]]:
@@ -167,12 +161,12 @@ def wrap_scheduler_init(orig):
             return
         global _active
         s = settings_of(vllm_config.speculative_config)
-        policy = make_policy(s)
         if getattr(self, "dynamic_sd_lookup", None) is None:
             logger.warning("jetspec: tree_budget 'auto': vLLM's scheduler "
                            "built no dynamic-SD lookup; every step drafts "
                            "%d slots", s.budget - 1)
             return
+        policy = make_policy(s)
         self.dynamic_sd_lookup = PolicyLookup(policy)
         self._jetspec_policy = policy
         self._jetspec_clock = StepClock()
