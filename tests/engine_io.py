@@ -4,12 +4,17 @@ Not through stdout: vLLM's engine-core and worker processes log to the same
 pipe, and a write longer than PIPE_BUF (4 KiB) may be interleaved with
 theirs, which once cut a result line in CI. The script's ``emit(key, obj)``
 appends one JSON line to the file ``run_script`` reads.
+
+A failure shows the lines of the log that name an error (``causes``: an
+engine's worker logs its exception long before the end of the log, where
+the engine core's own traceback fills the tail) and then the log's end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +26,31 @@ EMIT = textwrap.dedent('''
         with open(os.environ["JETSPEC_TEST_OUT"], "a") as f:
             f.write(json.dumps([key, obj]) + "\\n")
 ''')
+
+
+# A line that names an error: Python's exception lines (prefixed or not by
+# vLLM's "(Worker pid=...)"), vLLM's ERROR records, a dead process.
+CAUSE = re.compile(r"(^|[\s)])([\w.]*(Error|Exception)|ERROR|Traceback|"
+                   r"failed to start|[Ss]egmentation fault|Killed|"
+                   r"core dumped|EADDRINUSE|signal \d+)")
+
+
+def causes(log: str, limit: int = 40) -> str:
+    """The log's lines that name an error, in order, each once (at most
+    ``limit``)."""
+    seen: dict[str, None] = {}
+    for line in log.splitlines():
+        if CAUSE.search(line):
+            seen.setdefault(line.rstrip()[-500:], None)
+            if len(seen) >= limit:
+                break
+    return "\n".join(seen)
+
+
+def failure(log: str, tail: int = 5000) -> str:
+    """What a failed script or engine shows: ``causes`` and the log's end."""
+    return ("lines that name an error:\n" + causes(log)
+            + "\n--- end of the log ---\n" + log[-tail:])
 
 
 def run_script(path: Path, text: str, args: list[str],
@@ -37,7 +67,7 @@ def run_script(path: Path, text: str, args: list[str],
                           capture_output=True, text=True, env=env,
                           timeout=timeout)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-tail:]
+    assert proc.returncode == 0, failure(log, tail)
     res = {}
     if out.exists():
         for line in out.read_text().splitlines():
@@ -48,7 +78,8 @@ def run_script(path: Path, text: str, args: list[str],
 
 def result(res: dict, key: str, log: str, tail: int = 5000):
     """``res[key]``, or a failure that shows the end of the log."""
-    assert key in res, f"the script emitted no {key!r}:\n" + log[-tail:]
+    assert key in res, f"the script emitted no {key!r}:\n" + failure(log,
+                                                                      tail)
     return res[key]
 
 
@@ -114,7 +145,8 @@ def run_engines(path: Path, text: str, args: list[str], runs: list[dict],
     for r in runs:
         p = Path(r["log"])
         got = res.get(r["key"]) or {
-            "error": f"the script emitted no {r['key']!r}:\n" + log[-tail:]}
+            "error": f"the script emitted no {r['key']!r}:\n"
+                     + failure(log, tail)}
         out[r["key"]] = dict(got, log=p.read_text() if p.exists() else "")
     return out
 
@@ -123,5 +155,5 @@ def engine_result(out: dict[str, dict], key: str, tail: int = 5000) -> dict:
     """``out[key]`` of ``run_engines``, or a failure that shows the error
     and the end of that engine's log."""
     r = out[key]
-    assert "error" not in r, r["error"] + "\n" + r["log"][-tail:]
+    assert "error" not in r, r["error"] + "\n" + failure(r["log"], tail)
     return r

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from engine_io import failure
 from models import make_tiny_target_and_head
 
 
@@ -26,7 +27,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
          "2", "--num-prompts", "2", "--replay", "--baseline", "none",
          "--auto",
          "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     assert len(list(csv.DictReader(open(out / "bench.csv")))) == 6
     res = json.loads((out / "bench.json").read_text())
     got = {(r["method"], r["budget"], r["batch"]): r for r in res["rows"]}
@@ -90,7 +91,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
            "2", "--num-prompts", "2", "--replay", "--baseline", "none",
            "--auto", "--out", str(out), "--resume"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     again = json.loads((out / "bench.json").read_text())
     assert again["rows"] == json.loads(json.dumps(res["rows"]))
     assert again["meta"]["engine_start_seconds"] == \

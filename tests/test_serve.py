@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from engine_io import failure
+
 from vllm_jetspec.tools import assets
 from vllm_jetspec.heads import shipped_head_dir
 
@@ -51,7 +53,7 @@ def start_server(target: str, spec: dict | None, log: Path):
     while time.time() - t0 < 600:
         if proc.poll() is not None:
             raise AssertionError(f"server exited ({proc.returncode}):\n"
-                                 + log.read_text()[-5000:])
+                                 + failure(log.read_text()))
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -59,7 +61,7 @@ def start_server(target: str, spec: dict | None, log: Path):
         except OSError:
             time.sleep(2)
     proc.kill()
-    raise AssertionError("server did not start:\n" + log.read_text()[-5000:])
+    raise AssertionError("server did not start:\n" + failure(log.read_text()))
 
 
 def stop_server(proc) -> None:

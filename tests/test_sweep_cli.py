@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from engine_io import failure
 from models import make_tiny_qwen3
 
 # JetSpec's README command (MATH-500, Qwen3-30B-A3B, TP 4), less what is
@@ -104,7 +105,7 @@ def test_jetspec_command_line_runs_on_cpu(tmp_path):
            "--gpu-memory-utilization", "0.1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    assert proc.returncode == 0, failure(log)
     d = json.loads((out / "sweep.json").read_text())
     rows = d["rows"]
     assert {(r["dataset"], r["method"], r["budget"]) for r in rows} == {

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from engine_io import failure
+
 from vllm_jetspec.tools import assets
 
 # Long, unrelated tools: each test runs wherever an xdist worker is free
@@ -42,7 +44,7 @@ def test_eval_tau_cli(random_smollm2_head, tmp_path):
          "--algos", "chain", "accum_logp", "--head", str(random_smollm2_head),
          "--device", "cpu", "--json", str(out), "--quiet"],
         capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc.stderr, 3000)
     res = json.loads(out.read_text())
     assert set(res["tau"]) == {"chain", "accum_logp"}
     for algo in ("chain", "accum_logp"):
@@ -58,7 +60,7 @@ def test_help_of_every_tool():
                 "tree.bench", "kernels.bench_tree_attention"):
         proc = subprocess.run([sys.executable, "-m", f"vllm_jetspec.{mod}",
                                "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0, (mod, proc.stderr[-2000:])
+        assert proc.returncode == 0, (mod, failure(proc.stderr, 2000))
         assert "usage" in proc.stdout
 
 
@@ -89,7 +91,7 @@ def test_training_data_is_the_targets_own_greedy_output(smollm2, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(smollm2),
                            json.dumps(prompts), str(out)],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(proc.stderr, 4000)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2
     target = AutoModelForCausalLM.from_pretrained(
@@ -112,7 +114,7 @@ def test_demo_runs_jetspec_through_vllm(smollm2):
                            "--num-prompts", "2", "--max-new-tokens", "64"],
                           capture_output=True, text=True, timeout=900,
                           env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     assert proc.stdout.count("identical to no-spec: True") == 2
     line = [x for x in proc.stdout.splitlines()
             if x.startswith("overall: tau")][-1]
@@ -136,7 +138,7 @@ def test_sweep_through_vllm(smollm2, tmp_path):
          "2", "--dataset", "gsm8k", "humaneval", "--out", str(out)],
         capture_output=True, text=True,
         timeout=1200)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     got = {(r["dataset"], r["method"], int(r["budget"]), int(r["batch"])): r
            for r in rows}
@@ -194,7 +196,7 @@ def test_kernel_bench_plot_from_json(tmp_path):
         [sys.executable, "-m", "vllm_jetspec.kernels.bench_tree_attention",
          "--plot-from", str(src), "--png", str(png)],
         capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, failure(proc.stderr, 2000)
     assert png.read_bytes()[:4] == b"\x89PNG"
     # --plot-from without --png is one clear error.
     proc = subprocess.run(
