@@ -414,11 +414,37 @@ def test_jetspec_selects_its_runner():
         e = {} if given is None else {"VLLM_USE_V2_MODEL_RUNNER": given}
         assert select_runner(e, on_cuda=on_cuda) == runner
         assert e == {"VLLM_USE_V2_MODEL_RUNNER": env}
-    # tree_budget "auto" runs V2 unless its cost model lacks tau
-    for auto_on_v1, runner in [(False, "v2"), (True, "v1")]:
+    # tree_budget "auto" runs V2 unless its cost model lacks tau or async
+    # scheduling is off (the reason is said)
+    from vllm_jetspec.vllm_patches.config import AUTO_NO_ASYNC, AUTO_NO_TAU
+    for auto_on_v1, runner in [(None, "v2"), (AUTO_NO_TAU, "v1"),
+                               (AUTO_NO_ASYNC, "v1")]:
         e = {}
         assert select_runner(e, on_cuda=True, auto_on_v1=auto_on_v1) == \
             runner
+
+
+def test_auto_keeps_v2_only_with_tau_and_async_scheduling(tmp_path):
+    """The reasons ``auto`` goes to the V1 runner: a cost model without
+    tau, or async scheduling turned off by the user (vLLM's synchronous
+    scheduler takes the runner's full drafts and ignores the per-step
+    count); vLLM's default (None) and True keep V2."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.autobudget import CostModel
+    from vllm_jetspec.vllm_patches.config import (AUTO_NO_ASYNC, AUTO_NO_TAU,
+                                                  auto_v1_reason)
+
+    kw = dict(ar_ms={1: 1.0}, round_ms={4: {1: 1.1}})
+    CostModel(**kw).save(str(tmp_path / "old.json"))
+    CostModel(**kw, tau={4: 2.0}).save(str(tmp_path / "new.json"))
+    old, new = (NS(auto=True, cost_model=str(tmp_path / f"{n}.json"))
+                for n in ("old", "new"))
+    assert auto_v1_reason(old, NS(async_scheduling=None)) == AUTO_NO_TAU
+    assert auto_v1_reason(new, NS(async_scheduling=False)) == AUTO_NO_ASYNC
+    for a in (None, True):
+        assert auto_v1_reason(new, NS(async_scheduling=a)) is None
+    assert auto_v1_reason(NS(auto=False), NS(async_scheduling=False)) is None
 
 
 def test_expert_parallel_on_cpu_is_refused():

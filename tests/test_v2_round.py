@@ -269,7 +269,10 @@ def test_warmup_prompts_are_folded_into_the_vocabulary():
     slots (65 for tree budget 64): for a jetspec engine on a model with a
     smaller vocabulary they reach the step folded into it (unfolded, the
     embedding's device-side assert killed the engine tests' 32-token model
-    on the H200); other engines' steps are untouched."""
+    on the H200); other engines' steps are untouched. A jetspec warm-up
+    step says its drafts follow (vLLM's warm-up leaves
+    ``num_spec_tokens_to_schedule`` 0, which would skip its draft
+    passes)."""
     from types import SimpleNamespace as NS
 
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -288,16 +291,17 @@ def test_warmup_prompts_are_folded_into_the_vocabulary():
         seen = []
         runner = NS(speculative_config=NS(jetspec=object() if jetspec
                                           else None),
-                    model_config=NS(get_vocab_size=lambda: 32))
-        wrap_warmup_kernels(orig)(
-            runner, lambda out: seen.append(out.scheduled_new_reqs[0]),
-            lambda g: None)
-        new = seen[0]
+                    model_config=NS(get_vocab_size=lambda: 32),
+                    num_speculative_steps=63)
+        wrap_warmup_kernels(orig)(runner, seen.append, lambda g: None)
+        new = seen[0].scheduled_new_reqs[0]
         if jetspec:
             assert new.prompt_token_ids == [t % 32 for t in range(65)]
             assert new.prefill_token_ids == new.prompt_token_ids
+            assert seen[0].num_spec_tokens_to_schedule == 63
         else:
             assert new.prompt_token_ids == list(range(65))
+            assert seen[0].num_spec_tokens_to_schedule == 0
 
 
 def test_block_tables_cover_the_draft_pass_past_max_model_len():
@@ -513,3 +517,139 @@ def test_step_clock_times_runs_of_the_same_decode_step():
     for x in (plain, plain, mixed, tree, tree, plain):
         clock.tick(p, x)
     assert seen == [(1, 2, 10.0), (16, 2, 10.0)]
+
+
+# -- plain steps under "auto": the draft pass keeps only the context K/V ---
+
+class _Ran(Exception):
+    """The head's forward was reached."""
+
+
+def _speculator(monkeypatch, **over):
+    """A JetSpecSpeculator without vLLM's set-up, whose parent propose is
+    vLLM's control flow in brief: the context K/V (always), the draft
+    attention metadata, the dispatch (eager when ``is_profile``), the
+    head's forward through ``_generate_draft``."""
+    from vllm.v1.worker.gpu.spec_decode.dflash.speculator import \
+        DFlashSpeculator
+
+    from vllm_jetspec.vllm_patches.profile import StepProfiler
+    from vllm_jetspec.vllm_patches.v2.speculator import JetSpecSpeculator
+
+    calls = []
+
+    def parent_propose(self, input_batch, *a, dummy_run=False,
+                       is_profile=False, **k):
+        calls.append("context")
+        meta = self._build_draft_attn_metadata(num_reqs=2,
+                                               num_reqs_padded=2,
+                                               num_tokens_padded=32)
+        calls.append(("meta", meta))
+        calls.append(("eager", is_profile))
+        try:
+            self._generate_draft(2, 32, meta, None, None)
+        except _Ran:
+            calls.append("forward")
+        return self.draft_tokens[:2]
+
+    monkeypatch.setattr(DFlashSpeculator, "propose", parent_propose)
+    monkeypatch.setattr(DFlashSpeculator, "_build_draft_attn_metadata",
+                        lambda self, **k: "metadata")
+    sp = JetSpecSpeculator.__new__(JetSpecSpeculator)
+    sp.verify_step, sp.next_num_drafts = None, None
+    sp.skip_plain, sp._skipping, sp.dp_size = True, False, 1
+    sp.async_scheduling = True
+    sp.settings, sp.num_speculative_steps = None, 3
+    sp.profiler = StepProfiler(enabled=False)
+    sp.draft_tokens = torch.zeros(4, 3, dtype=torch.int64)
+    for name in ("parents", "depth", "nodes"):
+        setattr(sp, f"row_{name}", torch.full((4, 4) if name != "nodes"
+                                              else (4,), 7))
+        setattr(sp, f"req_{name}", torch.zeros((4, 4) if name != "nodes"
+                                               else (4,), dtype=torch.int64))
+    sp.row_masks = torch.full((4, 4, 1), 7)
+    sp.req_masks = torch.zeros(4, 4, 1, dtype=torch.int64)
+
+    def run_model(*a, **k):
+        raise _Ran
+    sp._run_model = run_model
+    for k, v in over.items():
+        setattr(sp, k, v)
+    return sp, calls
+
+
+def _propose(sp, dummy_run=False):
+    from types import SimpleNamespace
+    batch = SimpleNamespace(num_reqs=2,
+                            idx_mapping=torch.tensor([2, 0]))
+    return sp.propose(batch, None, None, None, None, None, None, None,
+                      None, None, None, dummy_run=dummy_run)
+
+
+@pytest.mark.parametrize("next_drafts,over,dummy,skipped", [
+    (0, {}, False, True),             # auto chose a plain next step
+    (15, {}, False, False),           # trees next step
+    (None, {}, False, False),         # not known: the pass runs
+    (0, {}, True, False),             # vLLM's dummy runs run it whole
+    (0, {"dp_size": 2}, False, False),  # other DP ranks wait for it
+    # the synchronous scheduler schedules this pass's drafts, all of them
+    (0, {"async_scheduling": False}, False, False),
+    (0, {"skip_plain": False}, False, False),   # JETSPEC_PLAIN_STEP_DRAFT=run
+])
+def test_a_draft_pass_before_a_plain_step_skips_the_head(
+        monkeypatch, next_drafts, over, dummy, skipped):
+    """The step after this one verifies no drafts (the scheduler's
+    ``num_spec_tokens_to_schedule``, handed over by the runner): vLLM's
+    propose still stores the step's context K/V in the head's cache (so
+    the head sees every token when trees come back), but builds no draft
+    attention metadata, dispatches eagerly (no graph replay) and runs no
+    forward; the trees of the verify steps stay as they were (a plain step
+    reads none). Counted as ``skipped`` in the draft modes."""
+    sp, calls = _speculator(monkeypatch, **over)
+    sp.next_num_drafts = next_drafts
+    _propose(sp, dummy_run=dummy)
+    if skipped:
+        assert calls == ["context", ("meta", None), ("eager", True)]
+        assert sp.profiler.draft_modes == {"skipped": 1}
+        assert int(sp.req_nodes.sum()) == 0
+    else:
+        assert calls == ["context", ("meta", "metadata"), ("eager", False),
+                         "forward"]
+        assert sp.profiler.draft_modes == {}
+        # a real pass hands its rows to the requests (not for dummy runs)
+        assert int(sp.req_nodes.sum()) == (0 if dummy else 14)
+    assert sp.next_num_drafts is None and not sp._skipping
+    # The count is one step's: the next pass runs unless told again.
+    calls.clear()
+    _propose(sp)
+    assert "forward" in calls
+
+
+def test_the_runner_hands_the_next_draft_count_to_the_speculator():
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches.v2 import wrap_execute_model
+
+    seen = []
+    sp = NS(next_num_drafts=None)
+    runner = NS(speculator=sp)
+    wrap_execute_model(lambda self, so, *a, **k: seen.append(
+        self.speculator.next_num_drafts))(
+        runner, NS(num_spec_tokens_to_schedule=0), None)
+    assert seen == [0]
+    # other speculators (stock dflash, eagle) are left alone
+    other = NS(speculator=NS())
+    wrap_execute_model(lambda self, so, *a, **k: None)(
+        other, NS(num_spec_tokens_to_schedule=0))
+    assert not hasattr(other.speculator, "next_num_drafts")
+
+
+def test_plain_step_draft_setting():
+    from vllm_jetspec.vllm_patches.v2.speculator import \
+        plain_step_draft_setting
+
+    assert plain_step_draft_setting({}) == "skip"
+    assert plain_step_draft_setting({"JETSPEC_PLAIN_STEP_DRAFT": "run"}) \
+        == "run"
+    with pytest.raises(ValueError, match="JETSPEC_PLAIN_STEP_DRAFT"):
+        plain_step_draft_setting({"JETSPEC_PLAIN_STEP_DRAFT": "never"})

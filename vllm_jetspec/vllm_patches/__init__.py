@@ -193,14 +193,18 @@ PATCHES += [
               "build_tree, ancestor masks) inside that graph",
           when="jetspec engines on the V2 runner (CUDA)"),
     Patch(replaces="vllm.v1.worker.gpu.model_runner:GPUModelRunner."
-                   "__init__ / load_model / prepare_attn / add_requests",
+                   "__init__ / load_model / prepare_attn / add_requests / "
+                   "execute_model",
           by="vllm_jetspec.vllm_patches.v2:wrap_*",
           why="the tree backend for the target's layers; tree acceptance "
               "and K/V compaction (TreeVerifier) in the rejection "
               "sampler's slot; tree positions and device masks after "
               "vLLM's slot mapping, before the attention metadata; per "
               "request the replay sequence and whether it keeps its root "
-              "only (penalties, bad words, structured output)",
+              "only (penalties, bad words, structured output); the next "
+              "step's draft count (num_spec_tokens_to_schedule) for the "
+              "speculator, which skips the head's forward when the next "
+              "step is plain (tree_budget 'auto')",
           when="always (inert unless the engine's config is jetspec)"),
     Patch(replaces="vllm.v1.worker.gpu.model_runner:BlockTables (the name "
                    "the runner builds its block tables with)",
@@ -218,7 +222,9 @@ PATCHES += [
               "1 + num_speculative_tokens: with a tree budget above the "
               "(padded) vocabulary of a small model the embedding's "
               "device-side assert kills the engine at start-up; the ids "
-              "are folded into the vocabulary",
+              "are folded into the vocabulary; its steps say drafts "
+              "follow (vLLM leaves num_spec_tokens_to_schedule 0), so its "
+              "draft passes run whole",
           when="jetspec engines on the V2 runner (CUDA)"),
     Patch(replaces="vllm.v1.core.sched.scheduler:Scheduler.__init__ / "
                    "update_from_output",

@@ -437,18 +437,41 @@ def env_choice(name: str, choices: tuple[str, ...], default: str,
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
+AUTO_NO_TAU = ("its cost model has no measured tokens per round ('tau'), "
+               "which the V2 runner's policy needs; python -m "
+               "vllm_jetspec.tools.bench writes it since 2026-12-04")
+AUTO_NO_ASYNC = ("async scheduling is off (async_scheduling=False): on the "
+                 "V2 runner a per-step draft count reaches the scheduler "
+                 "only through async scheduling's draft placeholders")
+
+
+def auto_v1_reason(settings, engine_args) -> str | None:
+    """Why ``tree_budget: "auto"`` cannot run the V2 runner's policy with
+    these settings and engine arguments (None: it can, or not auto)."""
+    if not settings.auto:
+        return None
+    from ..autobudget import has_tau
+    if not has_tau(settings.cost_model):
+        return AUTO_NO_TAU
+    if getattr(engine_args, "async_scheduling", None) is False:
+        return AUTO_NO_ASYNC
+    return None
+
+
 def select_runner(env: dict | None = None, on_cuda: bool | None = None,
-                  auto_on_v1: bool = False) -> str:
+                  auto_on_v1: str | None = None) -> str:
     """Which of vLLM's model runners a jetspec engine runs on: ``"v2"`` on
     CUDA (the device-side, asynchronous rounds of ``vllm_patches.v2``;
     vLLM's own default there; ``tree_budget: "auto"`` included, through
     vLLM's dynamic speculative decoding, ``v2.auto``), ``"v1"`` on vLLM's
     CPU platform (its only runner), when the user sets
     ``VLLM_USE_V2_MODEL_RUNNER=0`` (the synchronous V1 hooks,
-    ``vllm_patches.runner``), and for ``auto`` with a cost model that has
-    no measured tokens per round (``auto_on_v1``: the V1 hooks' policy
-    reads the head's own estimates instead). Set in this process's
-    environment, which the engine's processes inherit."""
+    ``vllm_patches.runner``), and for ``auto`` where the V2 policy cannot
+    work (``auto_on_v1``, the reason, said in a warning: a cost model
+    without measured tokens per round, ``AUTO_NO_TAU``, or async
+    scheduling turned off, ``AUTO_NO_ASYNC``; the V1 hooks' policy reads
+    the head's own estimates after each draft pass instead). Set in this
+    process's environment, which the engine's processes inherit."""
     env = os.environ if env is None else env
     if on_cuda is None:
         from vllm.platforms import current_platform
@@ -459,10 +482,7 @@ def select_runner(env: dict | None = None, on_cuda: bool | None = None,
             env[V2_RUNNER_ENV] = "1"
             return "v2"
         logger.warning("jetspec: tree_budget 'auto' runs on vLLM's V1 model "
-                       "runner (synchronous rounds): its cost model has no "
-                       "measured tokens per round ('tau'), which the V2 "
-                       "runner's policy needs; python -m "
-                       "vllm_jetspec.tools.bench writes it since 2026-12-04")
+                       "runner (synchronous rounds): %s", auto_on_v1)
     env[V2_RUNNER_ENV] = "0"
     return "v1"
 
@@ -633,11 +653,7 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
-        auto_on_v1 = False
-        if settings.auto:
-            from ..autobudget import has_tau
-            auto_on_v1 = not has_tau(settings.cost_model)
-        runner = select_runner(auto_on_v1=auto_on_v1)
+        runner = select_runner(auto_on_v1=auto_v1_reason(settings, self))
         refuse_cpu_expert_parallel(target_parallel_config)
         if runner == "v1":
             refuse_async_scheduling(self)

@@ -66,6 +66,8 @@ def wrap_init(orig):
         # wait for the device and undo the overlap this runner is for.
         self._jetspec_prof = StepProfiler()
         if _jetspec(self):
+            if self.speculator is not None:
+                self.speculator.profiler = self._jetspec_prof
             s = settings_of(spec)
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d "
                         "(V2 runner: device-side rounds)", s.budget,
@@ -169,6 +171,22 @@ def wrap_prepare_attn(orig):
     return prepare_attn
 
 
+def wrap_execute_model(orig):
+    """Hands the speculator the draft count of the step after this one
+    (``num_spec_tokens_to_schedule``: the scheduler's placeholders for it,
+    vLLM's dynamic speculative decoding), so that the draft pass of a step
+    whose next step is plain can skip the head's forward
+    (``JetSpecSpeculator.propose``). The runner's ``sample_tokens`` (which
+    proposes) follows each ``execute_model`` before the next one."""
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        sp = getattr(self, "speculator", None)
+        if sp is not None and hasattr(sp, "next_num_drafts"):
+            sp.next_num_drafts = getattr(scheduler_output,
+                                         "num_spec_tokens_to_schedule", None)
+        return orig(self, scheduler_output, *args, **kwargs)
+    return execute_model
+
+
 def wrap_add_requests(orig):
     def add_requests(self, scheduler_output):
         orig(self, scheduler_output)
@@ -189,7 +207,10 @@ def wrap_warmup_kernels(orig):
     with fewer tokens, and the embedding's device-side assert kills the
     process (H200, 2026-12-03: the engine tests' 32-token model). Those
     ids are folded into the vocabulary before the step runs; real models
-    (vocabularies far above any budget) see the same ids as before."""
+    (vocabularies far above any budget) see the same ids as before. The
+    warm-up's steps also say that drafts follow (a real scheduler's
+    ``num_spec_tokens_to_schedule``; vLLM's warm-up leaves it 0), so its
+    draft passes run whole."""
     def warmup_kernels(model_runner, execute_model, sample_tokens, *a, **k):
         if not _jetspec(model_runner):
             return orig(model_runner, execute_model, sample_tokens, *a, **k)
@@ -197,6 +218,9 @@ def wrap_warmup_kernels(orig):
 
         def execute(out, *ea, **ek):
             fold_warmup_prompts(out, vocab)
+            out.num_spec_tokens_to_schedule = max(
+                out.num_spec_tokens_to_schedule,
+                model_runner.num_speculative_steps)
             return execute_model(out, *ea, **ek)
         return orig(model_runner, execute, sample_tokens, *a, **k)
     warmup_kernels._jetspec_wrapped = True
@@ -236,4 +260,5 @@ def apply() -> None:
     R.initialize_kv_cache = wrap_initialize_kv_cache(R.initialize_kv_cache)
     R.prepare_attn = wrap_prepare_attn(R.prepare_attn)
     R.add_requests = wrap_add_requests(R.add_requests)
+    R.execute_model = wrap_execute_model(R.execute_model)
     R._jetspec_patched = True

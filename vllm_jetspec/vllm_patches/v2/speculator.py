@@ -19,6 +19,16 @@ again (``TreeVerifier`` leaves the gather), so vLLM's input kernel reads
 each request's kept sequence as after a chain; after it, each batch row's
 tree is stored under its request-state index, where the next verify step
 (whose batch order may differ) finds it.
+
+Under ``tree_budget: "auto"`` the scheduler may make the next step plain
+(no drafts: vLLM's dynamic speculative decoding, ``v2/auto.py``); it says
+so in the step's ``num_spec_tokens_to_schedule``, which the runner hands
+over before the step (``next_num_drafts``). Then the draft pass only
+stores the step's context K/V in the head's cache (as every step does, so
+the head's context has no holes when trees come back) and skips the
+head's forward and the trees: a plain step of a jetspec engine costs about
+what a plain decoding step costs (``JETSPEC_PLAIN_STEP_DRAFT=run`` keeps
+the forward).
 """
 
 from __future__ import annotations
@@ -40,6 +50,16 @@ logger = init_logger("vllm.jetspec.v2")
 
 
 TREE_BUILD_ENV = "JETSPEC_TREE_BUILD"
+
+
+PLAIN_STEP_DRAFT_ENV = "JETSPEC_PLAIN_STEP_DRAFT"
+
+
+def plain_step_draft_setting(env=None) -> str:
+    """``JETSPEC_PLAIN_STEP_DRAFT``: what the draft pass of a step does
+    when the next step is plain, ``skip`` (default: the head's context K/V
+    only) or ``run`` (the whole pass, whose trees nobody verifies)."""
+    return env_choice(PLAIN_STEP_DRAFT_ENV, ("skip", "run"), "skip", env)
 
 
 def tree_build_setting(env=None) -> str:
@@ -118,6 +138,20 @@ class JetSpecSpeculator(DFlashSpeculator):
         # a tree's nodes a step verifies, so trees are laid out best first
         # (every prefix is the tree of that budget).
         self.layout = "best_first" if s.auto else "depth"
+        # Draft slots the scheduler gives each request in the step after
+        # the current one (its num_spec_tokens_to_schedule, set by the
+        # runner before each step; None: not known, the pass runs) ...
+        self.next_num_drafts: int | None = None
+        # ... and whether a draft pass for a plain next step is skipped.
+        self.skip_plain = plain_step_draft_setting() == "skip"
+        # (only async scheduling gives each request the scheduler's
+        # per-step count as placeholders; the synchronous scheduler takes
+        # this pass's drafts, all of them)
+        self.async_scheduling = bool(getattr(
+            vllm_config.scheduler_config, "async_scheduling", False))
+        self._skipping = False
+        # The runner's StepProfiler (counts skipped passes), set by it.
+        self.profiler = None
 
     def init_cudagraph_manager(self, cudagraph_mode: CUDAGraphMode) -> None:
         """vLLM's graph manager reads a dynamic-SD schedule (``auto``) as
@@ -205,6 +239,8 @@ class JetSpecSpeculator(DFlashSpeculator):
                         CUDAGraphMode.NONE) -> None:
         """The head's forward, its per-depth top-K and the trees: captured
         as one graph per batch size by vLLM's DFlash graph manager."""
+        if self._skipping:
+            return
         s = self.settings
         D = self.num_speculative_steps
         hidden = self._run_model(num_tokens_padded, attn_metadata,
@@ -246,6 +282,19 @@ class JetSpecSpeculator(DFlashSpeculator):
         self.row_masks[:num_reqs] = packed_ancestor_mask(tree)
         self.row_nodes[:num_reqs] = tree.num_nodes
 
+    def _build_draft_attn_metadata(self, *args, **kwargs):
+        if self._skipping:
+            return None
+        return super()._build_draft_attn_metadata(*args, **kwargs)
+
+    def _skips(self, next_num_drafts: int | None, dummy_run: bool) -> bool:
+        """Whether this step's draft pass is only the context K/V: the next
+        step verifies no drafts (async scheduling: its placeholders are
+        the scheduler's count; and no other data-parallel rank waits for
+        this rank's draft pass)."""
+        return (self.skip_plain and not dummy_run and next_num_drafts == 0
+                and self.async_scheduling and self.dp_size == 1)
+
     @torch.inference_mode()
     def propose(self, input_batch, attn_metadata, slot_mappings,
                 last_hidden_states, aux_hidden_states, num_sampled,
@@ -254,6 +303,8 @@ class JetSpecSpeculator(DFlashSpeculator):
                 skip_attn_for_dummy_run: bool = False, mm_inputs=None,
                 is_profile: bool = False) -> torch.Tensor:
         step, self.verify_step = self.verify_step, None
+        nxt, self.next_num_drafts = self.next_num_drafts, None
+        skip = self._skips(nxt, dummy_run)
         if step is not None and not dummy_run:
             # Linear positions again, then each accepted path first: the
             # DFlash input kernel reads a request's first (scheduled -
@@ -266,14 +317,27 @@ class JetSpecSpeculator(DFlashSpeculator):
             else:
                 last_hidden_states = last_hidden_states.index_select(
                     0, step.reorder)
-        out = super().propose(
-            input_batch, attn_metadata, slot_mappings, last_hidden_states,
-            aux_hidden_states, num_sampled, num_rejected, last_sampled,
-            next_prefill_tokens, temperature, seeds,
-            num_tokens_across_dp=num_tokens_across_dp, dummy_run=dummy_run,
-            skip_attn_for_dummy_run=skip_attn_for_dummy_run,
-            mm_inputs=mm_inputs, is_profile=is_profile)
-        if not dummy_run:
+        # Skipping: vLLM's propose still makes the draft inputs and stores
+        # the context K/V; eager dispatch (no graph replay), no draft
+        # attention metadata, no forward (_generate_draft returns).
+        self._skipping = skip
+        try:
+            out = super().propose(
+                input_batch, attn_metadata, slot_mappings,
+                last_hidden_states, aux_hidden_states, num_sampled,
+                num_rejected, last_sampled, next_prefill_tokens, temperature,
+                seeds, num_tokens_across_dp=num_tokens_across_dp,
+                dummy_run=dummy_run,
+                skip_attn_for_dummy_run=skip_attn_for_dummy_run,
+                mm_inputs=mm_inputs, is_profile=is_profile or skip)
+        finally:
+            self._skipping = False
+        if skip:
+            # The trees of before stay; a plain step reads no tree.
+            if self.profiler is not None:
+                modes = self.profiler.draft_modes
+                modes["skipped"] = modes.get("skipped", 0) + 1
+        elif not dummy_run:
             R = input_batch.num_reqs
             idx = input_batch.idx_mapping.long()
             self.req_parents.index_copy_(0, idx, self.row_parents[:R])
