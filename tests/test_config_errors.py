@@ -90,7 +90,8 @@ def error(env, **keys) -> str:
                               "'bidirectional'), got 'mixed'"),
     (dict(tree_budget_max=8), "'cost_model' and 'tree_budget_max' go with "
                               "tree_budget 'auto'"),
-    (dict(tree_budget="auto"), "tree_budget 'auto' needs 'cost_model'"),
+    (dict(tree_budget="auto", tree_budget_max=1), "tree_budget_max must "
+                                                  "be an integer in [2, 256]"),
     # unknown keys
     (dict(tree_bugdet=16), "unknown speculative_config key 'tree_bugdet' "
                            "(did you mean 'tree_budget'?)"),
@@ -186,3 +187,9 @@ def test_errors_reach_the_user_through_vllm(env, monkeypatch):
     assert "tree_kv_layout 'logical'" in str(e)
     e = start(max_model_len="long")
     assert "max_model_len" in str(e)
+    # auto without a cost model measures while serving on the V2 runner
+    # (CUDA); here (V1) it needs the file, and says so
+    e = start(tree_budget="auto")
+    assert isinstance(e, ValueError) and str(e).startswith(
+        "jetspec: tree_budget 'auto' needs 'cost_model'") and \
+        "vLLM's CPU platform" in str(e) and "\n" not in str(e)

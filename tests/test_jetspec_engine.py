@@ -316,6 +316,29 @@ def test_auto_budget_equals_no_spec(tiny, no_spec, tmp_path):
         assert prof["graph_modes"].get("FULL", 0) > 0, prof
 
 
+@pytest.mark.engine
+def test_auto_without_a_cost_model(tiny, tmp_path, request):
+    """``tree_budget: "auto"`` alone. On a GPU (V2 runner): the policy that
+    measures while serving chooses among budgets 4, 8, 16 and plain steps,
+    and the tokens equal no-spec. On CPU (V1 runner) the engine refuses
+    it at start-up with one error naming what is missing."""
+    target, head = tiny
+    spec = {"method": "jetspec", "model": str(head), "tree_budget": "auto",
+            "tree_budget_max": 16, "tree_algo": "accum_logp"}
+    if not torch.cuda.is_available():
+        r = run_many(tmp_path, target, {"run": (spec, None, False)})["run"]
+        assert "error" in r, r.get("log", "")[-2000:]
+        assert "jetspec: tree_budget 'auto' needs 'cost_model'" in \
+            r["error"] and "vLLM's CPU platform" in r["error"], r["error"]
+        return
+    tokens, m, log, prof = run(tmp_path, target, spec, profile=True)
+    assert tokens == request.getfixturevalue("no_spec")
+    assert "measured while serving" in log, log[-3000:]
+    # (keys as JSON has them)
+    assert {int(b) for b in prof["budgets"]} <= {1, 4, 8, 16} and \
+        sum(prof["budgets"].values()) > 0, prof
+
+
 # --- start-up errors (in-process, no engine) ----------------------------------
 
 @pytest.fixture(scope="module")
@@ -366,7 +389,8 @@ def test_auto_budget_and_replay_settings(parse_env, tmp_path):
     CostModel({1: 5.0}, {4: {1: 6.0}, 16: {1: 8.0}}).save(path)
     base = dict(method="jetspec", model=head)
     for extra, msg in [
-            (dict(tree_budget="auto"), "needs 'cost_model'"),
+            (dict(tree_budget="auto", tree_algo="chain"),
+             "needs tree_algo in"),
             (dict(tree_budget="auto", cost_model=str(tmp_path / "no")),
              "does not exist"),
             (dict(tree_budget="auto", cost_model=path, tree_budget_max=3),
@@ -384,6 +408,31 @@ def test_auto_budget_and_replay_settings(parse_env, tmp_path):
     spec, s = parse(dict(base, tree_budget="auto", cost_model=path,
                          tree_budget_max=8), hf)
     assert s.budget == 8 and spec["num_speculative_tokens"] == 7
+    assert not s.auto_online
+    # without a cost model: measured while serving (V2 runner), among
+    # 4 ... 64 and the largest
+    spec, s = parse(dict(base, tree_budget="auto"), hf)
+    assert s.auto and s.auto_online and s.cost_model is None
+    assert s.budget == 64 and s.online_budgets == [4, 8, 16, 32, 64]
+    assert spec["num_speculative_tokens"] == 63
+    _, s = parse(dict(base, tree_budget="auto", tree_budget_max=24), hf)
+    assert s.online_budgets == [4, 8, 16, 24]
+
+
+def test_auto_without_a_cost_model_needs_the_v2_runner():
+    """``auto`` without a file: the V2 runner's scheduler measures; any
+    reason for the V1 runner is an error naming it."""
+    from vllm_jetspec.vllm_patches.config import (AUTO_NO_ASYNC,
+                                                  online_auto_error)
+
+    assert online_auto_error(None, {}, on_cuda=True) is None
+    assert "vLLM's CPU platform" in online_auto_error(None, {},
+                                                      on_cuda=False)
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in online_auto_error(
+        None, {"VLLM_USE_V2_MODEL_RUNNER": "0"}, on_cuda=True)
+    msg = online_auto_error(AUTO_NO_ASYNC, {}, on_cuda=True)
+    assert msg.startswith("jetspec: tree_budget 'auto' needs 'cost_model'")
+    assert "async scheduling is off" in msg
 
 
 def test_budget_one_is_plain_decoding(parse_env):
@@ -438,13 +487,18 @@ def test_auto_keeps_v2_only_with_tau_and_async_scheduling(tmp_path):
     kw = dict(ar_ms={1: 1.0}, round_ms={4: {1: 1.1}})
     CostModel(**kw).save(str(tmp_path / "old.json"))
     CostModel(**kw, tau={4: 2.0}).save(str(tmp_path / "new.json"))
-    old, new = (NS(auto=True, cost_model=str(tmp_path / f"{n}.json"))
+    old, new = (NS(auto=True, auto_online=False,
+                   cost_model=str(tmp_path / f"{n}.json"))
                 for n in ("old", "new"))
     assert auto_v1_reason(old, NS(async_scheduling=None)) == AUTO_NO_TAU
     assert auto_v1_reason(new, NS(async_scheduling=False)) == AUTO_NO_ASYNC
     for a in (None, True):
         assert auto_v1_reason(new, NS(async_scheduling=a)) is None
     assert auto_v1_reason(NS(auto=False), NS(async_scheduling=False)) is None
+    online = NS(auto=True, auto_online=True, cost_model=None)
+    assert auto_v1_reason(online, NS(async_scheduling=None)) is None
+    assert auto_v1_reason(online, NS(async_scheduling=False)) == \
+        AUTO_NO_ASYNC
 
 
 def test_expert_parallel_on_cpu_is_refused():

@@ -653,3 +653,29 @@ def test_plain_step_draft_setting():
         == "run"
     with pytest.raises(ValueError, match="JETSPEC_PLAIN_STEP_DRAFT"):
         plain_step_draft_setting({"JETSPEC_PLAIN_STEP_DRAFT": "never"})
+
+
+def test_auto_without_a_cost_model_hands_vllm_every_count():
+    """``tree_budget: "auto"`` alone: the scheduler's policy is the one
+    that measures while serving; the list handed to vLLM passes its
+    validation, runs the largest budget until something is measured and
+    lists every count (graphs for each)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.spec_decode.dynamic.utils import (
+        build_dynamic_sd_schedule_lookup,
+        validate_and_normalize_dynamic_sd_schedule)
+
+    from vllm_jetspec.autobudget import OnlineBudgetPolicy
+    from vllm_jetspec.vllm_patches.v2.auto import (dynamic_schedule,
+                                                   make_policy)
+
+    p = make_policy(NS(auto_online=True, online_budgets=[4, 8, 16, 32]))
+    assert isinstance(p, OnlineBudgetPolicy) and p.candidates == [4, 8, 16,
+                                                                  32]
+    sched = dynamic_schedule(p, max_batch=64)
+    validate_and_normalize_dynamic_sd_schedule(sched)
+    assert {k for _, _, k in sched} == {0, 3, 7, 15, 31}
+    lookup = build_dynamic_sd_schedule_lookup(sched, 64, 31)
+    assert lookup[1] == lookup[64] == 31
+    assert p.choices == {}

@@ -53,6 +53,12 @@ one running, and the policy drifted to larger trees: same day, batch 8,
 steps win it still runs one probe round now and then (every
 ``probe_every`` steps, doubling while probes keep losing) so it sees when
 trees pay again.
+
+Without a cost model (``tree_budget: "auto"`` alone, V2 runner only)
+``OnlineBudgetPolicy`` measures both sides itself: per budget (and plain
+steps) the tokens each request emits per step and, per batch-size bucket,
+the step time from the scheduler's clock; it tries every budget a few steps
+first, then runs the best, and probes the others now and then.
 """
 
 from __future__ import annotations
@@ -377,3 +383,205 @@ class ObservedBudgetPolicy:
             return
         ratio = (sum(emitted) / len(emitted) - 1.0) / prior
         self.calibration += self.ema * (max(0.0, ratio) - self.calibration)
+
+
+# Budgets ``tree_budget: "auto"`` chooses among without a cost model (up to
+# tree_budget_max, default the largest).
+ONLINE_BUDGETS = (4, 8, 16, 32, 64)
+
+
+def online_budgets(budget_max: int) -> list[int]:
+    """What ``tree_budget: "auto"`` without a cost model chooses among: the
+    ``ONLINE_BUDGETS`` below ``budget_max`` (``tree_budget_max``), and
+    ``budget_max``."""
+    return sorted({b for b in ONLINE_BUDGETS if b < budget_max}
+                  | {budget_max})
+
+
+def batch_bucket(batch: int) -> int:
+    """The power of two at or below ``batch``: step times are kept per
+    bucket (a step's time grows with the batch)."""
+    return 1 << (max(1, batch).bit_length() - 1)
+
+
+class OnlineBudgetPolicy:
+    """``tree_budget: "auto"`` without a cost model, on vLLM's V2 runner:
+    the same interface as ``ObservedBudgetPolicy`` (the scheduler calls
+    ``choose``, ``observe`` and ``observe_time``), everything measured
+    while serving. Per arm (a candidate budget, or 1 = a plain step):
+
+    - ``tokens[a]``: tokens a request emits per step at ``a`` (accepted
+      drafts + 1; 1 for plain steps), a moving average over steps; an arm
+      not seen for a while starts again from a plain mean of its next
+      steps (its old average may be from other traffic);
+    - ``ms[a, bucket]``: the step's wall time for the batch-size bucket,
+      from the scheduler's clock (``v2.auto.StepClock``: only steps whose
+      predecessor ran the same arm and batch are timed); a bucket without
+      it borrows the nearest bucket's, scaled by the plain steps' times.
+
+    A step runs the arm with the most tokens per ms. An arm not yet
+    measured (no tokens, no time in any bucket; or the plain step's time
+    in this bucket) is tried first, ``run`` steps in a row (the clock
+    times a step only after one of the same arm), at most ``max_tries``
+    runs per bucket. Then every ``probe_every`` steps (doubling while the
+    best arm stays the best, up to ``max_probe_every``) the arm measured
+    longest ago runs ``run`` steps, so a change of traffic (greedy to
+    sampled, another kind of prompt) is seen. Lossless whatever it picks:
+    trees are verified as usual."""
+
+    # Steps an observation may arrive after its choice (async scheduling:
+    # the scheduler sees a step's tokens one or two steps late).
+    STALE_LAG = 4
+
+    def __init__(self, candidates, ema: float = 0.1, run: int = 3,
+                 probe_every: int = 16, max_probe_every: int = 256,
+                 max_tries: int = 3):
+        self.candidates = sorted({int(b) for b in candidates if b >= 2})
+        if not self.candidates:
+            raise ValueError("jetspec: tree_budget 'auto' needs a budget "
+                             "of at least 2 to choose from")
+        self.ema = ema
+        self.run = run
+        self.max_tries = max_tries
+        self._tries: dict[tuple[int, int], int] = {}
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.tokens: dict[int, float] = {1: 1.0}
+        self._count: dict[int, int] = {}     # steps in the current average
+        self.ms: dict[tuple[int, int], float] = {}
+        self._seen: dict[int, int] = {}      # arm -> step of its last data
+        self._step = 0
+        self._current: int | None = None     # arm of a run in progress
+        self._left = 0                       # its steps still to go
+        self._interval = probe_every
+        self._since_probe = 0
+        self._last_best: int | None = None
+        self.choices: dict[int, int] = {}    # budget -> steps (1: plain)
+        self.probes = 0
+
+    @property
+    def arms(self) -> list[int]:
+        return [1, *self.candidates]
+
+    @property
+    def calibration(self) -> float:
+        """Accepted drafts per step at the best-measured tree arm, for the
+        bench's report (``ObservedBudgetPolicy``'s head calibration has no
+        counterpart here)."""
+        seen = [self.tokens[b] for b in self.candidates if b in self.tokens]
+        return max(seen) - 1.0 if seen else 0.0
+
+    def step_ms(self, arm: int, bucket: int) -> float | None:
+        """Step time at ``arm`` in ``bucket``: measured there, else from
+        the nearest bucket that has it, scaled by the plain step's times
+        in both buckets where known; None if never timed."""
+        if (arm, bucket) in self.ms:
+            return self.ms[arm, bucket]
+        have = [k for (a, k) in self.ms if a == arm]
+        if not have:
+            return None
+        near = min(have, key=lambda k: (abs(k.bit_length()
+                                            - bucket.bit_length()), k))
+        ms = self.ms[arm, near]
+        if (1, bucket) in self.ms and (1, near) in self.ms:
+            ms *= self.ms[1, bucket] / self.ms[1, near]
+        return ms
+
+    def rate(self, arm: int, batch: int) -> float | None:
+        """Tokens per request per ms at ``arm`` for ``batch`` requests,
+        or None while not measured."""
+        ms = self.step_ms(arm, batch_bucket(batch))
+        if arm not in self.tokens or ms is None:
+            return None
+        return self.tokens[arm] / ms
+
+    def best(self, batch: int) -> tuple[int, float]:
+        """(arm, tokens per ms) of the best measured arm for ``batch``;
+        nothing measured: the largest budget (what a static engine runs),
+        rate 0."""
+        rates = {a: r for a in self.arms
+                 if (r := self.rate(a, batch)) is not None}
+        if not rates:
+            return self.candidates[-1], 0.0
+        arm = max(rates, key=rates.get)
+        return arm, rates[arm]
+
+    def _unmeasured(self, bucket: int) -> list[int]:
+        """Arms with no tokens or no time yet, and the plain step if it
+        has no time in ``bucket`` (the rates there lean on it): each tried
+        at most ``max_tries`` runs per bucket (a batch that changes every
+        step leaves the clock nothing to time)."""
+        todo = [a for a in self.arms
+                if a not in self.tokens or self.step_ms(a, bucket) is None]
+        if not todo and (1, bucket) not in self.ms:
+            todo = [1]
+        return [a for a in todo
+                if self._tries.get((a, bucket), 0) < self.max_tries]
+
+    def choose(self, batch: int) -> int:
+        """The arm of the next step for ``batch`` requests."""
+        self._step += 1
+        bucket = batch_bucket(batch)
+        if self._left > 0:                   # a run in progress
+            self._left -= 1
+            arm = self._current
+        elif (todo := self._unmeasured(bucket)):
+            arm = todo[0]
+            self._tries[arm, bucket] = self._tries.get((arm, bucket), 0) + 1
+            self._current, self._left = arm, self.run - 1
+        else:
+            arm, rate = self.best(batch)
+            if rate == 0.0:
+                # nothing to compare (no step ever timed): a static
+                # engine's choice, no probes
+                self.choices[arm] = self.choices.get(arm, 0) + 1
+                return arm
+            if arm != self._last_best:
+                self._interval = self.probe_every
+            self._last_best = arm
+            self._since_probe += 1
+            if self._since_probe > self._interval:
+                self._since_probe = 0
+                self._interval = min(2 * self._interval,
+                                     self.max_probe_every)
+                others = [a for a in self.arms if a != arm]
+                arm = min(others, key=lambda a: self._seen.get(a, -1))
+                self._current, self._left = arm, self.run - 1
+                self.probes += 1
+        self.choices[arm] = self.choices.get(arm, 0) + 1
+        return arm
+
+    def observe(self, budget: int, emitted: list[int]) -> None:
+        """A verified step at ``budget``: tokens each request emitted."""
+        if budget not in self.candidates or not emitted:
+            return
+        mean = sum(emitted) / len(emitted)
+        # An arm not seen for a while (a probe) starts its average again
+        # (its old one may be from other traffic): a plain mean over its
+        # first steps, the moving average after that.
+        stale = self._step - self._seen.get(budget, self._step) > \
+            self.run + self.STALE_LAG
+        n = 0 if budget not in self.tokens or stale else \
+            self._count.get(budget, 0)
+        self._count[budget] = n + 1
+        w = max(self.ema, 1.0 / (n + 1))
+        old = self.tokens.get(budget, mean)
+        self.tokens[budget] = old + w * (mean - old)
+        self._seen[budget] = self._step
+
+    def observe_time(self, budget: int, batch: int, ms: float) -> None:
+        """A decode step of ``batch`` requests at ``budget`` (1: plain)
+        took ``ms``."""
+        if budget != 1 and budget not in self.candidates:
+            return
+        if not (ms > 0 and math.isfinite(ms)) or batch < 1:
+            return
+        k = (budget, batch_bucket(batch))
+        old = self.ms.get(k)
+        if old is not None:
+            # one interval moves the average by at most 4x (a pause on the
+            # host is not a step time)
+            ms = min(4.0 * old, max(0.25 * old, ms))
+        self.ms[k] = ms if old is None else old + self.ema * (ms - old)
+        if budget == 1:
+            self._seen[1] = self._step

@@ -60,6 +60,9 @@ segment waits for the device): their ms per step comes from the output
 ``--auto``: after the static budgets, one more engine with
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
+``--auto-online``: one more with ``"tree_budget": "auto"`` and no cost
+model (``autobudget.OnlineBudgetPolicy``, V2 runner: it measures while
+serving), up to the largest of ``--budgets``: row ``auto_online``.
 
 Writes ``bench.json`` (settings, rows, per-engine start-up seconds),
 ``bench.csv``, ``bench.png`` and ``cost_model.json`` (AR and jetspec round
@@ -278,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                          "settings finished in --out (its partial.json)")
     ap.add_argument("--auto", action="store_true",
                     help="also run tree_budget 'auto' on this run's costs")
+    ap.add_argument("--auto-online", action="store_true",
+                    help="also run tree_budget 'auto' without a cost model "
+                         "(it measures while serving; V2 runner), up to the "
+                         "largest of --budgets: row 'auto_online'")
     ap.add_argument("--runners", nargs="+", choices=["v2", "v1"],
                     default=["v2"],
                     help="vLLM model runners to run every engine on (CUDA): "
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from . import assets
+    from ..autobudget import online_budgets
     from ..head import HeadConfig
     from ..heads import shipped_head_dir
     from ..replay import save_replay
@@ -334,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
     dummy = args.load_format == "dummy"
 
-    def job(spec, budget, eager=True, auto=False, runner="v2"):
+    def job(spec, budget, eager=True, auto=None, runner="v2"):
+        """An engine job; ``auto``: the budgets a tree_budget 'auto'
+        engine chooses among (graphs for each)."""
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=eager and not args.graphs,
                       max_num_seqs=maxB, load_format=args.load_format,
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.graphs and budget > 1:
             # A verify step of any batch size pads to a full graph, and so
             # does the V2 runner's draft pass (1 + depth tokens a request).
-            sizes = auto_graph_sizes(args.budgets, maxB) if auto \
+            sizes = auto_graph_sizes(auto, maxB) if auto \
                 else graph_sizes(budget, maxB)
             engine["compilation_config"] = dict(
                 cudagraph_capture_sizes=sorted(
@@ -391,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         auto = jetspec(max(args.budgets), args.tree_algo)
         auto.update(tree_budget="auto", cost_model=cost_path)
         plan.append(("auto", max(args.budgets), auto))
+    if args.auto_online:
+        online = jetspec(max(args.budgets), args.tree_algo)
+        online.update(tree_budget="auto", tree_budget_max=max(args.budgets))
+        plan.append(("auto_online", max(args.budgets), online))
+    # The budgets each auto engine chooses among (graphs for each).
+    auto_budgets = {"auto": args.budgets,
+                    "auto_online": online_budgets(max(args.budgets))}
     rows, ar, starts = [], None, {}
     # What makes rows of two runs comparable: the AR job (prompts, lengths,
     # batch sizes, engine settings) and the jetspec settings of every row.
@@ -431,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             res = load_ar(args.ar_from, job(None, 0))
         else:
             res = run_job(job(spec, budget, eager=method != "ar_graphs",
-                              auto=method == "auto",
+                              auto=auto_budgets.get(method),
                               runner=method.partition("@")[2] or
                               args.runners[0]))
         if method == "ar":
@@ -522,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
                           for r in alloc))
     for r in rows:
         if r.get("auto_budgets"):
-            print(f"auto, batch {r['batch']}: steps per budget "
-                  f"{r['auto_budgets']} (1 = plain decoding), head "
-                  f"calibration {r['auto_calibration']:.2f}")
+            what = ("accepted drafts a round at the best budget"
+                    if r["method"] == "auto_online" else "head calibration")
+            print(f"{r['method']}, batch {r['batch']}: steps per budget "
+                  f"{r['auto_budgets']} (1 = plain decoding), {what} "
+                  f"{r['auto_calibration']:.2f}")
     print(f"wrote {args.out}/bench.csv, bench.json, cost_model.json"
           + (", bench.png" if png else ""))
     same = all(r["identical_to_ar"] for r in rows)

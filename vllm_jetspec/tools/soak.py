@@ -1248,7 +1248,8 @@ def parse_args(argv):
                    help="tree_budget of the default spec config (int or auto)")
     g.add_argument("--cost-model", default=None,
                    help="cost_model.json for --budget auto (written by "
-                   "python -m vllm_jetspec.tools.bench on the same device)")
+                   "python -m vllm_jetspec.tools.bench on the same device; "
+                   "without one, auto measures while serving: GPU only)")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--max-model-len", type=int, default=1024)
     g.add_argument("--max-num-seqs", type=int, default=32)
@@ -1346,11 +1347,14 @@ def parse_args(argv):
 
 def _auto_on_v2(cost_model: str | None) -> bool:
     """Whether a jetspec server with ``tree_budget: "auto"`` and this cost
-    model runs the V2 runner on a GPU (its file has measured tau); a bad
-    or missing file is the server's error to give."""
+    model runs the V2 runner on a GPU (its file has measured tau, or there
+    is none: the policy then measures while serving); a bad or missing
+    file is the server's error to give."""
     from ..autobudget import has_tau
+    if not cost_model:
+        return True
     try:
-        return bool(cost_model) and has_tau(cost_model)
+        return has_tau(cost_model)
     except ValueError:
         return False
 

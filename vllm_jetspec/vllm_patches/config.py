@@ -45,6 +45,9 @@ class JetSpecSettings:
     # tree_budget "auto": the cost-model file; ``budget`` is then the
     # largest budget the policy may pick (vllm_jetspec.autobudget).
     cost_model: str | None = None
+    # tree_budget "auto" without a cost model: the policy measures while
+    # serving (autobudget.OnlineBudgetPolicy; V2 runner only).
+    auto_online: bool = False
     causal: bool = True   # the head's draft layers (then drafting fewer
     #                       slots leaves the first slots' logits unchanged)
     # The head's dflash_config as handed to vLLM, and how it was read
@@ -53,21 +56,30 @@ class JetSpecSettings:
 
     @property
     def auto(self) -> bool:
-        return self.cost_model is not None
+        return self.cost_model is not None or self.auto_online
+
+    @property
+    def online_budgets(self) -> list[int]:
+        """The budgets ``auto`` without a cost model chooses among
+        (``autobudget.online_budgets`` up to ``budget``)."""
+        from ..autobudget import online_budgets
+        return online_budgets(self.budget)
 
 
 AUTO_ALGOS = ("accum_logp", "topb_prefix")
 
 
-def _auto_budget(cost_model, budget_max) -> tuple[int, str]:
+def _auto_budget(cost_model, budget_max) -> tuple[int, str | None]:
     """Validate ``tree_budget: "auto"``; the largest budget and the cost
-    model's absolute path."""
-    from ..autobudget import BudgetPolicy, CostModel
+    model's absolute path (None: no file, the policy measures while
+    serving)."""
+    from ..autobudget import ONLINE_BUDGETS, BudgetPolicy, CostModel
 
-    if not cost_model:
-        raise ValueError("jetspec: tree_budget 'auto' needs 'cost_model', a "
-                         "file written by python -m vllm_jetspec.tools.bench "
-                         "(cost_model.json) on this device and model")
+    if cost_model is None:
+        budget_max = _int_in("tree_budget_max",
+                             max(ONLINE_BUDGETS) if budget_max is None
+                             else budget_max, 2, MAX_BUDGET)
+        return budget_max, None
     cost = CostModel.load(cost_model)
     top = max(cost.budgets)
     budget_max = _int_in("tree_budget_max",
@@ -278,7 +290,8 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     budget = spec.pop("tree_budget", DEFAULT_BUDGET)
     cost_model = spec.pop("cost_model", None)
     budget_max = spec.pop("tree_budget_max", None)
-    if budget == "auto":
+    auto = budget == "auto"
+    if auto:
         if cost_model is not None:
             _path_key("cost_model", cost_model)
         budget, cost_model = _auto_budget(cost_model, budget_max)
@@ -296,7 +309,7 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
     if not isinstance(algo, str) or algo not in TREE_ALGOS:
         raise ValueError(f"jetspec: tree_algo must be one of {TREE_ALGOS}, "
                          f"got {algo!r}")
-    if cost_model is not None and algo not in AUTO_ALGOS:
+    if auto and algo not in AUTO_ALGOS:
         raise ValueError(f"jetspec: tree_budget 'auto' needs tree_algo in "
                          f"{AUTO_ALGOS} (a smaller budget's tree is then the "
                          f"most probable nodes of the larger), got {algo!r}")
@@ -327,7 +340,9 @@ def parse(spec: dict, target_hf_config) -> tuple[dict, JetSpecSettings]:
         replay = os.path.abspath(replay)
     settings = JetSpecSettings(budget=budget, width=width, algo=algo,
                                depth=depth, replay=replay,
-                               cost_model=cost_model, causal=causal,
+                               cost_model=cost_model,
+                               auto_online=auto and cost_model is None,
+                               causal=causal,
                                head=head_summary(head, causal, head_type))
     if budget == 1:
         # The root alone: no draft token to verify, i.e. plain decoding.
@@ -451,11 +466,32 @@ def auto_v1_reason(settings, engine_args) -> str | None:
     if not settings.auto:
         return None
     from ..autobudget import has_tau
-    if not has_tau(settings.cost_model):
+    if not settings.auto_online and not has_tau(settings.cost_model):
         return AUTO_NO_TAU
     if getattr(engine_args, "async_scheduling", None) is False:
         return AUTO_NO_ASYNC
     return None
+
+
+def online_auto_error(v1_reason: str | None, env: dict | None = None,
+                      on_cuda: bool | None = None) -> str | None:
+    """``tree_budget: "auto"`` without a cost model measures while serving
+    on the V2 runner's scheduler; the V1 runner's policy needs the file.
+    The error for an engine that would run V1 (None: it runs V2)."""
+    env = os.environ if env is None else env
+    if on_cuda is None:
+        from vllm.platforms import current_platform
+        on_cuda = current_platform.is_cuda()
+    v2_off = (env.get(V2_RUNNER_ENV) or "").strip().lower() in \
+        ("0", "false", "no")
+    why = v1_reason or (None if on_cuda else "vLLM's CPU platform runs it") \
+        or (f"{V2_RUNNER_ENV}=0" if v2_off else None)
+    if why is None:
+        return None
+    return ("jetspec: tree_budget 'auto' needs 'cost_model' (a file written "
+            "by python -m vllm_jetspec.tools.bench) on vLLM's V1 model "
+            f"runner ({why}); without one, 'auto' measures its costs while "
+            "serving, on the V2 runner (CUDA, async scheduling)")
 
 
 def select_runner(env: dict | None = None, on_cuda: bool | None = None,
@@ -653,7 +689,10 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
-        runner = select_runner(auto_on_v1=auto_v1_reason(settings, self))
+        v1_reason = auto_v1_reason(settings, self)
+        if settings.auto_online and (err := online_auto_error(v1_reason)):
+            raise ValueError(err)
+        runner = select_runner(auto_on_v1=v1_reason)
         refuse_cpu_expert_parallel(target_parallel_config)
         if runner == "v1":
             refuse_async_scheduling(self)

@@ -111,9 +111,11 @@ class JetSpecProposer(DFlashProposer):
         self.replay = load_replay(s.replay) if s is not None and s.replay \
             else None
         self.replay_tokens: torch.Tensor | None = None
-        # tree_budget "auto": picks each step's budget (<= s.budget).
+        # tree_budget "auto": picks each step's budget (<= s.budget); V1
+        # always has a cost model (auto without one is refused here:
+        # config.online_auto_error).
         self.policy = BudgetPolicy(CostModel.load(s.cost_model), s.budget) \
-            if s is not None and s.auto else None
+            if s is not None and s.cost_model else None
         self.limit = s.budget if s is not None else 0   # of the last tree
         # auto: (accepted drafts per batch row [R] on the device, rows,
         # their estimate) of this step's verify, read in _tree_drafts after

@@ -11,7 +11,9 @@ hands vLLM such a list and replaces the lookup by
 ``autobudget.ObservedBudgetPolicy``, which picks ``budget - 1`` drafts (0:
 a plain step) from the cost model, the batch size, the acceptance the
 scheduler saw and its steps' wall times (``update_from_output``, one step
-late; no wait for the device). The draft pass builds the largest tree best first
+late; no wait for the device); without a cost model by
+``autobudget.OnlineBudgetPolicy``, from measured tokens and step times
+alone. The draft pass builds the largest tree best first
 (``build_tree(layout="best_first")``), so the ``b`` nodes a step verifies
 are the tree of budget ``b`` (``TreeVerifier`` verifies each request's
 first scheduled nodes).
@@ -30,7 +32,7 @@ import weakref
 
 from vllm.logger import init_logger
 
-from ...autobudget import CostModel, ObservedBudgetPolicy
+from ...autobudget import CostModel, ObservedBudgetPolicy, OnlineBudgetPolicy
 from ..config import settings_of
 
 logger = init_logger("vllm.jetspec.v2")
@@ -51,7 +53,11 @@ def active_policy() -> ObservedBudgetPolicy | None:
     return _active() if _active is not None else None
 
 
-def make_policy(settings) -> ObservedBudgetPolicy:
+def make_policy(settings) -> ObservedBudgetPolicy | OnlineBudgetPolicy:
+    """The cost model's policy, or without one (``auto_online``) the policy
+    that measures while serving."""
+    if settings.auto_online:
+        return OnlineBudgetPolicy(settings.online_budgets)
     return ObservedBudgetPolicy(CostModel.load(settings.cost_model),
                                 settings.budget)
 
@@ -173,8 +179,10 @@ def wrap_scheduler_init(orig):
         _active = weakref.ref(policy)
         logger.info("jetspec: tree_budget 'auto' on the V2 runner: budgets "
                     "%s or plain steps, chosen per step from the batch size "
-                    "and the acceptance seen (cost model %s)",
-                    policy.candidates, s.cost_model)
+                    "and the acceptance seen (%s)", policy.candidates,
+                    f"cost model {s.cost_model}" if s.cost_model else
+                    "no cost model: step times and tokens measured while "
+                    "serving")
     __init__._jetspec_wrapped = True
     return __init__
 
