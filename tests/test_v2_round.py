@@ -456,6 +456,35 @@ def test_policy_lookup_and_observed_steps():
     assert p.calibration == c
 
 
+def test_auto_without_async_scheduling_is_said_and_left_static(
+        monkeypatch):
+    """vLLM may turn async scheduling off by itself (an executor without
+    it): its synchronous scheduler takes every draft pass's drafts and
+    never asks for a count, so no policy is installed (its choices would
+    be reports of steps that never ran) and a warning says the engine
+    drafts the largest budget every step."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches.config import JetSpecSettings
+    from vllm_jetspec.vllm_patches.v2 import auto
+
+    said = []
+    monkeypatch.setattr(auto.logger, "warning",
+                        lambda msg, *a: said.append(msg % a))
+    s = JetSpecSettings(budget=16, width=4, algo="accum_logp", depth=7,
+                        auto_online=True)
+    cfg = NS(speculative_config=NS(jetspec=s), use_v2_model_runner=True,
+             scheduler_config=NS(async_scheduling=False))
+    sched = NS(dynamic_sd_lookup=[15] * 4)
+    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    assert sched._jetspec_policy is None and sched.dynamic_sd_lookup == \
+        [15] * 4
+    assert "without async scheduling" in said[0] and "15 slots" in said[0]
+    cfg.scheduler_config.async_scheduling = True
+    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    assert isinstance(sched.dynamic_sd_lookup, auto.PolicyLookup)
+
+
 def test_scheduler_patch_installs_and_is_listed():
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -496,7 +525,8 @@ def test_draft_graphs_are_planned_without_the_dynamic_schedule(monkeypatch):
 
 def test_step_clock_times_runs_of_the_same_decode_step():
     """The scheduler's clock times a step when it and the one before were
-    decode steps of one budget and batch (no prefill in the interval)."""
+    decode steps of one budget and batch bucket (no prefill in the
+    interval; a batch of 3 after one of 2 is timed, one of 4 is not)."""
     from types import SimpleNamespace
 
     from vllm_jetspec.vllm_patches.v2.auto import StepClock, decode_budget
@@ -517,6 +547,13 @@ def test_step_clock_times_runs_of_the_same_decode_step():
     for x in (plain, plain, mixed, tree, tree, plain):
         clock.tick(p, x)
     assert seen == [(1, 2, 10.0), (16, 2, 10.0)]
+    plain3 = so({"a": 1, "b": 1, "c": 1}, {})
+    plain4 = so({"a": 1, "b": 1, "c": 1, "d": 1}, {})
+    t = iter([0.0, 0.002, 0.005])
+    clock, seen[:] = StepClock(clock=lambda: next(t)), []
+    for x in (plain, plain3, plain4):
+        clock.tick(p, x)
+    assert seen == [(1, 3, 2.0)]
 
 
 # -- plain steps under "auto": the draft pass keeps only the context K/V ---

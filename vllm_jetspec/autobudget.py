@@ -422,16 +422,20 @@ class OnlineBudgetPolicy:
     A step runs the arm with the most tokens per ms. An arm not yet
     measured (no tokens, no time in any bucket; or the plain step's time
     in this bucket) is tried first, ``run`` steps in a row (the clock
-    times a step only after one of the same arm), at most ``max_tries``
-    runs per bucket. Then every ``probe_every`` steps (doubling while the
-    best arm stays the best, up to ``max_probe_every``) the arm measured
-    longest ago runs ``run`` steps, so a change of traffic (greedy to
-    sampled, another kind of prompt) is seen. Lossless whatever it picks:
-    trees are verified as usual."""
+    times a step only after one of the same arm), then left ``LAG`` steps
+    for its data to arrive (the scheduler sees a step's outputs a step or
+    two after choosing the next); after ``max_tries`` runs in a bucket
+    without data, one run per ``max_probe_every`` steps. Then every
+    ``probe_every`` steps
+    (doubling while the best arm stays the best, up to
+    ``max_probe_every``) the arm chosen longest ago runs ``run`` steps, so
+    a change of traffic (greedy to sampled, another kind of prompt) is
+    seen. Lossless whatever it picks: trees are verified as usual."""
 
-    # Steps an observation may arrive after its choice (async scheduling:
-    # the scheduler sees a step's tokens one or two steps late).
-    STALE_LAG = 4
+    # Steps a run's observations may arrive after it was chosen (async
+    # scheduling: outputs reach the scheduler a step or two late; more
+    # with pipeline parallelism).
+    LAG = 4
 
     def __init__(self, candidates, ema: float = 0.1, run: int = 3,
                  probe_every: int = 16, max_probe_every: int = 256,
@@ -443,13 +447,15 @@ class OnlineBudgetPolicy:
         self.ema = ema
         self.run = run
         self.max_tries = max_tries
-        self._tries: dict[tuple[int, int], int] = {}
+        # (arm, bucket) -> steps at which exploration runs of it began
+        self._tries: dict[tuple[int, int], list[int]] = {}
         self.probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.tokens: dict[int, float] = {1: 1.0}
         self._count: dict[int, int] = {}     # steps in the current average
         self.ms: dict[tuple[int, int], float] = {}
         self._seen: dict[int, int] = {}      # arm -> step of its last data
+        self._chosen: dict[int, int] = {}    # arm -> step it last ran
         self._step = 0
         self._current: int | None = None     # arm of a run in progress
         self._left = 0                       # its steps still to go
@@ -508,15 +514,23 @@ class OnlineBudgetPolicy:
 
     def _unmeasured(self, bucket: int) -> list[int]:
         """Arms with no tokens or no time yet, and the plain step if it
-        has no time in ``bucket`` (the rates there lean on it): each tried
-        at most ``max_tries`` runs per bucket (a batch that changes every
-        step leaves the clock nothing to time)."""
+        has no time in ``bucket`` (the rates there lean on it), that may
+        be tried now: not while a run's data may still be coming (``run +
+        LAG`` steps after its start), and after ``max_tries`` runs only
+        one per ``max_probe_every`` steps (a batch that changes bucket
+        every step leaves the clock nothing to time)."""
         todo = [a for a in self.arms
                 if a not in self.tokens or self.step_ms(a, bucket) is None]
         if not todo and (1, bucket) not in self.ms:
             todo = [1]
-        return [a for a in todo
-                if self._tries.get((a, bucket), 0) < self.max_tries]
+        ready = []
+        for a in todo:
+            starts = self._tries.get((a, bucket), [])
+            wait = self.run + self.LAG if len(starts) < self.max_tries \
+                else self.max_probe_every
+            if not starts or self._step - starts[-1] > wait:
+                ready.append(a)
+        return ready
 
     def choose(self, batch: int) -> int:
         """The arm of the next step for ``batch`` requests."""
@@ -527,13 +541,14 @@ class OnlineBudgetPolicy:
             arm = self._current
         elif (todo := self._unmeasured(bucket)):
             arm = todo[0]
-            self._tries[arm, bucket] = self._tries.get((arm, bucket), 0) + 1
+            self._tries.setdefault((arm, bucket), []).append(self._step)
             self._current, self._left = arm, self.run - 1
         else:
             arm, rate = self.best(batch)
             if rate == 0.0:
-                # nothing to compare (no step ever timed): a static
+                # nothing to compare (no step timed yet): a static
                 # engine's choice, no probes
+                self._chosen[arm] = self._step
                 self.choices[arm] = self.choices.get(arm, 0) + 1
                 return arm
             if arm != self._last_best:
@@ -545,9 +560,10 @@ class OnlineBudgetPolicy:
                 self._interval = min(2 * self._interval,
                                      self.max_probe_every)
                 others = [a for a in self.arms if a != arm]
-                arm = min(others, key=lambda a: self._seen.get(a, -1))
+                arm = min(others, key=lambda a: self._chosen.get(a, -1))
                 self._current, self._left = arm, self.run - 1
                 self.probes += 1
+        self._chosen[arm] = self._step
         self.choices[arm] = self.choices.get(arm, 0) + 1
         return arm
 
@@ -560,7 +576,7 @@ class OnlineBudgetPolicy:
         # (its old one may be from other traffic): a plain mean over its
         # first steps, the moving average after that.
         stale = self._step - self._seen.get(budget, self._step) > \
-            self.run + self.STALE_LAG
+            self.probe_every
         n = 0 if budget not in self.tokens or stale else \
             self._count.get(budget, 0)
         self._count[budget] = n + 1
@@ -583,5 +599,3 @@ class OnlineBudgetPolicy:
             # host is not a step time)
             ms = min(4.0 * old, max(0.25 * old, ms))
         self.ms[k] = ms if old is None else old + self.ema * (ms - old)
-        if budget == 1:
-            self._seen[1] = self._step

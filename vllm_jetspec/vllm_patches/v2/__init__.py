@@ -172,12 +172,15 @@ def wrap_prepare_attn(orig):
 
 
 def wrap_execute_model(orig):
-    """Hands the speculator the draft count of the step after this one
-    (``num_spec_tokens_to_schedule``: the scheduler's placeholders for it,
-    vLLM's dynamic speculative decoding), so that the draft pass of a step
-    whose next step is plain can skip the head's forward
-    (``JetSpecSpeculator.propose``). The runner's ``sample_tokens`` (which
-    proposes) follows each ``execute_model`` before the next one."""
+    """Hands the speculator the step's ``num_spec_tokens_to_schedule``:
+    under async scheduling (vLLM's dynamic speculative decoding) the
+    number of draft placeholders every request scheduled in this step gets
+    for the next step it runs in (a request left out of a step keeps those
+    of the last step it ran in, whose draft pass ran for it unless they
+    were 0), so the draft pass of a step whose count is 0 can skip the
+    head's forward (``JetSpecSpeculator.propose``). The runner's
+    ``sample_tokens`` (which proposes) follows each ``execute_model``
+    before the next one (``EngineCore.step_with_batch_queue``)."""
     def execute_model(self, scheduler_output, *args, **kwargs):
         sp = getattr(self, "speculator", None)
         if sp is not None and hasattr(sp, "next_num_drafts"):

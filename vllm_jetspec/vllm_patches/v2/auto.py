@@ -32,7 +32,8 @@ import weakref
 
 from vllm.logger import init_logger
 
-from ...autobudget import CostModel, ObservedBudgetPolicy, OnlineBudgetPolicy
+from ...autobudget import (CostModel, ObservedBudgetPolicy,
+                           OnlineBudgetPolicy, batch_bucket)
 from ..config import settings_of
 
 logger = init_logger("vllm.jetspec.v2")
@@ -110,8 +111,10 @@ class StepClock:
     """Wall time between a scheduler's step outputs: under async
     scheduling that is the device's time per step, measured on the host
     without waiting for anything. A step is timed when it and the step
-    before it were decode steps of the same budget and batch (otherwise
-    the interval holds a prefill or the change)."""
+    before it were decode steps of the same budget and about the same
+    batch (the same power-of-two bucket: under serving traffic the batch
+    moves by a request or two between steps; otherwise the interval
+    holds a prefill or the change)."""
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
@@ -122,8 +125,8 @@ class StepClock:
         budget = decode_budget(scheduler_output)
         batch = len(scheduler_output.num_scheduled_tokens)
         last, self.last = self.last, (now, budget, batch)
-        if last is not None and budget is not None and \
-                last[1:] == (budget, batch):
+        if last is not None and budget is not None and last[1] == budget \
+                and batch_bucket(last[2]) == batch_bucket(batch):
             policy.observe_time(budget, batch, 1e3 * (now - last[0]))
 
 
@@ -167,6 +170,15 @@ def wrap_scheduler_init(orig):
             return
         global _active
         s = settings_of(vllm_config.speculative_config)
+        if not vllm_config.scheduler_config.async_scheduling:
+            # vLLM turned it off (an executor without it, e.g. Ray): the
+            # synchronous scheduler takes each draft pass's drafts, all of
+            # them, and never asks the lookup for a count
+            logger.warning("jetspec: tree_budget 'auto' without async "
+                           "scheduling (vLLM turned it off for this "
+                           "engine): every step drafts %d slots, as a static "
+                           "tree_budget %d", s.budget - 1, s.budget)
+            return
         if getattr(self, "dynamic_sd_lookup", None) is None:
             logger.warning("jetspec: tree_budget 'auto': vLLM's scheduler "
                            "built no dynamic-SD lookup; every step drafts "

@@ -138,9 +138,10 @@ class JetSpecSpeculator(DFlashSpeculator):
         # a tree's nodes a step verifies, so trees are laid out best first
         # (every prefix is the tree of that budget).
         self.layout = "best_first" if s.auto else "depth"
-        # Draft slots the scheduler gives each request in the step after
-        # the current one (its num_spec_tokens_to_schedule, set by the
-        # runner before each step; None: not known, the pass runs) ...
+        # Draft placeholders the scheduler gives each request of the
+        # current step for its next one (the step's
+        # num_spec_tokens_to_schedule, set by the runner before each step;
+        # None: not known, the pass runs) ...
         self.next_num_drafts: int | None = None
         # ... and whether a draft pass for a plain next step is skipped.
         self.skip_plain = plain_step_draft_setting() == "skip"
