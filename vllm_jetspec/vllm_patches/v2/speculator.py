@@ -26,9 +26,8 @@ so in the step's ``num_spec_tokens_to_schedule``, which the runner hands
 over before the step (``next_num_drafts``). Then the draft pass only
 stores the step's context K/V in the head's cache (as every step does, so
 the head's context has no holes when trees come back) and skips the
-head's forward and the trees: a plain step of a jetspec engine costs about
-what a plain decoding step costs (``JETSPEC_PLAIN_STEP_DRAFT=run`` keeps
-the forward).
+head's forward and the trees, which a plain step of a jetspec engine paid
+before (``JETSPEC_PLAIN_STEP_DRAFT=run`` keeps them).
 """
 
 from __future__ import annotations
