@@ -526,3 +526,39 @@ def test_online_policy_ignores_outliers_and_foreign_budgets():
     assert set(p.ms) == {(4, 1)} and set(p.tokens) == {1}
     with pytest.raises(ValueError, match="at least 2"):
         OnlineBudgetPolicy([1])
+
+
+def test_online_round_policy_for_the_v1_hooks():
+    """The V1 runner's hooks choose after each draft pass: the interval
+    between two choices is one step at the budget chosen before, timed
+    when the hooks saw that step verify that budget (no prefill) in the
+    same batch bucket; the accepted drafts they report belong to the last
+    choice."""
+    from vllm_jetspec.autobudget import OnlineRoundPolicy
+
+    t = iter(0.010 * k for k in range(100))
+    p = OnlineRoundPolicy([4, 16], clock=lambda: next(t))
+    assert p.next_limit() == 16 and p.candidates == [4, 16]
+    arms = []
+    for k in range(4):              # plain steps first (3), then 4
+        p.step_budget = arms[-1] if arms else None
+        arms.append(p.choose(None, 2))
+    assert arms == [1, 1, 1, 4]
+    # steps 2 and 3 were decode steps at 1 (10 ms each); the first choice
+    # had no step before it
+    assert p.online.ms == {(1, 2): pytest.approx(10.0)}
+    p.observe(3.0, 1.0, requests=2)         # budget 4's verify: 1.5 each
+    assert p.online.tokens[4] == pytest.approx(2.5)
+    p.step_budget = None                    # a prefill ran in that step
+    p.choose(None, 3)
+    assert (4, 2) not in p.online.ms
+    p.step_budget = 4
+    p.choose(None, 2)                       # same bucket (2-3): timed
+    assert p.online.ms[4, 2] == pytest.approx(10.0)
+    p.step_budget = 4
+    p.choose(None, 8)                       # another bucket: not timed
+    assert (4, 8) not in p.online.ms
+    p.observe(5.0, 1.0, requests=0)         # no trees: nothing learnt
+    assert p.online.tokens[4] == pytest.approx(2.5)
+    assert sum(p.choices.values()) == 7 and p.calibration == \
+        pytest.approx(1.5)

@@ -25,15 +25,15 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
          "--head", str(head), "--prompt-len", "20",
          "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
          "2", "--num-prompts", "2", "--replay", "--baseline", "none",
-         "--auto",
+         "--auto", "--auto-online",
          "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
-    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 6
+    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 8
     res = json.loads((out / "bench.json").read_text())
     got = {(r["method"], r["budget"], r["batch"]): r for r in res["rows"]}
-    assert set(got) == {(m, b, B) for m, b in [("ar", 0), ("jetspec", 4),
-                                                ("auto", 4)]
-                        for B in (1, 2)}
+    assert set(got) == {(m, b, B) for m, b in [
+        ("ar", 0), ("jetspec", 4), ("auto", 4), ("auto_online", 4)]
+        for B in (1, 2)}
     for B in (1, 2):
         auto = got.pop(("auto", 4, B))
         assert auto["identical_to_ar"] is True
@@ -41,6 +41,13 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
         assert set(auto["auto_budgets"]) <= {"1", "4"}
         assert sum(auto["auto_budgets"].values()) > 0
         assert auto["auto_calibration"] > 0
+        # Without the cost model: budget 4 (tree_budget_max) or plain
+        # steps, measured while running.
+        online = got.pop(("auto_online", 4, B))
+        assert online["identical_to_ar"] is True
+        assert set(online["auto_budgets"]) <= {"1", "4"}
+        assert sum(online["auto_budgets"].values()) > 0
+    assert "auto_online, batch 1: steps per budget" in proc.stdout
     segs = ["prepare", "verify", "accept", "draft", "tree"]
     for (m, b, B), r in got.items():
         assert r["identical_to_ar"] is True
@@ -89,7 +96,7 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
            str(target), "--head", str(head), "--prompt-len", "20",
            "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
            "2", "--num-prompts", "2", "--replay", "--baseline", "none",
-           "--auto", "--out", str(out), "--resume"]
+           "--auto", "--auto-online", "--out", str(out), "--resume"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     again = json.loads((out / "bench.json").read_text())
@@ -97,7 +104,8 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     assert again["meta"]["engine_start_seconds"] == \
         res["meta"]["engine_start_seconds"]
     assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
-    assert proc.stdout.count("resumed from") == 3       # ar, jetspec4, auto
+    # ar, jetspec4, auto, auto_online
+    assert proc.stdout.count("resumed from") == 4
     cmd[cmd.index("24")] = "16"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -54,11 +54,12 @@ steps win it still runs one probe round now and then (every
 ``probe_every`` steps, doubling while probes keep losing) so it sees when
 trees pay again.
 
-Without a cost model (``tree_budget: "auto"`` alone, V2 runner only)
-``OnlineBudgetPolicy`` measures both sides itself: per budget (and plain
-steps) the tokens each request emits per step and, per batch-size bucket,
-the step time from the scheduler's clock; it tries every budget a few steps
-first, then runs the best, and probes the others now and then.
+Without a cost model (``tree_budget: "auto"`` alone) ``OnlineBudgetPolicy``
+measures both sides itself: per budget (and plain steps) the tokens each
+request emits per step and, per batch-size bucket, the step time (the
+scheduler's clock on V2; ``OnlineRoundPolicy`` times the V1 hooks' steps);
+it tries every budget a few steps first, then runs the best, and probes the
+others now and then.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -263,10 +265,11 @@ class BudgetPolicy:
             self.last = best
         return best
 
-    def observe(self, accepted: float, estimated: float) -> None:
+    def observe(self, accepted: float, estimated: float,
+                requests: int = 0) -> None:
         """After verification: drafts accepted and their estimate
         (sum of path probabilities of the verified nodes), summed over the
-        step's requests."""
+        step's ``requests`` trees."""
         if estimated <= 0 or not math.isfinite(estimated):
             return
         ratio = accepted / estimated
@@ -599,3 +602,59 @@ class OnlineBudgetPolicy:
             # host is not a step time)
             ms = min(4.0 * old, max(0.25 * old, ms))
         self.ms[k] = ms if old is None else old + self.ema * (ms - old)
+
+
+class OnlineRoundPolicy:
+    """``OnlineBudgetPolicy`` behind ``BudgetPolicy``'s interface, for the
+    V1 runner's hooks (CPU; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``),
+    which choose a step's budget after its draft pass, in the worker,
+    synchronously: the time between two choices is one step (the verify
+    of the tree chosen the time before, and the next draft pass), timed
+    when that step was a decode step of the chosen budget
+    (``step_budget``, set by the hooks from the scheduler's output; a
+    prefill in it, or a batch that decoded plainly, is not a step time).
+    The draft pass drafts the full depth (``next_limit``: the largest
+    budget), so every arm's time includes it, as it does on this runner."""
+
+    def __init__(self, candidates, clock=time.perf_counter):
+        self.online = OnlineBudgetPolicy(candidates)
+        self.candidates = self.online.candidates
+        self.clock = clock
+        # (time, budget, batch) of the last choice
+        self._last: tuple[float, int, int] | None = None
+        # the budget every request of the step that just ran verified
+        # (None: prefill chunks, mixed or cut trees, no step)
+        self.step_budget: int | None = None
+
+    @property
+    def choices(self) -> dict[int, int]:
+        return self.online.choices
+
+    @property
+    def calibration(self) -> float:
+        return self.online.calibration
+
+    def next_limit(self) -> int:
+        return self.candidates[-1]
+
+    def choose(self, cum_logp: torch.Tensor, batch: int,
+               limit: int | None = None) -> int:
+        now = self.clock()
+        if self._last is not None:
+            t, b, n = self._last
+            if self.step_budget == b and \
+                    batch_bucket(n) == batch_bucket(batch):
+                self.online.observe_time(b, batch, 1e3 * (now - t))
+        self.step_budget = None
+        b = self.online.choose(batch)
+        if limit is not None:
+            b = min(b, limit)
+        self._last = (now, b, batch)
+        return b
+
+    def observe(self, accepted: float, estimated: float,
+                requests: int = 0) -> None:
+        """The verified step's accepted drafts over its ``requests``
+        trees (the budget: the last choice)."""
+        if self._last is not None and requests > 0:
+            self.online.observe(self._last[1], [1.0 + accepted / requests])

@@ -61,8 +61,8 @@ segment waits for the device): their ms per step comes from the output
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
 ``--auto-online``: one more with ``"tree_budget": "auto"`` and no cost
-model (``autobudget.OnlineBudgetPolicy``, V2 runner: it measures while
-serving), up to the largest of ``--budgets``: row ``auto_online``.
+model (``autobudget.OnlineBudgetPolicy``: it measures while serving), up
+to the largest of ``--budgets``: row ``auto_online``.
 
 Writes ``bench.json`` (settings, rows, per-engine start-up seconds),
 ``bench.csv``, ``bench.png`` and ``cost_model.json`` (AR and jetspec round
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run tree_budget 'auto' on this run's costs")
     ap.add_argument("--auto-online", action="store_true",
                     help="also run tree_budget 'auto' without a cost model "
-                         "(it measures while serving; V2 runner), up to the "
+                         "(it measures while serving), up to the "
                          "largest of --budgets: row 'auto_online'")
     ap.add_argument("--runners", nargs="+", choices=["v2", "v1"],
                     default=["v2"],

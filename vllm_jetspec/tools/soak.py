@@ -1249,7 +1249,7 @@ def parse_args(argv):
     g.add_argument("--cost-model", default=None,
                    help="cost_model.json for --budget auto (written by "
                    "python -m vllm_jetspec.tools.bench on the same device; "
-                   "without one, auto measures while serving: GPU only)")
+                   "without one, auto measures while serving)")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--max-model-len", type=int, default=1024)
     g.add_argument("--max-num-seqs", type=int, default=32)

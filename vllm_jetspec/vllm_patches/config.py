@@ -46,7 +46,7 @@ class JetSpecSettings:
     # largest budget the policy may pick (vllm_jetspec.autobudget).
     cost_model: str | None = None
     # tree_budget "auto" without a cost model: the policy measures while
-    # serving (autobudget.OnlineBudgetPolicy; V2 runner only).
+    # serving (autobudget.OnlineBudgetPolicy; OnlineRoundPolicy on V1).
     auto_online: bool = False
     causal: bool = True   # the head's draft layers (then drafting fewer
     #                       slots leaves the first slots' logits unchanged)
@@ -473,27 +473,6 @@ def auto_v1_reason(settings, engine_args) -> str | None:
     return None
 
 
-def online_auto_error(v1_reason: str | None, env: dict | None = None,
-                      on_cuda: bool | None = None) -> str | None:
-    """``tree_budget: "auto"`` without a cost model measures while serving
-    on the V2 runner's scheduler; the V1 runner's policy needs the file.
-    The error for an engine that would run V1 (None: it runs V2)."""
-    env = os.environ if env is None else env
-    if on_cuda is None:
-        from vllm.platforms import current_platform
-        on_cuda = current_platform.is_cuda()
-    v2_off = (env.get(V2_RUNNER_ENV) or "").strip().lower() in \
-        ("0", "false", "no")
-    why = v1_reason or (None if on_cuda else "vLLM's CPU platform runs it") \
-        or (f"{V2_RUNNER_ENV}=0" if v2_off else None)
-    if why is None:
-        return None
-    return ("jetspec: tree_budget 'auto' needs 'cost_model' (a file written "
-            "by python -m vllm_jetspec.tools.bench) on vLLM's V1 model "
-            f"runner ({why}); without one, 'auto' measures its costs while "
-            "serving, on the V2 runner (CUDA, async scheduling)")
-
-
 def select_runner(env: dict | None = None, on_cuda: bool | None = None,
                   auto_on_v1: str | None = None) -> str:
     """Which of vLLM's model runners a jetspec engine runs on: ``"v2"`` on
@@ -689,10 +668,7 @@ def patched_create_speculative_config(orig):
             return orig(self, target_model_config, target_parallel_config)
         self.speculative_config, settings = parse(
             spec, target_model_config.hf_config)
-        v1_reason = auto_v1_reason(settings, self)
-        if settings.auto_online and (err := online_auto_error(v1_reason)):
-            raise ValueError(err)
-        runner = select_runner(auto_on_v1=v1_reason)
+        runner = select_runner(auto_on_v1=auto_v1_reason(settings, self))
         refuse_cpu_expert_parallel(target_parallel_config)
         if runner == "v1":
             refuse_async_scheduling(self)

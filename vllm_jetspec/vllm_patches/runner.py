@@ -31,7 +31,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
-from ..autobudget import BudgetPolicy, CostModel
+from ..autobudget import BudgetPolicy, CostModel, OnlineRoundPolicy
 from ..graphed import GraphedFn
 from ..replay import force_top1, load_replay
 from ..tree import (DraftTree, accept, build_tree,
@@ -111,11 +111,15 @@ class JetSpecProposer(DFlashProposer):
         self.replay = load_replay(s.replay) if s is not None and s.replay \
             else None
         self.replay_tokens: torch.Tensor | None = None
-        # tree_budget "auto": picks each step's budget (<= s.budget); V1
-        # always has a cost model (auto without one is refused here:
-        # config.online_auto_error).
-        self.policy = BudgetPolicy(CostModel.load(s.cost_model), s.budget) \
-            if s is not None and s.cost_model else None
+        # tree_budget "auto": picks each step's budget (<= s.budget), from
+        # the cost model and the head's path probabilities, or without a
+        # cost model from tokens and step times measured while serving.
+        self.policy = None
+        if s is not None and s.cost_model:
+            self.policy = BudgetPolicy(CostModel.load(s.cost_model),
+                                       s.budget)
+        elif s is not None and s.auto_online:
+            self.policy = OnlineRoundPolicy(s.online_budgets)
         self.limit = s.budget if s is not None else 0   # of the last tree
         # auto: (accepted drafts per batch row [R] on the device, rows,
         # their estimate) of this step's verify, read in _tree_drafts after
@@ -325,6 +329,11 @@ def wrap_init(orig):
         if s is not None:
             logger.info("jetspec: tree budget %d, width %d, %s, depth %d",
                         s.budget, s.width, s.algo, s.depth)
+            if isinstance(policy, OnlineRoundPolicy):
+                logger.info("jetspec: tree_budget 'auto': budgets %s or "
+                            "plain steps, no cost model: step times and "
+                            "tokens measured while serving",
+                            policy.candidates)
             sched = vllm_config.scheduler_config
             cap = sched.max_num_scheduled_tokens \
                 or sched.max_num_batched_tokens
@@ -459,6 +468,10 @@ def _propose(self, orig, scheduler_output, sampled_token_ids,
     if tree is None or not torch.is_tensor(drafts) \
             or drafts.shape[0] != tree.batch_size:
         return drafts
+    if isinstance(self.drafter.policy, OnlineRoundPolicy):
+        # what the step that just ran verified, for its step time
+        from .v2.auto import decode_budget
+        self.drafter.policy.step_budget = decode_budget(scheduler_output)
     t = self._jetspec_prof.start()
     self._jetspec_tree_s = self.drafter.tree_seconds
     try:
@@ -509,7 +522,8 @@ def _tree_drafts(self, tree: DraftTree):
             # this step's verify, which ran before the draft pass just
             # waited for: done, a copy of R ints that waits for nothing
             acc, rows, estimated = pending
-            policy.observe(float(acc.cpu()[rows].sum()), estimated)
+            policy.observe(float(acc.cpu()[rows].sum()), estimated,
+                           len(rows))
         b = policy.choose(ht.cum_logp, R, limit=self.drafter.limit)
         ht = truncate_tree(ht, b)
         n_b = ht.tokens.shape[1]
