@@ -43,9 +43,10 @@ drafts per round over ``tau(b) - 1`` at the budget that ran. Step times are
 calibrated the same way: the scheduler times its steps (the interval
 between two outputs, decode steps only), and the plain step's cost and the
 tree rounds' costs are each scaled by observed over modelled - one factor
-for plain steps (a plain step of a jetspec engine still runs the head's
-draft pass, which a file measured on V2 does not split out: H200,
-2026-12-04, SmolLM2 batch 1, 3.3 ms against the AR row's 1.9) and one
+for plain steps (whatever a plain step of a jetspec engine costs beyond
+the file's AR step: H200, 2026-12-04, SmolLM2 batch 1, 3.3 ms against the
+AR row's 1.9, when it still ran the head's draft pass, skipped since:
+``v2.speculator``) and one
 shared by every tree budget (a slower or faster machine than the file's;
 one factor per budget made the budgets not yet seen look cheaper than the
 one running, and the policy drifted to larger trees: same day, batch 8,
