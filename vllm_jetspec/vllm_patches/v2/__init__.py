@@ -198,7 +198,8 @@ def wrap_add_requests(orig):
             return
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
-            v.add_request(idx, new.sampling_params)
+            v.add_request(idx, new.sampling_params,
+                          warn=not getattr(self, "_jetspec_in_warmup", False))
             v.speculator.add_request(idx, new.prompt_token_ids)
     return add_requests
 
@@ -213,7 +214,10 @@ def wrap_warmup_kernels(orig):
     (vocabularies far above any budget) see the same ids as before. The
     warm-up's steps also say that drafts follow (a real scheduler's
     ``num_spec_tokens_to_schedule``; vLLM's warm-up leaves it 0), so its
-    draft passes run whole."""
+    draft passes run whole. Its requests carry every sampling feature
+    (``SamplingParams.for_sampler_warmup``: penalties among them), which no
+    user sent: the verifier does not warn about them, so its once-only
+    warning is left for the first user request that needs it."""
     def warmup_kernels(model_runner, execute_model, sample_tokens, *a, **k):
         if not _jetspec(model_runner):
             return orig(model_runner, execute_model, sample_tokens, *a, **k)
@@ -225,7 +229,11 @@ def wrap_warmup_kernels(orig):
                 out.num_spec_tokens_to_schedule,
                 model_runner.num_speculative_steps)
             return execute_model(out, *ea, **ek)
-        return orig(model_runner, execute, sample_tokens, *a, **k)
+        model_runner._jetspec_in_warmup = True
+        try:
+            return orig(model_runner, execute, sample_tokens, *a, **k)
+        finally:
+            model_runner._jetspec_in_warmup = False
     warmup_kernels._jetspec_wrapped = True
     return warmup_kernels
 

@@ -117,10 +117,14 @@ class TreeVerifier:
                             "%d target layers", len(self._kv))
         return self._kv
 
-    def add_request(self, req_index: int, params) -> None:
+    def add_request(self, req_index: int, params, warn: bool = True) -> None:
+        """``warn=False``: vLLM's own warm-up requests (every sampling
+        feature at once, ``SamplingParams.for_sampler_warmup``), which no
+        user sent: no warning, and the once-only warning stays for the
+        first user request that needs it."""
         why = root_only_reason(params) if params is not None else None
         self.root_only[req_index] = why is not None
-        if why:
+        if why and warn:
             logger.warning_once(
                 "jetspec: requests with %s keep one token per round (their "
                 "root's, sampled as in plain decoding); the other requests "
