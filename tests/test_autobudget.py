@@ -562,3 +562,36 @@ def test_online_round_policy_for_the_v1_hooks():
     assert p.online.tokens[4] == pytest.approx(2.5)
     assert sum(p.choices.values()) == 7 and p.calibration == \
         pytest.approx(1.5)
+
+
+def test_choice_log_says_what_auto_chose():
+    """The engine's periodic line for ``auto``: steps per arm since the
+    last line (none when no step ran or it is not time yet), tokens per
+    step, the best arm per batch bucket measured, probes; the cost-model
+    policy's line carries its calibration."""
+    from vllm_jetspec.autobudget import (ChoiceLog, OnlineBudgetPolicy,
+                                         describe_policy)
+
+    p = OnlineBudgetPolicy([4, 8])
+    t = [0.0]
+    log = ChoiceLog(p, 10.0, clock=lambda: t[0])
+    p.observe(4, [2, 3])
+    p.observe(8, [4])
+    for arm, ms in ((1, 1.0), (4, 2.0), (8, 2.5)):
+        p.observe_time(arm, 8, ms)
+    p.choices.update({1: 5, 8: 20})
+    assert log.poll() is None                    # not time yet
+    t[0] = 10.0
+    line = log.poll()
+    assert line == ("steps plain 5, 8 20; tokens/step plain 1.00, 4 2.50, "
+                    "8 4.00; best batch 8+: 8 (1.600 tokens/ms); probes 0")
+    t[0] = 25.0
+    assert log.poll() is None                    # no step since
+    p.choices[8] += 7
+    t[0] = 40.0
+    assert log.poll().startswith("steps 8 7;")
+
+    class Cost:
+        calibration = 0.8
+        choices: dict = {}
+    assert describe_policy(Cost(), {16: 3}) == "steps 16 3; calibration 0.80"

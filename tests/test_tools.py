@@ -295,3 +295,39 @@ def test_soak_names_the_cause_of_each_difference():
     assert diff_cause(dict(flip, unsupported="structured_regex"))[
         "cause"] == "unprobed"
     assert diff_cause(dict(flip, unsupported="logit_bias"))["cause"] == "flip"
+
+
+def test_soak_pass_summary_keeps_the_failures():
+    """A pass's summary (written to partial.json after every pass) holds
+    the failed requests' errors, when each was sent and how long it took,
+    earliest first, and the verdict names the first: the H200 soak of
+    2026-12-04 was cut before its report and left only
+    ``failed_by_cause: {"connection": 11}``."""
+    from vllm_jetspec.tools.soak import (FAILURE_EXAMPLES, Req,
+                                         check_verdict, pass_summary)
+
+    plan = [Req(idx=i, api="chat", stream=bool(i % 2), mode="greedy",
+                prompt="x", prompt_len=1, length_class="short")
+            for i in range(20)]
+    res = [dict(status="ok", token_ids=[1, 2], sent_at_s=0.1 * i)
+           for i in range(20)]
+    for i in (3, 7):
+        res[i] = dict(status="failed", cause="connection",
+                      error=f"RemoteProtocolError('{i}')",
+                      sent_at_s=10.0 - i, seconds=0.5)
+    s = pass_summary(plan, dict(results=res, wall_s=2.0))
+    assert s["failed"] == 2 and s["failed_by_cause"] == {"connection": 2}
+    assert [f["idx"] for f in s["failures"]] == [7, 3]
+    assert s["failures"][0] == dict(idx=7, cause="connection",
+                                    error="RemoteProtocolError('7')",
+                                    api="chat", stream=True, bad=None,
+                                    sent_at_s=3.0, seconds=0.5)
+    s.update(health=200, alive=True, after={}, cut_by_time_limit=0)
+    reasons = check_verdict(dict(passes={"spec": s}, compare={},
+                                 bad_input_status_mismatch=[]), None)
+    assert reasons == ["spec: 2 failed {'connection': 2} "
+                       "(first: RemoteProtocolError('7'))"]
+    many = [dict(status="failed", cause="timeout", sent_at_s=i)
+            for i in range(20)]
+    assert len(pass_summary(plan, dict(results=many, wall_s=1.0))[
+        "failures"]) == FAILURE_EXAMPLES

@@ -6,6 +6,7 @@ the GPU, docs/design/async-rounds.md.)"""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,6 +305,50 @@ def test_warmup_prompts_are_folded_into_the_vocabulary():
             assert seen[0].num_spec_tokens_to_schedule == 0
 
 
+def test_warmup_requests_do_not_use_up_the_fallback_warning(monkeypatch):
+    """vLLM's V2 warm-up prefills requests with every sampling feature
+    (``SamplingParams.for_sampler_warmup``: penalties among them). Seen as
+    user requests they logged the once-only "keep one token per round"
+    warning at every start-up (H200 engine log, 2026-12-04) and used it up
+    before any user sent a penalty. Their root-only flag is still set (the
+    warm-up's rounds run as a user's would); only the warning waits for a
+    user's request."""
+    from types import SimpleNamespace as NS
+
+    from vllm import SamplingParams
+
+    from vllm_jetspec.vllm_patches.v2 import (verifier, wrap_add_requests,
+                                              wrap_warmup_kernels)
+
+    warned = []
+    monkeypatch.setattr(verifier.logger, "warning_once",
+                        lambda msg, *a: warned.append(msg % a))
+    v = object.__new__(verifier.TreeVerifier)
+    v.root_only = np.zeros(4, dtype=bool)
+    v.speculator = NS(add_request=lambda idx, ids: None)
+    runner = NS(speculative_config=NS(jetspec=object()),
+                model_config=NS(get_vocab_size=lambda: 32),
+                num_speculative_steps=15, _jetspec_verifier=v,
+                req_states=NS(req_id_to_index={"_warmup_0_": 0, "user": 1}))
+    add = wrap_add_requests(lambda self, out: None)
+
+    def new(req_id, params):
+        return NS(scheduled_new_reqs=[NS(req_id=req_id,
+                                         sampling_params=params,
+                                         prompt_token_ids=[1, 2])])
+
+    def warm(r, execute, sample):
+        assert r._jetspec_in_warmup
+        add(r, new("_warmup_0_", SamplingParams.for_sampler_warmup()))
+
+    wrap_warmup_kernels(warm)(runner, lambda out: None, lambda g: None)
+    assert not runner._jetspec_in_warmup
+    assert v.root_only[0] and warned == []
+    add(runner, new("user", SamplingParams(presence_penalty=0.5)))
+    assert v.root_only[1]
+    assert len(warned) == 1 and "presence_penalty" in warned[0]
+
+
 def test_block_tables_cover_the_draft_pass_past_max_model_len():
     """A jetspec runner's block tables get columns for the 1 + depth
     tokens the DFlash draft pass attends past max_model_len in a request's
@@ -483,6 +528,47 @@ def test_auto_without_async_scheduling_is_said_and_left_static(
     cfg.scheduler_config.async_scheduling = True
     auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
     assert isinstance(sched.dynamic_sd_lookup, auto.PolicyLookup)
+
+
+def test_auto_says_what_it_chose_where_vllm_logs_its_stats(monkeypatch):
+    """A scheduler that logs stats (vllm serve; not LLM()) logs what auto
+    chose every VLLM_LOG_STATS_INTERVAL seconds: steps per budget since
+    the last line, and for the policy that measures while serving its
+    tokens per step and best arm per batch bucket."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.autobudget import ChoiceLog
+    from vllm_jetspec.vllm_patches.config import JetSpecSettings
+    from vllm_jetspec.vllm_patches.v2 import auto
+
+    said = []
+    monkeypatch.setattr(auto.logger, "info",
+                        lambda msg, *a: said.append(msg % a))
+    s = JetSpecSettings(budget=16, width=4, algo="accum_logp", depth=7,
+                        auto_online=True)
+    cfg = NS(speculative_config=NS(jetspec=s), use_v2_model_runner=True,
+             scheduler_config=NS(async_scheduling=True))
+    quiet = NS(dynamic_sd_lookup=[15] * 4, log_stats=False)
+    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(quiet, cfg)
+    assert quiet._jetspec_log is None
+    sched = NS(dynamic_sd_lookup=[15] * 4, log_stats=True)
+    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    assert isinstance(sched._jetspec_log, ChoiceLog)
+    t = [0.0]
+    sched._jetspec_log = ChoiceLog(sched._jetspec_policy, 10.0,
+                                   clock=lambda: t[0])
+    said.clear()
+    update = auto.wrap_update_from_output(lambda self, so, mo: None)
+    so = NS(scheduled_spec_decode_tokens={}, num_scheduled_tokens={"a": 1})
+    mo = NS(req_id_to_index={}, sampled_token_ids=[])
+    for _ in range(3):
+        sched.dynamic_sd_lookup[1]
+        update(sched, so, mo)
+    assert said == []
+    t[0] = 10.0
+    update(sched, so, mo)
+    assert said and said[-1].startswith("jetspec auto: steps plain 3;")
+    assert "tokens/step plain 1.00" in said[-1]
 
 
 def test_scheduler_patch_installs_and_is_listed():

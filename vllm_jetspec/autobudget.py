@@ -659,3 +659,56 @@ class OnlineRoundPolicy:
         trees (the budget: the last choice)."""
         if self._last is not None and requests > 0:
             self.online.observe(self._last[1], [1.0 + accepted / requests])
+
+
+def _arm_name(arm: int) -> str:
+    return "plain" if arm == 1 else str(arm)
+
+
+def describe_policy(policy, steps: dict[int, int]) -> str:
+    """One line on what ``auto`` did: ``steps`` per arm (budget; 1 = a
+    plain step) and, for the policy that measures while serving, the
+    tokens a request emitted per step at each arm and the best arm with
+    its tokens per ms per batch-size bucket measured so far."""
+    parts = ["steps " + ", ".join(f"{_arm_name(a)} {n}"
+                                  for a, n in sorted(steps.items()))]
+    if isinstance(policy, OnlineBudgetPolicy):
+        parts.append("tokens/step " + ", ".join(
+            f"{_arm_name(a)} {policy.tokens[a]:.2f}"
+            for a in policy.arms if a in policy.tokens))
+        best = []
+        for k in sorted({k for (_, k) in policy.ms}):
+            arm, rate = policy.best(k)
+            if rate:
+                best.append(f"batch {k}+: {_arm_name(arm)} "
+                            f"({rate:.3f} tokens/ms)")
+        if best:
+            parts.append("best " + ", ".join(best))
+        parts.append(f"probes {policy.probes}")
+    elif hasattr(policy, "calibration"):
+        parts.append(f"calibration {policy.calibration:.2f}")
+    return "; ".join(parts)
+
+
+class ChoiceLog:
+    """What ``auto`` chose since the last report, at most every
+    ``interval`` seconds (the engine logs it as vLLM logs its stats, every
+    ``VLLM_LOG_STATS_INTERVAL``): ``poll`` returns the line, or None when
+    it is not time yet or no step ran since."""
+
+    def __init__(self, policy, interval: float, clock=time.monotonic):
+        self.policy = policy
+        self.interval = interval
+        self.clock = clock
+        self._last = clock()
+        self._seen = dict(policy.choices)
+
+    def poll(self) -> str | None:
+        now = self.clock()
+        if now - self._last < self.interval:
+            return None
+        cur = dict(self.policy.choices)
+        steps = {a: n - self._seen.get(a, 0) for a, n in cur.items()}
+        steps = {a: n for a, n in steps.items() if n}
+        self._last, self._seen = now, cur
+        return describe_policy(self.policy, steps) if steps else None

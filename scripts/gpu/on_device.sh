@@ -26,7 +26,7 @@
 #     starts and generates (capture check; env TAG, ONE_SECS)
 #   bash scripts/gpu/on_device.sh syncs ["BUDGETS"] [MAX_NEW]  # syncs per round
 #     (env SYNC_MODES="eager graphs")
-#   bash scripts/gpu/on_device.sh soak 16|auto [soak args]  # the serving soak
+#   bash scripts/gpu/on_device.sh soak 16|auto|auto-online [soak args]  # the serving soak
 #     (env SOAK_N=1000, SOAK_BLOCKS=512, SOAK_REPRO=same, SOAK_PASS_SECS=90;
 #      auto needs `soak-cost` first, on the same machine: docs/soak.md)
 #   bash scripts/gpu/on_device.sh trace BUDGETS...  # host/device time per
@@ -240,12 +240,13 @@ trace8b)  # BUDGETS...: Qwen3-8B shape replay, batch 1: device idle by host
         cp "$W/trace8b/trace8b_$b.txt" "$W/trace8b/trace8b_$b.json.gz" "$OUT/" 2>/dev/null || true
         grep '^{' "$OUT/trace8b_$b.log" | tail -1 || true
     done ;;
-soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.tools.soak, SmolLM2
-    # fp32 + the shipped head, 1000 mixed requests at concurrency 32; auto
-    # reads the cost model soak-cost wrote (docs/soak.md)
+soak)  # BUDGET (16 | auto | auto-online) [soak args]: python -m
+    # vllm_jetspec.tools.soak, SmolLM2 fp32 + the shipped head, 1000 mixed
+    # requests at concurrency 32; auto reads the cost model soak-cost wrote
+    # (docs/soak.md), auto-online is tree_budget "auto" without one
     b=$1; shift
     cm=(); [ "$b" = auto ] && cm=(--cost-model "$W/soak_cost/cost_model.json")
-    timeout "${SOAK_SECS:-570}" python3 -m vllm_jetspec.tools.soak --budget "$b" "${cm[@]}" \
+    timeout "${SOAK_SECS:-570}" python3 -m vllm_jetspec.tools.soak --budget "${b%-online}" "${cm[@]}" \
         --prompts "$W"/prompts/{gsm8k,sharegpt,mtbench,humaneval}.jsonl \
         --num-requests "${SOAK_N:-1000}" --concurrency 32 --max-num-seqs 32 \
         --max-tokens 256 --num-gpu-blocks "${SOAK_BLOCKS:-512}" \
@@ -257,6 +258,10 @@ soak)  # BUDGET (16 | auto) [soak args]: python -m vllm_jetspec.tools.soak, Smol
         [ -f "$W/soak_$b/$f" ] && cp "$W/soak_$b/$f" "$OUT/soak_$b/"; done
     [ -f "$W/soak_$b/requests.jsonl" ] && gzip -c "$W/soak_$b/requests.jsonl" \
         > "$OUT/soak_$b/requests.jsonl.gz"
+    # auto's periodic "what it chose" lines (also in soak.json, when the
+    # soak got to its report)
+    grep -h "jetspec auto:" "$W/soak_$b/server_spec.log" \
+        > "$OUT/soak_$b/auto_choices.txt" 2>/dev/null || true
     tail -3 "$OUT/soak_$b.log" ;;
 soak-cost)  # cost_model.json for `soak auto`: AR and budgets (COST_BUDGETS)
     # at batch 1/8/32, SmolLM2 fp32 with graphs, as the soak's servers run

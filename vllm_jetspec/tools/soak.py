@@ -519,13 +519,24 @@ class Server:
         self.log_end: int | None = None
 
     def start(self, timeout: float) -> None:
-        t0 = time.time()
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """The process, not waiting for it (``wait_ready``)."""
+        self.t_launch = time.time()
         f = open(self.log, "a")
         f.write(f"# {shlex.join(self.cmd)}\n")
         f.flush()
         self.proc = subprocess.Popen(self.cmd, stdout=f,
                                      stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until ``/health`` answers 200 (``start_s``: seconds since the
+        launch), the process ends (its log's end in the error) or
+        ``timeout`` seconds have passed since the launch."""
+        t0 = self.t_launch
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} server exited "
@@ -658,13 +669,21 @@ def log_warnings(text: str) -> dict:
                           for m, c in distinct.most_common()])
 
 
+# The last lines of tree_budget "auto"'s periodic report of what it chose
+# (vLLM's stats interval) kept in the report.
+AUTO_LINES = 60
+
+
 def server_log(s: Server) -> dict:
     """Lines at WARNING or above while the server served (start-up
     included), and separately those of its shutdown."""
     raw = s.log.read_bytes()
     end = s.log_end if s.log_end is not None else len(raw)
-    return dict(log=log_warnings(raw[:end].decode(errors="replace")),
+    text = raw[:end].decode(errors="replace")
+    return dict(log=log_warnings(text),
                 shutdown=log_warnings(raw[end:].decode(errors="replace")),
+                auto_choices=[x for x in text.splitlines()
+                              if "jetspec auto:" in x][-AUTO_LINES:],
                 startup_s=s.start_s, log_file=s.log.name)
 
 
@@ -835,6 +854,7 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
             except asyncio.TimeoutError:
                 res = dict(status="cut")
             res["seconds"] = round(time.monotonic() - t, 3)
+            res["sent_at_s"] = round(t - t0, 3)
             res = classify(r, res)
             if res["status"] == "failed":
                 failed[res.get("cause", "?")] += 1
@@ -842,7 +862,8 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
             results[r.idx] = res
         except Exception as e:  # noqa: BLE001 -- a client bug is a failure too
             results[r.idx] = dict(status="failed", cause="client exception",
-                                  error=repr(e)[:300])
+                                  error=repr(e)[:300],
+                                  sent_at_s=round(t - t0, 3))
         finally:
             sem.release()
             bar.update(1)
@@ -1009,6 +1030,25 @@ def bad_table(plan: list[Req], passes: dict) -> dict:
     return out
 
 
+FAILURE_EXAMPLES = 12
+
+
+def failure_examples(plan: list[Req], res: list) -> list[dict]:
+    """The first failed requests of a pass with their error (the client's
+    exception or the HTTP body), when they were sent (seconds into the pass)
+    and how long they took: in the pass summary, so that a run cut before
+    its report (partial.json) still says why requests failed."""
+    out = []
+    for r, x in zip(plan, res):
+        if x and x.get("status") == "failed":
+            out.append(dict(idx=r.idx, cause=x.get("cause"),
+                            error=x.get("error"), api=r.api, stream=r.stream,
+                            bad=r.bad, sent_at_s=x.get("sent_at_s"),
+                            seconds=x.get("seconds")))
+    out.sort(key=lambda d: (d["sent_at_s"] is None, d["sent_at_s"] or 0))
+    return out[:FAILURE_EXAMPLES]
+
+
 def pass_summary(plan: list[Req], run: dict) -> dict:
     res = run["results"]
     st = collections.Counter((x or {}).get("status", "missing") for x in res)
@@ -1026,6 +1066,7 @@ def pass_summary(plan: list[Req], run: dict) -> dict:
         disconnected=st.get("disconnected", 0),
         cut_by_time_limit=st.get("cut", 0),
         failed=sum(causes.values()), failed_by_cause=dict(causes),
+        failures=failure_examples(plan, res),
         bad_input_answered_normally=sum(1 for x in res if x and
                                         x.get("note")),
         wall_s=round(run["wall_s"], 1),
@@ -1161,7 +1202,10 @@ def check_verdict(report: dict, args) -> list[str]:
     for label, p in report["passes"].items():
         s = p
         if s["failed"]:
-            bad.append(f"{label}: {s['failed']} failed {s['failed_by_cause']}")
+            first = (s.get("failures") or [{}])[0]
+            bad.append(f"{label}: {s['failed']} failed {s['failed_by_cause']}"
+                       + (f" (first: {first.get('error')})"
+                          if first.get("error") else ""))
         if s["health"] != 200 or not s["alive"]:
             bad.append(f"{label}: unhealthy at the end (health {s['health']})")
         a = s["after"]
@@ -1287,6 +1331,19 @@ def parse_args(argv):
                    "there: vLLM 0.26's CPU runner dies on a seeded request "
                    "whose prefill is chunked, 'CPU Generator does not use "
                    "offset')")
+    g.add_argument("--servers", choices=["auto", "together", "sequential"],
+                   default="auto",
+                   help="'together': the no-spec and the jetspec server "
+                   "start at once (their start-ups overlap) and both stay "
+                   "up to the end, so the probes need no third server; "
+                   "each gets --gpu-memory-utilization --gpu-util-each "
+                   "unless --server-args sets it. The passes still run one "
+                   "after another. 'sequential': one server at a time. "
+                   "'auto': together on a GPU, sequential elsewhere (a "
+                   "2-core CPU starts two servers no faster)")
+    g.add_argument("--gpu-util-each", type=float, default=0.4,
+                   help="--gpu-memory-utilization of each server with "
+                   "--servers together")
     g.add_argument("--repro", choices=["fresh", "same", "none"],
                    default="fresh",
                    help="second reference run: a fresh server, a second pass "
@@ -1411,6 +1468,28 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: dict[str, Server] = {}
     runs: dict[str, dict] = {}
+    together = args.servers == "together" or (args.servers == "auto"
+                                              and on_gpu)
+    if together and on_gpu and \
+            "--gpu-memory-utilization" not in args.server_args:
+        args.server_args = (args.server_args + " --gpu-memory-utilization "
+                            f"{args.gpu_util_each}").strip()
+
+    def start_together() -> tuple[Server, Server]:
+        """The no-spec and the jetspec server launched at once, then waited
+        for (their start-ups overlap)."""
+        both = (Server("no-spec", args, None, out / "server_ref.log"),
+                Server("jetspec", args, spec, out / "server_spec.log"))
+        for key, srv in zip(("ref", "spec"), both):
+            servers[key] = srv
+            print(f"[soak] starting the {srv.label} server: "
+                  f"{shlex.join(srv.cmd)}", flush=True)
+            srv.launch()
+        for srv in both:
+            srv.wait_ready(args.startup_timeout)
+            print(f"[soak] {srv.label} server up in {srv.start_s:.0f} s",
+                  flush=True)
+        return both
 
     def save_partial() -> None:
         """Each pass's summary as soon as it is done (a run cut short, e.g.
@@ -1472,7 +1551,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     try:
-        ref = pass_on("ref", "no-spec", None)
+        if together:
+            ref, spec_srv = start_together()
+            runs["ref"] = run_pass(ref, plan, args, "no-spec",
+                                   fresh_start=False)
+            save_partial()
+        else:
+            ref = pass_on("ref", "no-spec", None)
         if args.repro == "same":
             runs["ref2"] = run_pass(ref, plan, args, "no-spec (2nd pass)",
                                     fresh_start=False)
@@ -1481,13 +1566,24 @@ def main(argv: list[str] | None = None) -> int:
             repro["c"] = c1
             probe_diffs(ref, "ref", c1["greedy"]["differ"],
                         runs["ref"]["results"], "repro")
-        ref.stop()
-        spec_srv = pass_on("spec", "jetspec", spec)
+        if together:
+            runs["spec"] = run_pass(spec_srv, plan, args, "jetspec",
+                                    fresh_start=False)
+            save_partial()
+        else:
+            ref.stop()
+            spec_srv = pass_on("spec", "jetspec", spec)
         c0 = compare(plan, runs["ref"]["results"], runs["spec"]["results"])
         probe_diffs(spec_srv, "spec", spec_diffs(c0),
                     runs["ref"]["results"])
         spec_srv.stop()
-        if args.repro == "fresh":
+        if together and args.repro != "fresh":
+            # The no-spec backend's gap at each difference, from the
+            # server that is still up.
+            probe_diffs(ref, "ref", spec_diffs(c0), runs["ref"]["results"])
+            ref.stop()
+        elif args.repro == "fresh":
+            ref.stop()
             ref2 = pass_on("ref2", "no-spec (2nd server)", None)
             c1 = compare(plan, runs["ref"]["results"], runs["ref2"]["results"])
             repro["c"] = c1

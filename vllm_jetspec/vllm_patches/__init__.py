@@ -224,7 +224,8 @@ PATCHES += [
               "device-side assert kills the engine at start-up; the ids "
               "are folded into the vocabulary; its steps say drafts "
               "follow (vLLM leaves num_spec_tokens_to_schedule 0), so its "
-              "draft passes run whole",
+              "draft passes run whole; its requests (every sampling "
+              "feature) do not use up the once-only fallback warning",
           when="jetspec engines on the V2 runner (CUDA)"),
     Patch(replaces="vllm.v1.core.sched.scheduler:Scheduler.__init__ / "
                    "update_from_output",
@@ -236,7 +237,8 @@ PATCHES += [
               "replaced by the jetspec policy (cost model, batch size and "
               "the acceptance the scheduler saw one step late, plain "
               "steps when trees do not pay), which update_from_output "
-              "feeds before vLLM's bookkeeping",
+              "feeds before vLLM's bookkeeping; where vLLM logs stats, "
+              "what it chose is logged every VLLM_LOG_STATS_INTERVAL",
           when="jetspec engines with tree_budget 'auto' on the V2 runner "
                "(CUDA)"),
 ]

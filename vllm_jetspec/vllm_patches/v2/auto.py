@@ -32,7 +32,7 @@ import weakref
 
 from vllm.logger import init_logger
 
-from ...autobudget import (CostModel, ObservedBudgetPolicy,
+from ...autobudget import (ChoiceLog, CostModel, ObservedBudgetPolicy,
                            OnlineBudgetPolicy, batch_bucket)
 from ..config import settings_of
 
@@ -188,6 +188,11 @@ def wrap_scheduler_init(orig):
         self.dynamic_sd_lookup = PolicyLookup(policy)
         self._jetspec_policy = policy
         self._jetspec_clock = StepClock()
+        # What it chose, in the log as vLLM logs its stats (vllm serve;
+        # not for LLM(), which turns stats off).
+        from vllm import envs
+        self._jetspec_log = ChoiceLog(policy, envs.VLLM_LOG_STATS_INTERVAL) \
+            if getattr(self, "log_stats", False) else None
         _active = weakref.ref(policy)
         logger.info("jetspec: tree_budget 'auto' on the V2 runner: budgets "
                     "%s or plain steps, chosen per step from the batch size "
@@ -207,6 +212,9 @@ def wrap_update_from_output(orig):
         if policy is not None:
             observe_step(policy, scheduler_output, model_runner_output)
             self._jetspec_clock.tick(policy, scheduler_output)
+            log = getattr(self, "_jetspec_log", None)
+            if log is not None and (line := log.poll()):
+                logger.info("jetspec auto: %s", line)
         return orig(self, scheduler_output, model_runner_output)
     update_from_output._jetspec_wrapped = True
     return update_from_output
