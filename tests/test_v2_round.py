@@ -501,6 +501,22 @@ def test_policy_lookup_and_observed_steps():
     assert p.calibration == c
 
 
+def _online_auto_config(async_scheduling: bool):
+    """A vllm_config stand-in for a V2 engine with tree_budget 'auto'
+    without a cost model (budgets 4, 8, 16), and the scheduler's
+    __init__ patch around a no-op."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches.config import JetSpecSettings
+    from vllm_jetspec.vllm_patches.v2 import auto
+
+    s = JetSpecSettings(budget=16, width=4, algo="accum_logp", depth=7,
+                        auto_online=True)
+    cfg = NS(speculative_config=NS(jetspec=s), use_v2_model_runner=True,
+             scheduler_config=NS(async_scheduling=async_scheduling))
+    return cfg, auto.wrap_scheduler_init(lambda self, c, *a, **k: None)
+
+
 def test_auto_without_async_scheduling_is_said_and_left_static(
         monkeypatch):
     """vLLM may turn async scheduling off by itself (an executor without
@@ -510,23 +526,19 @@ def test_auto_without_async_scheduling_is_said_and_left_static(
     drafts the largest budget every step."""
     from types import SimpleNamespace as NS
 
-    from vllm_jetspec.vllm_patches.config import JetSpecSettings
     from vllm_jetspec.vllm_patches.v2 import auto
 
     said = []
     monkeypatch.setattr(auto.logger, "warning",
                         lambda msg, *a: said.append(msg % a))
-    s = JetSpecSettings(budget=16, width=4, algo="accum_logp", depth=7,
-                        auto_online=True)
-    cfg = NS(speculative_config=NS(jetspec=s), use_v2_model_runner=True,
-             scheduler_config=NS(async_scheduling=False))
+    cfg, init = _online_auto_config(async_scheduling=False)
     sched = NS(dynamic_sd_lookup=[15] * 4)
-    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    init(sched, cfg)
     assert sched._jetspec_policy is None and sched.dynamic_sd_lookup == \
         [15] * 4
     assert "without async scheduling" in said[0] and "15 slots" in said[0]
     cfg.scheduler_config.async_scheduling = True
-    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    init(sched, cfg)
     assert isinstance(sched.dynamic_sd_lookup, auto.PolicyLookup)
 
 
@@ -538,21 +550,17 @@ def test_auto_says_what_it_chose_where_vllm_logs_its_stats(monkeypatch):
     from types import SimpleNamespace as NS
 
     from vllm_jetspec.autobudget import ChoiceLog
-    from vllm_jetspec.vllm_patches.config import JetSpecSettings
     from vllm_jetspec.vllm_patches.v2 import auto
 
     said = []
     monkeypatch.setattr(auto.logger, "info",
                         lambda msg, *a: said.append(msg % a))
-    s = JetSpecSettings(budget=16, width=4, algo="accum_logp", depth=7,
-                        auto_online=True)
-    cfg = NS(speculative_config=NS(jetspec=s), use_v2_model_runner=True,
-             scheduler_config=NS(async_scheduling=True))
+    cfg, init = _online_auto_config(async_scheduling=True)
     quiet = NS(dynamic_sd_lookup=[15] * 4, log_stats=False)
-    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(quiet, cfg)
+    init(quiet, cfg)
     assert quiet._jetspec_log is None
     sched = NS(dynamic_sd_lookup=[15] * 4, log_stats=True)
-    auto.wrap_scheduler_init(lambda self, c, *a, **k: None)(sched, cfg)
+    init(sched, cfg)
     assert isinstance(sched._jetspec_log, ChoiceLog)
     t = [0.0]
     sched._jetspec_log = ChoiceLog(sched._jetspec_policy, 10.0,
