@@ -10,6 +10,7 @@ import torch
 from vllm_jetspec.kernels.tree_attention_ref import _unpack_rows
 from vllm_jetspec.tree import build_tree, packed_ancestor_mask
 from vllm_jetspec.vllm_patches.triton_attention import (chain_words,
+                                                        step_masks_device,
                                                         step_masks_host)
 
 
@@ -39,6 +40,28 @@ def test_step_masks_mix_chains_blocks_and_trees():
     for r, n in enumerate((70, 1, 20, 3)):
         assert _unpack_rows(m[r, :n], n).all(), r
         assert not _unpack_rows(m[r, :n], 70)[:, n:].any(), r
+
+
+def test_step_masks_on_the_device_equal_the_hosts():
+    """Steps without host trees (V2; prefill and plain steps) make their
+    chain masks on the device from one stored chain: the same words as
+    the host's masks, causal or not, for prefill chunks longer than a
+    word, requests without tokens, from a chain wider than the step, and
+    into a view of a larger buffer (the builder's)."""
+    g = torch.Generator().manual_seed(1)
+    wide = chain_words(512, 8, "cpu")
+    for lens in ([70, 1, 20, 3], [1], [0, 5, 0], [300, 16, 16, 16, 129],
+                 [64, 65, 128], [0]):
+        qsl = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+        for causal in (True, False):
+            want = step_masks_host(qsl, causal, {})
+            R, n, w = want.shape
+            got = step_masks_device(wide, qsl, causal, n, w)
+            assert torch.equal(got, want), (lens, causal)
+            buf = torch.randint(-9, 9, (R + 2, n + 5, w + 3), generator=g)
+            step_masks_device(wide, qsl, causal, n, w,
+                              out=buf[:R, :n, :w])
+            assert torch.equal(buf[:R, :n, :w], want), (lens, causal)
 
 
 def test_tree_splits_setting():
@@ -114,6 +137,31 @@ def _common(n, prefix, causal=True):
               block_table_tensor=torch.zeros(len(n), 8, dtype=torch.int32),
               slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
               num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
+
+
+def test_builder_makes_chain_masks_on_the_device(monkeypatch):
+    """Without host trees (V2 steps, prefills, plain steps) the builder's
+    masks come from its stored chain, grown for a longer prefill chunk
+    (300 tokens over a budget of 20): the host's masks, causal or not,
+    none built on the host."""
+    from vllm_jetspec.vllm_patches import triton_attention
+
+    def no_host(*a):
+        raise AssertionError("masks built on the host")
+
+    b = _builder()
+    cases = []
+    for n, causal in (([300, 1, 4], True), ([20, 3], True),
+                      ([300, 2], False), ([5, 5, 1], False)):
+        c = _common(n, [4] * len(n), causal=causal)
+        cases.append((c, causal, step_masks_host(c.query_start_loc_cpu,
+                                                 causal, {})))
+    monkeypatch.setattr(triton_attention, "step_masks_host", no_host)
+    for c, causal, want in cases:
+        m = b.build(0, c)
+        R, nn, ww = want.shape
+        assert torch.equal(m.masks[:R, :nn, :ww], want), causal
+    assert b.chain.shape == (512, 8)
 
 
 def test_builder_writes_masks_and_prefixes_in_place():

@@ -7,7 +7,9 @@ tree uses its packed ancestor rows from ``tree_state``; every other request
 (prefill, chunked prefill, plain decode, the DFlash draft pass) is a
 chain, i.e. the causal mask in the same packed form (all of a request's new
 tokens when the metadata is not causal). The masks are built once per step
-by the metadata builder, shared by all layers. The DFlash draft layers run
+by the metadata builder, shared by all layers: on the device (chains sliced
+from one stored chain, V2 trees gathered from the drafter's buffers), and
+on the host only for the trees the V1 hooks built there. The DFlash draft layers run
 on this backend too, with their own builder: on CPU because it replaces
 ``CPU_ATTN``, on CUDA through ``JetSpecProposer._create_draft_vllm_config``
 (vLLM would pick its own backend for the drafter).
@@ -80,6 +82,32 @@ def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
         elif not causal and nr:
             masks[r] = chain[nr - 1]
     return masks
+
+
+def step_masks_device(chain: torch.Tensor, qsl: torch.Tensor, causal: bool,
+                      n: int, words: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``step_masks_host`` without trees, made where ``chain`` is (the
+    device) from it: ``chain`` holds ``chain_words`` of at least ``n``
+    rows and ``words`` words (row i of a wider chain has no bit past word
+    i // 64, so its corner is the narrower chain); ``qsl`` [R + 1] the
+    step's query start locations there. [R, n, words], into ``out`` when
+    given. No host work beyond the launch and nothing copied from the
+    host: a step with a long prefill chunk no longer builds and copies
+    megabytes of chain rows on the host (R x n x words int64: 16 MiB for
+    32 requests and a 2048-token chunk)."""
+    R = qsl.shape[0] - 1
+    c = chain[:n, :words]
+    src = c.unsqueeze(0).expand(R, n, words)
+    if not causal:
+        # every new token of the request for each of its rows (a request
+        # without tokens keeps the chain: never read)
+        k = (qsl[1:] - qsl[:-1]).long()
+        block = c[(k - 1).clamp(min=0)].unsqueeze(1).expand(R, n, words)
+        src = torch.where((k > 0)[:, None, None], block, src)
+    if out is None:
+        return src.contiguous()
+    return out.copy_(src)
 
 
 @dataclass
@@ -160,7 +188,11 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         self.qsl_buf = torch.zeros(rows + 1, dtype=torch.int32,
                                    device=device)
         # The masks' host-to-device copy through a pinned buffer of our own
+        # (trees the V1 hooks built on the host)
         self.staging = Staging(device)
+        # Causal rows for steps without host trees, made on the device
+        # once and grown when a step has more new tokens (a prefill chunk)
+        self.chain = chain_words(n, words, device)
         self.max_model_len = vllm_config.model_config.max_model_len
 
     @classmethod
@@ -183,6 +215,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         n = (qsl_cpu[1:] - qsl_cpu[:-1])
         max_nodes = int(n.max()) if R else 0
         dev = tree_state.device_trees() if causal else None
+        # Trees the V1 hooks built on the host (none on V2: ``dev``)
+        host_trees = tree_state.masks_for_step(R) if causal else {}
         rows, N, W = self.masks_buf.shape
         safe = R <= rows and max_nodes <= N
         if safe:
@@ -194,10 +228,8 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
                 # host work.
                 torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
                                    out=self.masks_buf[:len(dev.tree_rows)])
-            else:
-                host = step_masks_host(qsl_cpu, causal,
-                                       tree_state.masks_for_step(R)
-                                       if causal else {})
+            elif host_trees:
+                host = step_masks_host(qsl_cpu, causal, host_trees)
                 # In place (stream-ordered after the previous step's
                 # reads); rows past a request's tokens and words past its
                 # tree are never read.
@@ -205,14 +237,21 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
                 self.staging.copy_into(masks if (nn, ww) == (N, W)
                                        else masks[:, :nn, :ww], host)
                 _device_tree_rows(masks, dev)
+            else:
+                nn, ww = self._chain_shape(max_nodes)
+                step_masks_device(self.chain, qsl, causal, nn, ww,
+                                  out=masks[:, :nn, :ww])
+                _device_tree_rows(masks, dev)
             prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
                                  min=0, out=self.prefix_buf[:R])
             qsl = self.qsl_buf[:R + 1].copy_(qsl)
         else:
-            host = step_masks_host(qsl_cpu, causal,
-                                   tree_state.masks_for_step(R)
-                                   if causal else {})
-            masks = async_tensor_h2d(host, qsl.device)
+            if host_trees:
+                masks = async_tensor_h2d(step_masks_host(
+                    qsl_cpu, causal, host_trees), qsl.device)
+            else:
+                nn, ww = self._chain_shape(max_nodes)
+                masks = step_masks_device(self.chain, qsl, causal, nn, ww)
             _device_tree_rows(masks, dev)
             prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
                 min=0).to(torch.int32)
@@ -227,6 +266,18 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             max_seq_len=self.max_model_len if safe else int(m.max_seq_len),
             graph_safe=safe,
             causal=causal)
+
+    def _chain_shape(self, max_nodes: int) -> tuple[int, int]:
+        """(rows, words) of a step's chain masks (as ``step_masks_host``
+        shapes them), growing ``self.chain`` to a power of two of rows when
+        a step has more new tokens than it holds."""
+        n = max(max_nodes, 1)
+        words = (n + BITS - 1) // BITS
+        if n > self.chain.shape[0]:
+            rows = 1 << (n - 1).bit_length()
+            self.chain = chain_words(rows, (rows + BITS - 1) // BITS,
+                                     self.chain.device)
+        return n, words
 
 
 def _device_tree_rows(masks: torch.Tensor,
