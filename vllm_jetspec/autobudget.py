@@ -409,10 +409,10 @@ def batch_bucket(batch: int) -> int:
 
 
 class OnlineBudgetPolicy:
-    """``tree_budget: "auto"`` without a cost model, on vLLM's V2 runner:
-    the same interface as ``ObservedBudgetPolicy`` (the scheduler calls
-    ``choose``, ``observe`` and ``observe_time``), everything measured
-    while serving. Per arm (a candidate budget, or 1 = a plain step):
+    """``tree_budget: "auto"`` without a cost model: the same interface as
+    ``ObservedBudgetPolicy`` (on vLLM's V2 runner the scheduler calls
+    ``choose``, ``observe`` and ``observe_time``; on V1 the hooks, through
+    ``OnlineRoundPolicy``), everything measured while serving. Per arm (a candidate budget, or 1 = a plain step):
 
     - ``tokens[a]``: tokens a request emits per step at ``a`` (accepted
       drafts + 1; 1 for plain steps), a moving average over steps; an arm

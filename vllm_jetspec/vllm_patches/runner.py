@@ -45,6 +45,7 @@ from .draft_pass import DraftPass, draft_graphs_wanted
 from .profile import StepProfiler
 from .sampling import node_sampling_inputs, tree_unsupported_reason
 from .staging import Staging
+from .v2.auto import decode_budget
 
 logger = init_logger("vllm.jetspec.runner")
 
@@ -470,7 +471,6 @@ def _propose(self, orig, scheduler_output, sampled_token_ids,
         return drafts
     if isinstance(self.drafter.policy, OnlineRoundPolicy):
         # what the step that just ran verified, for its step time
-        from .v2.auto import decode_budget
         self.drafter.policy.step_budget = decode_budget(scheduler_output)
     t = self._jetspec_prof.start()
     self._jetspec_tree_s = self.drafter.tree_seconds
