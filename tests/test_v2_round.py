@@ -325,6 +325,7 @@ def test_warmup_requests_do_not_use_up_the_fallback_warning(monkeypatch):
                         lambda msg, *a: warned.append(msg % a))
     v = object.__new__(verifier.TreeVerifier)
     v.root_only = np.zeros(4, dtype=bool)
+    v.root_only_dev = torch.zeros(4, dtype=torch.bool)
     v.speculator = NS(add_request=lambda idx, ids: None)
     runner = NS(speculative_config=NS(jetspec=object()),
                 model_config=NS(get_vocab_size=lambda: 32),
@@ -346,6 +347,7 @@ def test_warmup_requests_do_not_use_up_the_fallback_warning(monkeypatch):
     assert v.root_only[0] and warned == []
     add(runner, new("user", SamplingParams(presence_penalty=0.5)))
     assert v.root_only[1]
+    assert v.root_only_dev.tolist() == [True, True, False, False]
     assert len(warned) == 1 and "presence_penalty" in warned[0]
 
 
@@ -810,3 +812,105 @@ def test_auto_without_a_cost_model_hands_vllm_every_count():
     lookup = build_dynamic_sd_schedule_lookup(sched, 64, 31)
     assert lookup[1] == lookup[64] == 31
     assert p.choices == {}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
+    """The V2 verifier with its row work as Triton launches (CUDA's
+    default; here in Triton's interpreter) and through the tree core's
+    padded layout give the same step: positions during the forward, the
+    sampler output vLLM reads (tokens, accepted counts), the K/V caches
+    after the moves, the drafter's gather, and linear positions again
+    after the step. Batch rows in another order than the request states,
+    a prefill row, cut trees and requests kept to their root among them.
+    vLLM's two CUDA-only helpers are replaced by their torch meaning."""
+    from types import SimpleNamespace as NS
+
+    from vllm import SamplingParams
+
+    from vllm_jetspec.graphed import GraphedFn
+    from vllm_jetspec.kernels.kv_move import KVTable
+    from vllm_jetspec.kernels.test_tree_verify import _step
+    from vllm_jetspec.vllm_patches import tree_state
+    from vllm_jetspec.vllm_patches.v2 import verifier
+
+    s = _step(20 + seed, R=6, B=12, D=5, root_only=False)
+    R, M, T = s["cu"].shape[0] - 1, s["li"].shape[0], s["T"]
+    g = torch.Generator().manual_seed(seed)
+    V = 500
+    logits = torch.randn(M, V, generator=g)
+    logits[torch.arange(M), s["tgt"]] = 50.0
+
+    def num_sampled_and_rejected(num_sampled, seq_lens, cu, idx, prefill):
+        return num_sampled, (cu[1:] - cu[:-1]).int() - num_sampled
+
+    monkeypatch.setattr(verifier, "get_num_sampled_and_rejected",
+                        num_sampled_and_rejected)
+    monkeypatch.setattr(verifier, "async_tensor_h2d",
+                        lambda a, dev: torch.from_numpy(a).to(dev))
+    sampler = NS(compute_nans=False, returns_logprobs=lambda idx: True,
+                 req_states=NS(prefill_len=NS(gpu=None)),
+                 sample=lambda lg, *a, **k: (lg.argmax(-1), None))
+    idx_np = s["idx"].numpy()
+    cu_np = s["cu"].numpy()
+    pos0 = torch.randint(0, 900, (T + 7,), generator=g)
+    bs = 4
+    kv0 = torch.randn(4 * (T + 7) // bs + 1, 2, bs, 2, 8, generator=g)
+
+    def run(kernel):
+        sp = NS(req_parents=s["req_parents"], req_depth=s["req_depth"],
+                req_nodes=s["req_nodes"], req_masks=None, verify_step=None)
+        v = object.__new__(verifier.TreeVerifier)
+        kv = [kv0.clone(), kv0.clone()]
+        v.sampler, v.speculator, v.depth = sampler, sp, s["D"]
+        v.root_only = np.zeros(12, dtype=bool)
+        v.root_only_dev = torch.zeros(12, dtype=torch.bool)
+        # a request with a penalty (kept to its root), added the runner's
+        # way
+        v.add_request(int(idx_np[1]), SamplingParams(presence_penalty=1.0),
+                      warn=False)
+        v._kv, v._group = kv, 0
+        v._table = KVTable(kv) if kernel else None
+        v.kernel = kernel
+        v.accept = GraphedFn(v._accept, "acceptance", enabled=False)
+        # what the logprobs of the emitted tokens are gathered by
+        lp = []
+        v._logprobs = lambda *a: lp.append(a[3:5])
+        batch = NS(
+            num_reqs=R, num_tokens=T, num_draft_tokens=M - R,
+            num_draft_tokens_per_req=np.diff(cu_np) - 1,
+            logits_indices=s["li"], cu_num_logits=s["cu"],
+            cu_num_logits_np=cu_np, idx_mapping=s["idx"],
+            idx_mapping_np=idx_np, expanded_idx_mapping=s["exp_idx"],
+            expanded_local_pos=s["local"], positions=pos0.clone(),
+            input_ids=s["input_ids"], seq_lens=None)
+        v.begin_step(batch, s["slot_mapping"][None])
+        during = batch.positions.clone()
+        out = v(logits, batch)
+        assert tree_state.device_trees() is None
+        step = sp.verify_step
+        assert step.kernel is kernel
+        step.linear_positions(batch.positions)
+        assert torch.equal(batch.positions, pos0)
+        assert out.logprobs_tensors is None and len(lp) == 1
+        return during, out, kv, step, lp[0]
+
+    d0, o0, kv_t, st_t, lp_t = run(False)
+    d1, o1, kv_k, st_k, lp_k = run(True)
+    # the emitted tokens and the node order the logprobs are gathered by
+    for a, b in zip(lp_t, lp_k):
+        assert torch.equal(a, b)
+    assert torch.equal(d0, d1)
+    assert not torch.equal(d0, pos0)
+    assert torch.equal(o0.sampled_token_ids, o1.sampled_token_ids)
+    assert torch.equal(o0.num_sampled, o1.num_sampled)
+    assert torch.equal(o0.num_rejected, o1.num_rejected)
+    assert o1.num_sampled.dtype == torch.int32
+    assert int(o1.num_sampled.max()) > 1
+    # the root-only request kept one token
+    assert int(o1.num_sampled[1]) == 1
+    for a, b in zip(kv_t, kv_k):
+        assert torch.equal(a, b)
+    assert not torch.equal(kv_k[0], kv0)
+    assert torch.equal(st_t.reorder, st_k.reorder)
+    assert torch.equal(st_t.pos_offset, st_k.pos_offset)

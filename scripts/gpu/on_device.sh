@@ -128,10 +128,12 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
         --json "$OUT/kernel_tiles.json" > "$OUT/kernel_tiles.log" 2>&1 \
         || echo "kernel tile sweep rc $?"
     tail -2 "$OUT/kernel_tiles.log" ;;
-treebuild)  # the fused tree-build kernel's tests on CUDA, then its device
-    # time against the torch tree core (CUDA graphs; kernels/bench_tree_build.py)
+treebuild)  # the fused tree-build, K/V move and verify-rows kernels' tests on
+    # CUDA, then the tree build's device time against the torch tree core
+    # (CUDA graphs; kernels/bench_tree_build.py)
     timeout "${KTEST_SECS:-300}" python3 -m pytest -q -p no:cacheprovider \
-        kernels/test_tree_build.py kernels/test_kv_move.py ${KTEST_ARGS:-} \
+        kernels/test_tree_build.py kernels/test_kv_move.py \
+        kernels/test_tree_verify.py ${KTEST_ARGS:-} \
         > "$OUT/tree_build_tests.log" 2>&1 || echo "tree build tests rc $?"
     tail -3 "$OUT/tree_build_tests.log"
     [ "${KBENCH:-1}" = 1 ] || exit 0

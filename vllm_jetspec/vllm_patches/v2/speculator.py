@@ -79,6 +79,19 @@ class VerifyStep:
     pos_offset: torch.Tensor
     # [T] int64: gather over the step's tokens putting accepted paths first
     reorder: torch.Tensor
+    # whether the offsets were added by the verify-rows kernel (then one
+    # launch takes them back)
+    kernel: bool = False
+
+    def linear_positions(self, positions: torch.Tensor) -> None:
+        """Takes the step's tree offsets back out of ``positions`` (the
+        runner's buffer): each verified token at ``prefix + local``
+        again."""
+        if self.kernel:
+            from vllm_jetspec.kernels.tree_verify import untree_positions
+            untree_positions(positions, self.token_index, self.pos_offset)
+        else:
+            positions.index_add_(0, self.token_index, -self.pos_offset)
 
 
 class JetSpecSpeculator(DFlashSpeculator):
@@ -309,8 +322,7 @@ class JetSpecSpeculator(DFlashSpeculator):
             # Linear positions again, then each accepted path first: the
             # DFlash input kernel reads a request's first (scheduled -
             # rejected) tokens at their positions as its kept sequence.
-            input_batch.positions.index_add_(0, step.token_index,
-                                             -step.pos_offset)
+            step.linear_positions(input_batch.positions)
             if aux_hidden_states:
                 aux_hidden_states = [torch.cat(aux_hidden_states, dim=-1)
                                      .index_select(0, step.reorder)]

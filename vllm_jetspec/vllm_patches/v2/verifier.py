@@ -20,6 +20,15 @@ order (``speculator.JetSpecSpeculator``). Per verify step:
    ``num_sampled``, ``num_rejected``), so vLLM's bookkeeping - device
    ``num_computed_tokens``, the scheduler's rollback one step later, the
    spec-decode metrics - works as for a chain.
+
+On CUDA (``JETSPEC_VERIFY_ROWS=kernel``, the default) the row work of both
+halves is Triton launches straight over vLLM's flat rows
+(``kernels/tree_verify.py``: one for the positions, one for acceptance, the
+path-first order and the K/V move plan, then ``kernels/kv_move.py``)
+instead of ≈ 40 small torch kernels through the padded layout; each launch
+costs host time, and on a small target the round is the host's
+(docs/design/async-rounds.md §4.3). ``torch`` keeps the tree core's path
+(and is what runs without CUDA or without one K/V table).
 """
 
 from __future__ import annotations
@@ -40,10 +49,22 @@ from ...tree.ragged import (path_first_gather, position_offsets,
                             ragged_rows, to_padded)
 from .. import tree_state
 from ..compaction import move_kept_kv, path_first_order
+from ..config import env_choice
 from ..sampling import root_only_reason
 from .speculator import JetSpecSpeculator, VerifyStep
 
 logger = init_logger("vllm.jetspec.v2")
+
+VERIFY_ROWS_ENV = "JETSPEC_VERIFY_ROWS"
+
+
+def verify_rows_setting(env=None) -> str:
+    """``JETSPEC_VERIFY_ROWS``: how a V2 verify step does its row work
+    around the target's forward, ``kernel`` (default: Triton launches over
+    vLLM's flat rows, ``kernels/tree_verify.py``; on CUDA with one K/V
+    table) or ``torch`` (the tree core through the padded layout, one CUDA
+    graph per shape; the same tokens, moves and order)."""
+    return env_choice(VERIFY_ROWS_ENV, ("kernel", "torch"), "kernel", env)
 
 
 def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
@@ -77,8 +98,12 @@ class TreeVerifier:
         self.accept = GraphedFn(self._accept, "acceptance + compaction",
                                 enabled=graphs)
         # Per request-state index: keeps its root token only (params the
-        # tree sampler cannot honour; root_only_reason).
+        # tree sampler cannot honour; root_only_reason); on the device too,
+        # for the kernel (written when a request is added, not per step).
         self.root_only = np.zeros(runner.max_num_reqs, dtype=bool)
+        self.root_only_dev = torch.zeros(runner.max_num_reqs,
+                                         dtype=torch.bool,
+                                         device=speculator.req_nodes.device)
         self._kv: list[torch.Tensor] | None = None
         # The same caches as one address table for the Triton move kernel
         # (CUDA, caches alike; else the torch moves)
@@ -87,6 +112,9 @@ class TreeVerifier:
         # Of the current step, from begin_step
         self._slots: torch.Tensor | None = None
         self._offsets: torch.Tensor | None = None
+        # The row work as Triton launches (set with the K/V table: CUDA)
+        self._want_kernel = verify_rows_setting() == "kernel"
+        self.kernel = False
 
     def _accept(self, *args, max_depth: int):
         return accept_and_compact(self._target_kv(), *args,
@@ -115,6 +143,10 @@ class TreeVerifier:
                 self._table = KVTable(self._kv)
                 logger.info("jetspec: kept K/V moved by one kernel for the "
                             "%d target layers", len(self._kv))
+            self.kernel = self._want_kernel and self._table is not None
+            if self.kernel:
+                logger.info("jetspec: verify steps' row work (positions, "
+                            "acceptance, path order) in Triton launches")
         return self._kv
 
     def add_request(self, req_index: int, params, warn: bool = True) -> None:
@@ -123,7 +155,9 @@ class TreeVerifier:
         user sent: no warning, and the once-only warning stays for the
         first user request that needs it."""
         why = root_only_reason(params) if params is not None else None
-        self.root_only[req_index] = why is not None
+        if self.root_only[req_index] != (why is not None):
+            self.root_only[req_index] = why is not None
+            self.root_only_dev[req_index] = why is not None
         if why and warn:
             logger.warning_once(
                 "jetspec: requests with %s keep one token per round (their "
@@ -142,12 +176,19 @@ class TreeVerifier:
             return
         sp = self.speculator
         li = input_batch.logits_indices
-        req = input_batch.expanded_idx_mapping.long()
-        local = input_batch.expanded_local_pos.long()
-        off = position_offsets(sp.req_depth[req, local], local)
-        input_batch.positions.index_add_(0, li, off)
-        self._offsets = off
         self._target_kv()
+        if self.kernel:
+            from vllm_jetspec.kernels.tree_verify import tree_positions
+            off = tree_positions(input_batch.positions, li,
+                                 input_batch.expanded_idx_mapping,
+                                 input_batch.expanded_local_pos,
+                                 sp.req_depth)
+        else:
+            req = input_batch.expanded_idx_mapping.long()
+            local = input_batch.expanded_local_pos.long()
+            off = position_offsets(sp.req_depth[req, local], local)
+            input_batch.positions.index_add_(0, li, off)
+        self._offsets = off
         self._slots = slot_mappings[self._group]
         tree_state.set_device_trees(tree_state.DeviceTrees(
             idx_mapping=input_batch.idx_mapping,
@@ -162,14 +203,9 @@ class TreeVerifier:
         sampler = self.sampler
         num_nans = get_num_nans(logits) if sampler.compute_nans else None
         li = input_batch.logits_indices
-        M = li.shape[0]
         R = input_batch.num_reqs
         cu = input_batch.cu_num_logits
-        counts_np = np.diff(input_batch.cu_num_logits_np[:R + 1])
-        N = int(counts_np.max())
-        counts = cu[1:R + 1] - cu[:R]
-        rows = ragged_rows(counts, M)
-        local = input_batch.expanded_local_pos.long()
+        N = int(np.diff(input_batch.cu_num_logits_np[:R + 1]).max())
         ids = input_batch.input_ids[li]
         pos = input_batch.positions[li]
         want_lp = sampler.returns_logprobs(input_batch.idx_mapping_np)
@@ -179,8 +215,52 @@ class TreeVerifier:
             logits, input_batch.expanded_idx_mapping,
             input_batch.idx_mapping_np, pos, ids,
             input_batch.expanded_local_pos, return_logprobs=want_lp)
-        req = input_batch.idx_mapping.long()
         sp = self.speculator
+        if self.kernel:
+            from vllm_jetspec.kernels.kv_move import move_kv_slots
+            from vllm_jetspec.kernels.tree_verify import accept_rows
+            out = accept_rows(
+                cu, li, input_batch.input_ids, tgt, self._slots,
+                input_batch.idx_mapping, sp.req_parents, sp.req_nodes,
+                self.root_only_dev, max_depth=self.depth,
+                num_tokens=input_batch.num_tokens, max_rows=N)
+            move_kv_slots(self._table, out["src"], out["dst"])
+            emitted, num_sampled, perm = (out["emitted"],
+                                          out["num_sampled"], out["perm"])
+            reorder = out["reorder"]
+        else:
+            emitted, num_sampled, perm, reorder = self._accept_torch(
+                input_batch, ids, tgt, N)
+        num_sampled, num_rejected = get_num_sampled_and_rejected(
+            num_sampled, input_batch.seq_lens, cu,
+            input_batch.idx_mapping, sampler.req_states.prefill_len.gpu)
+        if self._offsets is not None:
+            sp.verify_step = VerifyStep(token_index=li,
+                                        pos_offset=self._offsets,
+                                        reorder=reorder, kernel=self.kernel)
+        lp = None
+        if want_lp:
+            lp = self._logprobs(input_batch, logits, processed, emitted,
+                                perm, cu)
+        return SamplerOutput(sampled_token_ids=emitted,
+                             logprobs_tensors=lp, num_nans=num_nans,
+                             num_sampled=num_sampled,
+                             num_rejected=num_rejected)
+
+    def _accept_torch(self, input_batch, ids, tgt, N):
+        """The row work through the tree core's padded layout, acceptance
+        and compaction as one CUDA graph per shape: (emitted, accepted + 1
+        as int32, node order, the path-first gather over the step's
+        tokens)."""
+        li = input_batch.logits_indices
+        M = li.shape[0]
+        R = input_batch.num_reqs
+        cu = input_batch.cu_num_logits
+        counts = cu[1:R + 1] - cu[:R]
+        rows = ragged_rows(counts, M)
+        local = input_batch.expanded_local_pos.long()
+        sp = self.speculator
+        req = input_batch.idx_mapping.long()
         nodes = torch.minimum(counts.long(), sp.req_nodes[req])
         root_only = self.root_only[input_batch.idx_mapping_np]
         if root_only.any():
@@ -193,25 +273,12 @@ class TreeVerifier:
             to_padded(tgt.long(), rows, local, R, N),
             to_padded(self._slots[li].long(), rows, local, R, N, fill=0),
             max_depth=self.depth)
-        num_sampled, num_rejected = get_num_sampled_and_rejected(
-            (num_acc + 1).to(torch.int32), input_batch.seq_lens, cu,
-            input_batch.idx_mapping, sampler.req_states.prefill_len.gpu)
-        if self._offsets is not None:
-            sp.verify_step = VerifyStep(
-                token_index=li, pos_offset=self._offsets,
-                reorder=path_first_gather(li, local, rows, perm,
-                                          input_batch.num_tokens))
-        lp = None
-        if want_lp:
-            lp = self._logprobs(input_batch, logits, processed, emitted,
-                                rows, local, perm, cu)
-        return SamplerOutput(sampled_token_ids=emitted.clone(),
-                             logprobs_tensors=lp, num_nans=num_nans,
-                             num_sampled=num_sampled,
-                             num_rejected=num_rejected)
+        # (graph outputs: valid until the next call of this shape)
+        return (emitted.clone(), (num_acc + 1).to(torch.int32), perm,
+                path_first_gather(li, local, rows, perm,
+                                  input_batch.num_tokens))
 
-    def _logprobs(self, input_batch, logits, processed, emitted, rows,
-                  local, perm, cu):
+    def _logprobs(self, input_batch, logits, processed, emitted, perm, cu):
         """Logprobs of the emitted tokens: the rows of each request's kept
         path, in path order (vLLM reads a request's first num_sampled
         rows)."""
@@ -219,6 +286,9 @@ class TreeVerifier:
         if sampler.logprobs_mode in ("processed_logprobs",
                                      "processed_logits"):
             logits = processed
+        R = input_batch.num_reqs
+        rows = ragged_rows(cu[1:R + 1] - cu[:R], logits.shape[0])
+        local = input_batch.expanded_local_pos.long()
         src = cu.long()[rows] + perm[rows, local]
         L = emitted.shape[1]
         tok = torch.where(local < L, emitted[rows, local.clamp(max=L - 1)],

@@ -1,0 +1,168 @@
+"""The verify-step kernels equal their torch reference (the tree core's
+acceptance, compaction plan and path-first order over the padded layout):
+random steps mixing prefill rows, whole trees, trees the scheduler cut,
+stored trees smaller than their rows, requests kept to their root, trees
+laid out by depth and best first, batch rows in another order than the
+request states. In Triton's interpreter without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vllm_jetspec.kernels.tree_verify import (  # noqa: E402
+    accept_rows, tree_positions, untree_positions)
+from vllm_jetspec.kernels.tree_verify_ref import (  # noqa: E402
+    accept_rows_ref, tree_positions_ref)
+from vllm_jetspec.tree import build_tree  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.independent
+
+
+def _step(seed, R=5, B=16, D=6, K=3, layout="depth", root_only=False,
+          max_reqs=9):
+    """A verify step in the V2 runner's layout (host tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    V = 500
+    logp = torch.randn(R, D, K, generator=g).log_softmax(-1)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K]
+                       for _ in range(R * D)]).view(R, D, K)
+    anchor = torch.randint(0, V, (R,), generator=g)
+    tree = build_tree(logp, ids, anchor, B, layout=layout)
+    # request states: batch row r is state idx[r]
+    idx = torch.randperm(max_reqs, generator=g)[:R].int()
+    req_parents = torch.full((max_reqs, B), -1, dtype=torch.long)
+    req_depth = torch.zeros(max_reqs, B, dtype=torch.long)
+    req_nodes = torch.randint(1, B + 1, (max_reqs,), generator=g)
+    req_parents[idx.long()] = tree.parents
+    req_depth[idx.long()] = tree.depth.clamp(min=0)
+    req_nodes[idx.long()] = tree.num_nodes
+    # rows per request: a prefill row, whole trees, a cut tree, and a
+    # stored tree smaller than its rows (rows past it: padding nodes)
+    kinds = torch.randint(0, 4, (R,), generator=g).tolist()
+    counts, query = [], []
+    for r, kind in enumerate(kinds):
+        n = int(tree.num_nodes[r])
+        if kind == 0:
+            c, q = 1, int(torch.randint(1, 9, (1,), generator=g))
+        elif kind == 1:
+            c = n
+            q = c
+        elif kind == 2:
+            c = int(torch.randint(1, n + 1, (1,), generator=g))
+            q = c
+        else:
+            c = min(B, n + int(torch.randint(0, 4, (1,), generator=g)))
+            req_nodes[idx[r]] = max(1, n - 2)
+            q = c
+        counts.append(c)
+        query.append(q)
+    counts = torch.tensor(counts)
+    query = torch.tensor(query)
+    qstart = torch.cat([torch.zeros(1, dtype=torch.long), query.cumsum(0)])
+    T = int(qstart[-1])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    li = torch.cat([torch.arange(qstart[r + 1] - counts[r], qstart[r + 1])
+                    for r in range(R)])
+    M = li.shape[0]
+    local = torch.arange(M) - cu[torch.repeat_interleave(
+        torch.arange(R), counts)]
+    rows = torch.repeat_interleave(torch.arange(R), counts)
+    # the step's token ids: the trees' nodes at their rows (padding
+    # nodes: token 0), random prompt tokens elsewhere; padded buffers
+    input_ids = torch.randint(0, V, (T + 7,), generator=g, dtype=torch.int32)
+    tok = tree.tokens[rows, local]
+    input_ids[li] = torch.where(tok >= 0, tok, 0).int()
+    slot_mapping = torch.randperm(4 * (T + 7), generator=g)[:T + 7]
+    # the target agrees along a random path of each tree, else random
+    tgt = torch.randint(0, V, (M,), generator=g)
+    for r in range(R):
+        c = int(counts[r])
+        u = int(torch.randint(0, c, (1,), generator=g))
+        while u > 0:
+            p = int(tree.parents[r, u])
+            tgt[int(cu[r]) + p] = int(tree.tokens[r, u])
+            u = p
+    ro = None
+    if root_only:
+        ro = torch.rand(max_reqs, generator=g) < 0.4
+    exp_idx = idx.long()[rows].int()
+    return dict(cu=cu.int(), li=li, input_ids=input_ids, tgt=tgt,
+                slot_mapping=slot_mapping, idx=idx, req_parents=req_parents,
+                req_depth=req_depth, req_nodes=req_nodes, root_only=ro,
+                exp_idx=exp_idx, local=local.int(), T=T, D=D,
+                N=int(counts.max()))
+
+
+def _dev(x):
+    return x.to(DEV) if torch.is_tensor(x) else x
+
+
+@pytest.mark.parametrize("layout", ["depth", "best_first"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("root_only", [False, True])
+def test_accept_rows_matches_reference(seed, layout, root_only):
+    s = _step(seed, layout=layout, root_only=root_only)
+    args = [s[k] for k in ("cu", "li", "input_ids", "tgt", "slot_mapping",
+                           "idx", "req_parents")]
+    want = accept_rows_ref(*args, s["req_depth"], s["req_nodes"],
+                           s["root_only"], max_depth=s["D"],
+                           num_tokens=s["T"])
+    got = accept_rows(*map(_dev, args), _dev(s["req_nodes"]),
+                      _dev(s["root_only"]), max_depth=s["D"],
+                      num_tokens=s["T"], max_rows=s["N"])
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name].cpu(), want[name]), name
+    # something was accepted somewhere (the test is not all-roots)
+    if not root_only:
+        assert int(want["num_sampled"].max()) > 1
+
+
+def test_accept_rows_budget_and_depth_edges():
+    """One-node trees (budget 1), a 64-node tree of depth 15 (a chain's
+    depth), and 130 nodes (three mask words' worth of rows)."""
+    for seed, (B, D, K) in enumerate([(1, 3, 2), (64, 15, 4),
+                                      (130, 8, 6)]):
+        s = _step(10 + seed, R=3, B=B, D=D, K=K)
+        args = [s[k] for k in ("cu", "li", "input_ids", "tgt",
+                               "slot_mapping", "idx", "req_parents")]
+        want = accept_rows_ref(*args, s["req_depth"], s["req_nodes"], None,
+                               max_depth=D, num_tokens=s["T"])
+        got = accept_rows(*map(_dev, args), _dev(s["req_nodes"]), None,
+                          max_depth=D, num_tokens=s["T"], max_rows=s["N"])
+        for name in want:
+            assert torch.equal(got[name].cpu(), want[name]), (B, name)
+
+
+def test_rows_beyond_the_stored_tree_are_refused():
+    s = _step(0, R=2, B=4)
+    with pytest.raises(ValueError, match="rows"):
+        accept_rows(*[_dev(s[k]) for k in (
+            "cu", "li", "input_ids", "tgt", "slot_mapping", "idx",
+            "req_parents", "req_nodes")], None, max_depth=s["D"],
+            num_tokens=s["T"], max_rows=5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_positions_match_reference_and_come_back(seed):
+    s = _step(seed, R=6)
+    g = torch.Generator().manual_seed(seed)
+    pos0 = torch.randint(0, 1000, (s["T"] + 7,), generator=g)
+    want = pos0.clone()
+    off_want = tree_positions_ref(want, s["li"], s["exp_idx"], s["local"],
+                                  s["req_depth"])
+    got = _dev(pos0.clone())
+    off = tree_positions(got, _dev(s["li"]), _dev(s["exp_idx"]),
+                         _dev(s["local"]), _dev(s["req_depth"]))
+    assert torch.equal(off.cpu(), off_want)
+    assert torch.equal(got.cpu(), want)
+    untree_positions(got, _dev(s["li"]), off)
+    assert torch.equal(got.cpu(), pos0)
