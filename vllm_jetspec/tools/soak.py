@@ -836,8 +836,13 @@ async def drive(server: Server, plan: list[Req], args, label: str) -> dict:
     peak = {"rss_mb": 0.0}
 
     async def watch():
+        # In a thread: memory() runs nvidia-smi on a GPU (up to seconds),
+        # which on this loop would stall every request in flight -- and a
+        # stalled client lets the server's 5-s keep-alive timers run out
+        # under connections it is about to reuse (a ReadError shown on a
+        # loopback server with a 5-s block, docs/soak.md).
         while True:
-            m = server.memory().get("rss_mb", 0.0)
+            m = (await asyncio.to_thread(server.memory)).get("rss_mb", 0.0)
             peak["rss_mb"] = max(peak["rss_mb"], m)
             await asyncio.sleep(5)
 
