@@ -16,6 +16,12 @@ from engine_io import failure
 from models import make_tiny_target_and_head
 
 
+# A variant that changes how the V1 hooks run on CPU (their stand-in CUDA
+# graphs: every call through static buffers), not the tokens.
+VARIANT_KEY = "JETSPEC_TREE_GRAPHS"
+VARIANT = f"ctx:{VARIANT_KEY}=host"
+
+
 @pytest.mark.engine
 def test_bench_replay_on_a_tiny_model(tmp_path):
     target, head = make_tiny_target_and_head(tmp_path)     # depth 7
@@ -25,15 +31,23 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
          "--head", str(head), "--prompt-len", "20",
          "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
          "2", "--num-prompts", "2", "--replay", "--baseline", "none",
-         "--auto", "--auto-online",
+         "--auto", "--auto-online", "--variant", VARIANT,
          "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
-    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 8
+    assert len(list(csv.DictReader(open(out / "bench.csv")))) == 10
     res = json.loads((out / "bench.json").read_text())
     got = {(r["method"], r["budget"], r["batch"]): r for r in res["rows"]}
     assert set(got) == {(m, b, B) for m, b in [
-        ("ar", 0), ("jetspec", 4), ("auto", 4), ("auto_online", 4)]
-        for B in (1, 2)}
+        ("ar", 0), ("jetspec", 4), ("auto", 4), ("auto_online", 4),
+        ("jetspec~ctx", 4)] for B in (1, 2)}
+    # The variant's engine ran with its variable: its engine core took
+    # the stand-in graphs (its log says so), the default engine did not.
+    logs = {part.partition("\n")[0]: part for part in
+            (out / "engine_logs.txt").read_text().split("===== ")[1:]}
+    host = "acceptance + compaction replays a graph per shape (host)"
+    assert host in logs[f"jetspec~ctx 4 {VARIANT_KEY}=host"]
+    assert host not in logs["jetspec 4"]
+    assert res["meta"]["variants"] == {"ctx": {VARIANT_KEY: "host"}}
     for B in (1, 2):
         auto = got.pop(("auto", 4, B))
         assert auto["identical_to_ar"] is True
@@ -96,7 +110,8 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
            str(target), "--head", str(head), "--prompt-len", "20",
            "--max-new-tokens", "24", "--budgets", "4", "--batch-sizes", "1",
            "2", "--num-prompts", "2", "--replay", "--baseline", "none",
-           "--auto", "--auto-online", "--out", str(out), "--resume"]
+           "--auto", "--auto-online", "--variant", VARIANT, "--out",
+           str(out), "--resume"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, failure(proc.stdout + proc.stderr, 4000)
     again = json.loads((out / "bench.json").read_text())
@@ -104,8 +119,8 @@ def test_bench_replay_on_a_tiny_model(tmp_path):
     assert again["meta"]["engine_start_seconds"] == \
         res["meta"]["engine_start_seconds"]
     assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
-    # ar, jetspec4, auto, auto_online
-    assert proc.stdout.count("resumed from") == 4
+    # ar, jetspec4, auto, auto_online, jetspec~ctx 4
+    assert proc.stdout.count("resumed from") == 5
     cmd[cmd.index("24")] = "16"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -142,3 +157,18 @@ def test_graph_sizes_give_every_batch_a_whole_tree_graph():
                 # vLLM's buckets: powers of two to 8, then steps of 8 / 16.
                 assert pad <= min(b - 1, 15) * budget, (budget, seqs, b)
     assert graph_sizes(16, 8) == [16, 32, 64, 128]
+
+
+def test_variants_are_parsed_or_refused():
+    from vllm_jetspec.tools.bench import parse_variants
+
+    assert parse_variants([]) == {}
+    assert parse_variants(["torchrows:JETSPEC_VERIFY_ROWS=torch",
+                           "two:A=1,B=x=y"]) == {
+        "torchrows": {"JETSPEC_VERIFY_ROWS": "torch"},
+        "two": {"A": "1", "B": "x=y"}}
+    for bad in ["noenv", "x:", ":A=1", "x:1A=2", "a-b:A=1"]:
+        with pytest.raises(ValueError, match="LABEL:KEY=VALUE"):
+            parse_variants([bad])
+    with pytest.raises(ValueError, match="LABEL"):
+        parse_variants(["x:A=1", "x:B=2"])

@@ -57,6 +57,12 @@ the second named ``METHOD@v1``. V2 engines have no timed segments (a timed
 segment waits for the device): their ms per step comes from the output
 (prefill steps included) and their split columns are 0.
 
+``--variant LABEL:KEY=VALUE[,KEY=VALUE...]`` (repeatable): every jetspec
+budget once more with those environment variables set in its engine's
+process, rows named ``jetspec~LABEL``: a jetspec switch against the
+default in one run on one machine (e.g. ``torchrows:JETSPEC_VERIFY_ROWS=
+torch``), for one AR and one baseline engine instead of two runs'.
+
 ``--auto``: after the static budgets, one more engine with
 ``"tree_budget": "auto"`` (``vllm_jetspec.autobudget``) whose cost model is
 this run's own measurements; its row shows which budgets it chose.
@@ -88,6 +94,22 @@ SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
           "identical_to_ar", "steps", "round_ms"] + \
     [f"{s}_ms" for s in SEGMENTS] + ["tokens", "seconds"]
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``--variant`` values -> {label: {variable: value}}; one clear error
+    for a malformed one."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        label, sep, rest = spec.partition(":")
+        env = dict(kv.partition("=")[::2] for kv in rest.split(",") if kv)
+        if not sep or not label.isidentifier() or not env or \
+                any(not k.isidentifier() for k in env) or label in out:
+            raise ValueError(
+                f"--variant {spec!r}: want LABEL:KEY=VALUE[,KEY=VALUE...] "
+                "with a new word for LABEL and variable names for KEY")
+        out[label] = env
+    return out
 
 
 def rows_of(method: str, budget: int, replay: bool, res: dict,
@@ -293,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(VLLM_USE_V2_MODEL_RUNNER=0, async scheduling "
                          "off; rows named METHOD@v1). On CPU only v1 "
                          "exists, whatever this says")
+    ap.add_argument("--variant", action="append", default=[],
+                    metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
+                    help="every jetspec budget again with these "
+                         "environment variables in its engine (rows "
+                         "'jetspec~LABEL'); repeatable")
     ap.add_argument("--baseline", choices=["dflash", "chain", "none"],
                     nargs="+", default=None,
                     help="linear baselines with the same head: vLLM's own "
@@ -309,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="dataset prompts without the chat template")
     ap.add_argument("--out", default="bench")
     args = ap.parse_args(argv)
+    try:
+        variants = parse_variants(args.variant)
+    except ValueError as e:
+        ap.error(str(e))
 
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -342,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     replay_path = os.path.abspath(os.path.join(args.out, "replay.json"))
     dummy = args.load_format == "dummy"
 
-    def job(spec, budget, eager=True, auto=None, runner="v2"):
+    def job(spec, budget, eager=True, auto=None, runner="v2", env=None):
         """An engine job; ``auto``: the budgets a tree_budget 'auto'
-        engine chooses among (graphs for each)."""
+        engine chooses among (graphs for each); ``env``: a variant's
+        environment variables."""
         engine = dict(dtype=args.dtype, max_model_len=args.max_model_len,
                       enforce_eager=eager and not args.graphs,
                       max_num_seqs=maxB, load_format=args.load_format,
@@ -360,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             engine["compilation_config"] = dict(
                 cudagraph_capture_sizes=sorted(
                     set(sizes) | set(graph_sizes(depth + 1, maxB))))
-        env = {}
+        env = dict(env or {})
         if runner == "v1":
             env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             engine["async_scheduling"] = False
@@ -391,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_speculative_tokens": depth}))
     core += [("jetspec", b, jetspec(b, args.tree_algo))
              for b in args.budgets]
+    core += [(f"jetspec~{label}", b, jetspec(b, args.tree_algo))
+             for label in variants for b in args.budgets]
     # The first runner's AR row is the reference; the other runner's rows
     # are named METHOD@RUNNER.
     plan = [(m if r == args.runners[0] else f"{m}@{r}", b, spec)
@@ -413,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     # batch sizes, engine settings) and the jetspec settings of every row.
     run_key = _ar_key(dict(ar=job(None, 0), algo=args.tree_algo,
                            replay=args.replay, split=not args.no_split,
-                           depth=depth))
+                           depth=depth,
+                           **({"variants": variants} if variants else {})))
     done = _resumed(args.out, run_key) if args.resume else {}
 
     def meta_now():
@@ -450,14 +485,19 @@ def main(argv: list[str] | None = None) -> int:
             res = run_job(job(spec, budget, eager=method != "ar_graphs",
                               auto=auto_budgets.get(method),
                               runner=method.partition("@")[2] or
-                              args.runners[0]))
+                              args.runners[0],
+                              env=variants.get(method.partition("@")[0]
+                                               .partition("~")[2])))
         if method == "ar":
             save_ar(os.path.join(args.out, "ar.json"), res, job(None, 0))
         starts[f"{method}{budget or ''}"] = round(res["start_seconds"], 1)
         # Each engine's log end, and the rows so far: what a run cut short
         # (a time limit) still leaves behind.
         with open(os.path.join(args.out, "engine_logs.txt"), "a") as f:
-            f.write(f"===== {method} {budget}\n{res['log'][-6000:]}\n")
+            env = " ".join(f"{k}={v}" for k, v in
+                           (res.get("env") or {}).items())
+            f.write(f"===== {method} {budget}{' ' + env if env else ''}\n"
+                    f"{res['log'][-6000:]}\n")
         if method == "ar":
             ar = res
             if args.replay:
@@ -487,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompts=source, num_prompts=len(prompts),
                 prompt_tokens=[len(p) for p in prompts], depth=depth,
                 baseline=baseline, split=not args.no_split,
+                variants=variants,
                 vllm=vllm.__version__, engine_start_seconds=starts,
                 wall_seconds=round(time.perf_counter() - t0, 1))
     with open(os.path.join(args.out, "bench.json"), "w") as f:

@@ -104,7 +104,10 @@ def _run(job: dict) -> dict:
                 use_tqdm=False)
     res = {k: _batches(llm, job, prompts, sp, profile)
            for k, prompts in sets.items()}
-    out = dict(start_seconds=start_s, batches=next(iter(res.values())))
+    out = dict(start_seconds=start_s, batches=next(iter(res.values())),
+               # the job's variables as this process (and the engine core
+               # it started) had them
+               env={k: os.environ.get(k) for k in job.get("env") or {}})
     if trace:
         # Outside the timed runs: the profiler slows every step it sees.
         B = job["batch_sizes"][0]
