@@ -29,6 +29,9 @@
 #   bash scripts/gpu/on_device.sh soak 16|auto|auto-online [soak args]  # the serving soak
 #     (env SOAK_N=1000, SOAK_BLOCKS=512, SOAK_REPRO=same, SOAK_PASS_SECS=90;
 #      auto needs `soak-cost` first, on the same machine: docs/soak.md)
+#   bash scripts/gpu/on_device.sh serve-bench [SPECS...]  # vllm bench serve:
+#     plain vs jetspec servers (env SB_N=200, SB_CONC=8, SB_IN=1024, SB_OUT=128,
+#      SB_TEMP, SB_UTIL=0.25, SB_DTYPE=float32, SB_ARGS)
 #   bash scripts/gpu/on_device.sh trace BUDGETS...  # host/device time per
 #     round, SmolLM2 with graphs (0: plain decoding; scripts/gpu/trace.py)
 #   bash scripts/gpu/on_device.sh sweep "DATASETS" BUDGETS...  # SmolLM2 e2e
@@ -274,5 +277,23 @@ soak-cost)  # cost_model.json for `soak auto`: AR and budgets (COST_BUDGETS)
         > "$OUT/soak_cost.log" 2>&1 || echo "bench rc $?"
     cp "$W/soak_cost/cost_model.json" "$W/soak_cost/bench.json" "$OUT/" 2>/dev/null || true
     tail -5 "$OUT/soak_cost.log" ;;
+serve-bench)  # [SPECS...]: python -m vllm_jetspec.tools.serve_bench, a plain
+    # SmolLM2 server and a jetspec one per spec (default 16 auto-online; the
+    # shipped head), each measured by vLLM's `vllm bench serve` (random
+    # dataset, SB_N prompts, concurrency SB_CONC, SB_IN/SB_OUT tokens,
+    # sampling at the server's defaults unless SB_TEMP): issue 24's serving
+    # target. All servers start at once (SB_UTIL of the GPU each).
+    specs=(); for s in ${@:-16 auto-online}; do specs+=(--spec "$s"); done
+    t=(); [ -n "${SB_TEMP:-}" ] && t=(--temperature "$SB_TEMP")
+    timeout "${SB_SECS:-570}" python3 -m vllm_jetspec.tools.serve_bench \
+        "${specs[@]}" "${t[@]}" --dtype "${SB_DTYPE:-float32}" \
+        --num-prompts "${SB_N:-200}" --concurrency "${SB_CONC:-8}" \
+        --input-len "${SB_IN:-1024}" --output-len "${SB_OUT:-128}" \
+        --gpu-util-each "${SB_UTIL:-0.25}" --startup-timeout 300 \
+        ${SB_ARGS:-} --out "$W/serve_bench" > "$OUT/serve_bench.log" 2>&1 \
+        || echo "serve_bench rc $?"
+    mkdir -p "$OUT/serve_bench"
+    cp "$W"/serve_bench/*.json "$OUT/serve_bench/" 2>/dev/null || true
+    tail -8 "$OUT/serve_bench.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
