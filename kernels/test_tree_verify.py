@@ -166,3 +166,32 @@ def test_tree_positions_match_reference_and_come_back(seed):
     assert torch.equal(got.cpu(), want)
     untree_positions(got, _dev(s["li"]), off)
     assert torch.equal(got.cpu(), pos0)
+
+
+@pytest.mark.parametrize("B,W", [(1, 1), (16, 1), (130, 3)])
+def test_store_trees_matches_index_copy(B, W):
+    from vllm_jetspec.kernels.tree_verify import store_trees
+    from vllm_jetspec.kernels.tree_verify_ref import store_trees_ref
+
+    g = torch.Generator().manual_seed(B)
+    R, S = 3, 7
+
+    def rows():
+        return (torch.randint(-1, B, (R, B), generator=g),
+                torch.randint(0, 9, (R, B), generator=g),
+                torch.randint(-2**40, 2**40, (R, B, W), generator=g),
+                torch.randint(1, B + 1, (R,), generator=g))
+
+    def states():
+        return (torch.full((S, B), -1), torch.zeros(S, B, dtype=torch.long),
+                torch.zeros(S, B, W, dtype=torch.long),
+                torch.ones(S, dtype=torch.long))
+
+    src = rows()
+    idx = torch.tensor([5, 0, 3], dtype=torch.int32)
+    want = states()
+    store_trees_ref(idx, src, want)
+    got = tuple(map(_dev, states()))
+    store_trees(_dev(idx), tuple(map(_dev, src)), got)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)

@@ -186,3 +186,35 @@ def accept_rows(cu, li, input_ids, tgt, slot_mapping, idx, req_parents,
         BN=triton.next_power_of_2(B), LP=triton.next_power_of_2(L),
         num_warps=4)
     return out
+
+
+@triton.jit
+def _store_trees_kernel(IDX, SP, SD, SM, SN, DP, DD, DM, DN, B, BW,
+                        BP: tl.constexpr, BM: tl.constexpr):
+    r = tl.program_id(0)
+    req = tl.load(IDX + r).to(tl.int64)
+    j = tl.arange(0, BP)
+    m = j < B
+    tl.store(DP + req * B + j, tl.load(SP + r * B + j, mask=m), mask=m)
+    tl.store(DD + req * B + j, tl.load(SD + r * B + j, mask=m), mask=m)
+    w = tl.arange(0, BM)
+    mw = w < BW
+    tl.store(DM + req * BW + w, tl.load(SM + r * BW + w, mask=mw), mask=mw)
+    tl.store(DN + req, tl.load(SN + r))
+
+
+def store_trees(idx: torch.Tensor, rows, states) -> None:
+    """A draft pass's trees from its batch rows to their request states in
+    one launch: ``states[k][idx[r]] = rows[k][r]`` for (parents [R, B],
+    depths [R, B], packed masks [R, B, W], node counts [R]) -- what four
+    ``index_copy_`` did (``store_trees_ref``). Every tensor contiguous."""
+    R = idx.shape[0]
+    if R == 0:
+        return
+    if any(not t.is_contiguous() for t in (*rows, *states)):
+        raise ValueError("tree buffers must be contiguous")
+    B = rows[0].shape[1]
+    BW = rows[2].shape[1] * rows[2].shape[2]
+    _store_trees_kernel[(R,)](idx, *rows, *states, B, BW,
+                              BP=triton.next_power_of_2(B),
+                              BM=triton.next_power_of_2(BW), num_warps=1)

@@ -92,3 +92,10 @@ def accept_rows_ref(cu, li, input_ids, tgt, slot_mapping, idx, req_parents,
                 src=src, dst=dst, perm=perm,
                 reorder=path_first_gather(li, local, rows, perm,
                                           num_tokens))
+
+
+def store_trees_ref(idx: torch.Tensor, rows, states) -> None:
+    """``states[k][idx[r]] = rows[k][r]`` for each of the draft pass's tree
+    buffers (parents, depths, masks, node counts), in place."""
+    for src, dst in zip(rows, states):
+        dst.index_copy_(0, idx.long(), src)

@@ -351,9 +351,16 @@ class JetSpecSpeculator(DFlashSpeculator):
                 modes["skipped"] = modes.get("skipped", 0) + 1
         elif not dummy_run:
             R = input_batch.num_reqs
-            idx = input_batch.idx_mapping.long()
-            self.req_parents.index_copy_(0, idx, self.row_parents[:R])
-            self.req_depth.index_copy_(0, idx, self.row_depth[:R])
-            self.req_masks.index_copy_(0, idx, self.row_masks[:R])
-            self.req_nodes.index_copy_(0, idx, self.row_nodes[:R])
+            rows = (self.row_parents[:R], self.row_depth[:R],
+                    self.row_masks[:R], self.row_nodes[:R])
+            states = (self.req_parents, self.req_depth, self.req_masks,
+                      self.req_nodes)
+            if self.req_nodes.is_cuda and self.tree_kernel:
+                # one launch for the four copies
+                from vllm_jetspec.kernels.tree_verify import store_trees
+                store_trees(input_batch.idx_mapping, rows, states)
+            else:
+                idx = input_batch.idx_mapping.long()
+                for src, dst in zip(rows, states):
+                    dst.index_copy_(0, idx, src)
         return out
