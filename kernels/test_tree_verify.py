@@ -195,3 +195,39 @@ def test_store_trees_matches_index_copy(B, W):
     store_trees(_dev(idx), tuple(map(_dev, src)), got)
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("R,N,W,pad", [(1, 16, 1, 0), (5, 64, 1, 2),
+                                       (3, 130, 3, 0)])
+def test_tree_step_metadata_matches_reference(R, N, W, pad):
+    """``pad``: rows of a CUDA graph's padded requests (no tree of their
+    own: sequence length 0, query start = the step's end)."""
+    from vllm_jetspec.kernels.tree_verify import tree_step_metadata
+    from vllm_jetspec.kernels.tree_verify_ref import tree_step_metadata_ref
+
+    g = torch.Generator().manual_seed(R * N)
+    S = 8
+    masks = torch.randint(-2**40, 2**40, (S, N, W), generator=g)
+    idx = torch.randperm(S, generator=g)[:R].int()
+    q = torch.randint(1, N + 1, (R,), generator=g)
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int32),
+                     q.cumsum(0).int()])
+    # a prefix of 0..40 tokens; one "sequence" shorter than its query (a
+    # CUDA-graph warm-up's dummy lengths): its prefix is clamped at 0
+    seq = (q + torch.randint(0, 41, (R,), generator=g)).int()
+    seq[0] = max(0, int(q[0]) - 3)
+    qsl = torch.cat([qsl, qsl[-1:].expand(pad)])
+    seq = torch.cat([seq, torch.zeros(pad, dtype=torch.int32)])
+
+    def bufs():
+        return (torch.full((10, N, W), 7), torch.full((10,), -5,
+                                                      dtype=torch.int32),
+                torch.full((11,), -9, dtype=torch.int32))
+
+    want = bufs()
+    tree_step_metadata_ref(masks, idx, seq, qsl, *want)
+    got = tuple(map(_dev, bufs()))
+    tree_step_metadata(_dev(masks), _dev(idx), _dev(seq), _dev(qsl), *got)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    assert int(want[1][0]) == 0

@@ -188,7 +188,7 @@ def accept_rows(cu, li, input_ids, tgt, slot_mapping, idx, req_parents,
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "BW"])
 def _store_trees_kernel(IDX, SP, SD, SM, SN, DP, DD, DM, DN, B, BW,
                         BP: tl.constexpr, BM: tl.constexpr):
     r = tl.program_id(0)
@@ -218,3 +218,50 @@ def store_trees(idx: torch.Tensor, rows, states) -> None:
     _store_trees_kernel[(R,)](idx, *rows, *states, B, BW,
                               BP=triton.next_power_of_2(B),
                               BM=triton.next_power_of_2(BW), num_warps=1)
+
+
+@triton.jit(do_not_specialize=["R", "NM", "NW"])
+def _tree_step_metadata_kernel(MASKS, IDX, SEQ, QSL, MASKS_OUT, PREFIX_OUT,
+                               QSL_OUT, R, NM, NW, BM: tl.constexpr):
+    r = tl.program_id(0)
+    q0 = tl.load(QSL + r)
+    tl.store(QSL_OUT + r, q0)
+    if r == R - 1:
+        tl.store(QSL_OUT + R, tl.load(QSL + R))
+    q1 = tl.load(QSL + r + 1)
+    tl.store(PREFIX_OUT + r,
+             tl.maximum(tl.load(SEQ + r) - (q1 - q0), 0).to(
+                 PREFIX_OUT.dtype.element_ty))
+    if r < NM:
+        req = tl.load(IDX + r).to(tl.int64)
+        w = tl.arange(0, BM)
+        m = w < NW
+        tl.store(MASKS_OUT + r * NW + w,
+                 tl.load(MASKS + req * NW + w, mask=m), mask=m)
+
+
+def tree_step_metadata(masks: torch.Tensor, idx: torch.Tensor,
+                       seq_lens: torch.Tensor, qsl: torch.Tensor,
+                       masks_out: torch.Tensor, prefix_out: torch.Tensor,
+                       qsl_out: torch.Tensor) -> None:
+    """The tree attention's metadata of a step in which every request
+    verifies a tree, in one launch (``tree_step_metadata_ref``): each
+    request's packed ancestor rows from its request state (``masks``
+    [max_reqs, N, W], ``idx`` [n] for the step's n requests), and for
+    the ``R = len(qsl) - 1 >= n`` rows of the step (a CUDA graph's padded
+    requests included) the cached prefix ``max(seq_len - new tokens, 0)``
+    and the query start locations, into the builder's persistent buffers
+    (``masks_out`` [>= n, N, W], ``prefix_out`` [>= R], ``qsl_out``
+    [>= R + 1])."""
+    R = qsl.shape[0] - 1
+    if R <= 0:
+        return
+    if idx.shape[0] > R:
+        raise ValueError(f"{idx.shape[0]} requests' masks for {R} rows")
+    if not masks.is_contiguous() or not masks_out.is_contiguous() or \
+            masks.shape[1:] != masks_out.shape[1:]:
+        raise ValueError("masks must be contiguous and of one row shape")
+    NW = masks.shape[1] * masks.shape[2]
+    _tree_step_metadata_kernel[(R,)](
+        masks, idx, seq_lens, qsl, masks_out, prefix_out, qsl_out, R,
+        idx.shape[0], NW, BM=triton.next_power_of_2(NW), num_warps=1)

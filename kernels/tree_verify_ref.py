@@ -99,3 +99,14 @@ def store_trees_ref(idx: torch.Tensor, rows, states) -> None:
     buffers (parents, depths, masks, node counts), in place."""
     for src, dst in zip(rows, states):
         dst.index_copy_(0, idx.long(), src)
+
+
+def tree_step_metadata_ref(masks, idx, seq_lens, qsl, masks_out, prefix_out,
+                           qsl_out) -> None:
+    """What the Triton backend's metadata builder did in torch for a step
+    in which every request verifies a tree (``tree_step_metadata``)."""
+    R = qsl.shape[0] - 1
+    torch.index_select(masks, 0, idx.long(), out=masks_out[:idx.shape[0]])
+    torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
+                out=prefix_out[:R])
+    qsl_out[:R + 1].copy_(qsl)

@@ -834,12 +834,16 @@ def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
     from vllm_jetspec.vllm_patches import tree_state
     from vllm_jetspec.vllm_patches.v2 import verifier
 
+    # CPU: the kernels in Triton's interpreter; CUDA: compiled
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     s = _step(20 + seed, R=6, B=12, D=5, root_only=False)
     R, M, T = s["cu"].shape[0] - 1, s["li"].shape[0], s["T"]
     g = torch.Generator().manual_seed(seed)
     V = 500
     logits = torch.randn(M, V, generator=g)
     logits[torch.arange(M), s["tgt"]] = 50.0
+    logits = logits.to(dev)
+    s = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in s.items()}
 
     def num_sampled_and_rejected(num_sampled, seq_lens, cu, idx, prefill):
         return num_sampled, (cu[1:] - cu[:-1]).int() - num_sampled
@@ -851,11 +855,12 @@ def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
     sampler = NS(compute_nans=False, returns_logprobs=lambda idx: True,
                  req_states=NS(prefill_len=NS(gpu=None)),
                  sample=lambda lg, *a, **k: (lg.argmax(-1), None))
-    idx_np = s["idx"].numpy()
-    cu_np = s["cu"].numpy()
-    pos0 = torch.randint(0, 900, (T + 7,), generator=g)
+    idx_np = s["idx"].cpu().numpy()
+    cu_np = s["cu"].cpu().numpy()
+    pos0 = torch.randint(0, 900, (T + 7,), generator=g).to(dev)
     bs = 4
-    kv0 = torch.randn(4 * (T + 7) // bs + 1, 2, bs, 2, 8, generator=g)
+    kv0 = torch.randn(4 * (T + 7) // bs + 1, 2, bs, 2, 8,
+                      generator=g).to(dev)
 
     def run(kernel):
         sp = NS(req_parents=s["req_parents"], req_depth=s["req_depth"],
@@ -864,7 +869,7 @@ def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
         kv = [kv0.clone(), kv0.clone()]
         v.sampler, v.speculator, v.depth = sampler, sp, s["D"]
         v.root_only = np.zeros(12, dtype=bool)
-        v.root_only_dev = torch.zeros(12, dtype=torch.bool)
+        v.root_only_dev = torch.zeros(12, dtype=torch.bool, device=dev)
         # a request with a penalty (kept to its root), added the runner's
         # way
         v.add_request(int(idx_np[1]), SamplingParams(presence_penalty=1.0),
@@ -914,3 +919,32 @@ def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
     assert not torch.equal(kv_k[0], kv0)
     assert torch.equal(st_t.reorder, st_k.reorder)
     assert torch.equal(st_t.pos_offset, st_k.pos_offset)
+
+
+def test_verify_kernels_warm_up_without_touching_state():
+    """The start-up warm-up runs every verify-step kernel once (CUDA: they
+    compile there, not in a user's first step; here in the interpreter)
+    and writes no stored tree, no K/V and no root-only flag."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.kernels.kv_move import KVTable
+    from vllm_jetspec.vllm_patches.v2 import verifier
+
+    g = torch.Generator().manual_seed(0)
+    S, B, W = 5, 16, 1
+    sp = NS(req_parents=torch.randint(-1, B, (S, B), generator=g),
+            req_depth=torch.randint(0, 6, (S, B), generator=g),
+            req_masks=torch.randint(0, 2**40, (S, B, W), generator=g),
+            req_nodes=torch.randint(1, B, (S,), generator=g))
+    v = object.__new__(verifier.TreeVerifier)
+    kv = [torch.randn(8, 2, 4, 2, 8, generator=g) for _ in range(2)]
+    v.speculator, v.depth, v._kv, v.kernel = sp, 7, kv, True
+    v._table = KVTable(kv)
+    v.root_only_dev = torch.tensor([False, True, False, False, False])
+    before = [t.clone() for t in (*vars(sp).values(), *kv,
+                                  v.root_only_dev)]
+    v.warm_up()
+    after = [*vars(sp).values(), *kv, v.root_only_dev]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    v.kernel = False        # no kernels: nothing to warm
+    v.warm_up()

@@ -221,11 +221,22 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         safe = R <= rows and max_nodes <= N
         if safe:
             masks = self.masks_buf[:R]
-            if dev is not None and dev.tree_rows.all() \
-                    and dev.masks.shape[1:] == (N, W):
+            all_trees = dev is not None and dev.tree_rows.all() \
+                and dev.masks.shape[1:] == (N, W)
+            if all_trees and dev.masks.is_cuda:
                 # V2 rounds, every request verifying a tree: its rows are
-                # on the device already (the drafter's): one gather, no
-                # host work.
+                # on the device already (the drafter's); they, the
+                # prefixes and the query starts in one launch, no host
+                # work.
+                from vllm_jetspec.kernels.tree_verify import \
+                    tree_step_metadata
+                tree_step_metadata(dev.masks, dev.idx_mapping,
+                                   m.seq_lens[:R], qsl, self.masks_buf,
+                                   self.prefix_buf, self.qsl_buf)
+                return self._metadata(m, self.qsl_buf[:R + 1],
+                                      self.prefix_buf[:R], masks,
+                                      max_nodes, True, causal)
+            if all_trees:
                 torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
                                    out=self.masks_buf[:len(dev.tree_rows)])
             elif host_trees:
@@ -255,6 +266,11 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             _device_tree_rows(masks, dev)
             prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
                 min=0).to(torch.int32)
+        return self._metadata(m, qsl, prefix, masks, max_nodes, safe,
+                              causal)
+
+    def _metadata(self, m, qsl, prefix, masks, max_nodes, safe, causal):
+        R = m.num_reqs
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start_loc=qsl,

@@ -149,6 +149,40 @@ class TreeVerifier:
                             "acceptance, path order) in Triton launches")
         return self._kv
 
+    def warm_up(self) -> None:
+        """Compiles the verify step's Triton kernels (and the draft pass's
+        tree store and the backend's metadata kernel, same module) at
+        start-up, on scratch tensors of the real dtypes and shapes: else
+        the first verify step a server runs compiles each (0.4-0.7 s
+        apiece on an H200 host; none of vLLM's warm-up or capture steps
+        has drafts). No K/V moves (their slots are -1) and no stored
+        state written."""
+        self._target_kv()
+        if not self.kernel:
+            return
+        from vllm_jetspec.kernels.kv_move import move_kv_slots
+        from vllm_jetspec.kernels.tree_verify import (
+            accept_rows, store_trees, tree_positions, tree_step_metadata,
+            untree_positions)
+        sp = self.speculator
+        dev = sp.req_nodes.device
+        one64 = torch.zeros(1, dtype=torch.int64, device=dev)
+        one32 = torch.zeros(1, dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        pos = one64.clone()
+        untree_positions(pos, one64, tree_positions(pos, one64, one32, one32,
+                                                    sp.req_depth))
+        out = accept_rows(cu, one64, one32, one64, one64 - 1, one32,
+                          sp.req_parents, sp.req_nodes, self.root_only_dev,
+                          max_depth=self.depth, num_tokens=1, max_rows=1)
+        move_kv_slots(self._table, out["src"], out["dst"])
+        rows = tuple(torch.zeros_like(t[:1]) for t in (
+            sp.req_parents, sp.req_depth, sp.req_masks, sp.req_nodes))
+        store_trees(one32, rows, tuple(t.clone() for t in rows))
+        tree_step_metadata(sp.req_masks, one32, one32 + 1, cu,
+                           torch.zeros_like(sp.req_masks[:1]), one32.clone(),
+                           cu.clone())
+
     def add_request(self, req_index: int, params, warn: bool = True) -> None:
         """``warn=False``: vLLM's own warm-up requests (every sampling
         feature at once, ``SamplingParams.for_sampler_warmup``), which no
@@ -220,7 +254,7 @@ class TreeVerifier:
             from vllm_jetspec.kernels.kv_move import move_kv_slots
             from vllm_jetspec.kernels.tree_verify import accept_rows
             out = accept_rows(
-                cu, li, input_batch.input_ids, tgt, self._slots,
+                cu[:R + 1], li, input_batch.input_ids, tgt, self._slots,
                 input_batch.idx_mapping, sp.req_parents, sp.req_nodes,
                 self.root_only_dev, max_depth=self.depth,
                 num_tokens=input_batch.num_tokens, max_rows=N)
