@@ -921,30 +921,11 @@ def test_verify_rows_kernel_equals_the_torch_path(monkeypatch, seed):
     assert torch.equal(st_t.pos_offset, st_k.pos_offset)
 
 
-def test_verify_kernels_warm_up_without_touching_state():
-    """The start-up warm-up runs every verify-step kernel once (CUDA: they
-    compile there, not in a user's first step; here in the interpreter)
-    and writes no stored tree, no K/V and no root-only flag."""
-    from types import SimpleNamespace as NS
 
-    from vllm_jetspec.kernels.kv_move import KVTable
-    from vllm_jetspec.vllm_patches.v2 import verifier
+def test_verify_rows_setting():
+    from vllm_jetspec.vllm_patches.config import verify_rows_setting
 
-    g = torch.Generator().manual_seed(0)
-    S, B, W = 5, 16, 1
-    sp = NS(req_parents=torch.randint(-1, B, (S, B), generator=g),
-            req_depth=torch.randint(0, 6, (S, B), generator=g),
-            req_masks=torch.randint(0, 2**40, (S, B, W), generator=g),
-            req_nodes=torch.randint(1, B, (S,), generator=g))
-    v = object.__new__(verifier.TreeVerifier)
-    kv = [torch.randn(8, 2, 4, 2, 8, generator=g) for _ in range(2)]
-    v.speculator, v.depth, v._kv, v.kernel = sp, 7, kv, True
-    v._table = KVTable(kv)
-    v.root_only_dev = torch.tensor([False, True, False, False, False])
-    before = [t.clone() for t in (*vars(sp).values(), *kv,
-                                  v.root_only_dev)]
-    v.warm_up()
-    after = [*vars(sp).values(), *kv, v.root_only_dev]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    v.kernel = False        # no kernels: nothing to warm
-    v.warm_up()
+    assert verify_rows_setting({}) == "kernel"
+    assert verify_rows_setting({"JETSPEC_VERIFY_ROWS": " torch "}) == "torch"
+    with pytest.raises(ValueError, match="JETSPEC_VERIFY_ROWS must be"):
+        verify_rows_setting({"JETSPEC_VERIFY_ROWS": "1"})

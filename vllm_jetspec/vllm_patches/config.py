@@ -449,6 +449,20 @@ def env_choice(name: str, choices: tuple[str, ...], default: str,
     return v
 
 
+VERIFY_ROWS_ENV = "JETSPEC_VERIFY_ROWS"
+
+
+def verify_rows_setting(env=None) -> str:
+    """``JETSPEC_VERIFY_ROWS``: how a V2 round does its small work around
+    the target's forward and the draft pass, ``kernel`` (default, CUDA:
+    Triton launches over vLLM's flat rows, ``kernels/tree_verify.py`` --
+    the verify step's positions and acceptance, the trees' store after
+    the draft pass, an all-tree step's attention metadata) or ``torch``
+    (the tree core through the padded layout, one CUDA graph per shape,
+    and torch ops; the same tokens, moves and order)."""
+    return env_choice(VERIFY_ROWS_ENV, ("kernel", "torch"), "kernel", env)
+
+
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 

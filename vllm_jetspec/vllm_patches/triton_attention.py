@@ -37,7 +37,7 @@ from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from . import tree_state
-from .config import env_choice
+from .config import env_choice, verify_rows_setting
 from .staging import Staging
 from .torch_attention import (TorchTreeAttentionBackend,
                               TorchTreeAttentionImpl,
@@ -194,6 +194,9 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         # once and grown when a step has more new tokens (a prefill chunk)
         self.chain = chain_words(n, words, device)
         self.max_model_len = vllm_config.model_config.max_model_len
+        # an all-tree V2 step's metadata in one launch (CUDA); the switch
+        # of the V2 verify step's kernels
+        self.metadata_kernel = verify_rows_setting() == "kernel"
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -223,7 +226,7 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             masks = self.masks_buf[:R]
             all_trees = dev is not None and dev.tree_rows.all() \
                 and dev.masks.shape[1:] == (N, W)
-            if all_trees and dev.masks.is_cuda:
+            if all_trees and dev.masks.is_cuda and self.metadata_kernel:
                 # V2 rounds, every request verifying a tree: its rows are
                 # on the device already (the drafter's); they, the
                 # prefixes and the query starts in one launch, no host

@@ -127,10 +127,6 @@ def wrap_initialize_kv_cache(orig):
             orig(self, kv_cache_config)
         finally:
             _slack_tokens = 0
-        if getattr(self, "_jetspec_verifier", None) is not None:
-            # the caches exist now: the verify kernels compile here, not
-            # in a user's first step
-            self._jetspec_verifier.warm_up()
         prof = self._jetspec_prof
         for manager, field, name in (
                 (self.cudagraph_manager, "graph_modes", None),

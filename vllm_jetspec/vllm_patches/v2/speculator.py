@@ -43,7 +43,7 @@ from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
 from ...replay import force_top1, load_replay
 from ...tree import build_tree, packed_ancestor_mask
 from ...tree.masks import BITS
-from ..config import env_choice, settings_of
+from ..config import env_choice, settings_of, verify_rows_setting
 
 logger = init_logger("vllm.jetspec.v2")
 
@@ -146,6 +146,9 @@ class JetSpecSpeculator(DFlashSpeculator):
             dtype=torch.int64, device=device) if self.replay else None
         self.verify_step: VerifyStep | None = None
         self.tree_kernel = tree_build_setting() == "kernel"
+        # the trees' store to their request states in one launch (CUDA;
+        # JETSPEC_VERIFY_ROWS, with the verify step's kernels)
+        self.store_kernel = verify_rows_setting() == "kernel"
         # tree_budget "auto" (v2/auto.py): the scheduler picks how many of
         # a tree's nodes a step verifies, so trees are laid out best first
         # (every prefix is the tree of that budget).
@@ -355,7 +358,7 @@ class JetSpecSpeculator(DFlashSpeculator):
                     self.row_masks[:R], self.row_nodes[:R])
             states = (self.req_parents, self.req_depth, self.req_masks,
                       self.req_nodes)
-            if self.req_nodes.is_cuda and self.tree_kernel:
+            if self.req_nodes.is_cuda and self.store_kernel:
                 # one launch for the four copies
                 from vllm_jetspec.kernels.tree_verify import store_trees
                 store_trees(input_batch.idx_mapping, rows, states)

@@ -28,7 +28,10 @@ path-first order and the K/V move plan, then ``kernels/kv_move.py``)
 instead of ≈ 40 small torch kernels through the padded layout; each launch
 costs host time, and on a small target the round is the host's
 (docs/design/async-rounds.md §4.3). ``torch`` keeps the tree core's path
-(and is what runs without CUDA or without one K/V table).
+(and is what runs without CUDA or without one K/V table), and the torch
+paths of the draft pass's tree store and the backend's all-tree metadata,
+which the same setting switches. The kernels compile in vLLM's start-up
+warm-up, whose decode step verifies drafts (``gpu/warmup.py``).
 """
 
 from __future__ import annotations
@@ -49,22 +52,12 @@ from ...tree.ragged import (path_first_gather, position_offsets,
                             ragged_rows, to_padded)
 from .. import tree_state
 from ..compaction import move_kept_kv, path_first_order
-from ..config import env_choice
+from ..config import verify_rows_setting
 from ..sampling import root_only_reason
 from .speculator import JetSpecSpeculator, VerifyStep
 
 logger = init_logger("vllm.jetspec.v2")
 
-VERIFY_ROWS_ENV = "JETSPEC_VERIFY_ROWS"
-
-
-def verify_rows_setting(env=None) -> str:
-    """``JETSPEC_VERIFY_ROWS``: how a V2 verify step does its row work
-    around the target's forward, ``kernel`` (default: Triton launches over
-    vLLM's flat rows, ``kernels/tree_verify.py``; on CUDA with one K/V
-    table) or ``torch`` (the tree core through the padded layout, one CUDA
-    graph per shape; the same tokens, moves and order)."""
-    return env_choice(VERIFY_ROWS_ENV, ("kernel", "torch"), "kernel", env)
 
 
 def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
@@ -149,49 +142,17 @@ class TreeVerifier:
                             "acceptance, path order) in Triton launches")
         return self._kv
 
-    def warm_up(self) -> None:
-        """Compiles the verify step's Triton kernels (and the draft pass's
-        tree store and the backend's metadata kernel, same module) at
-        start-up, on scratch tensors of the real dtypes and shapes: else
-        the first verify step a server runs compiles each (0.4-0.7 s
-        apiece on an H200 host; none of vLLM's warm-up or capture steps
-        has drafts). No K/V moves (their slots are -1) and no stored
-        state written."""
-        self._target_kv()
-        if not self.kernel:
-            return
-        from vllm_jetspec.kernels.kv_move import move_kv_slots
-        from vllm_jetspec.kernels.tree_verify import (
-            accept_rows, store_trees, tree_positions, tree_step_metadata,
-            untree_positions)
-        sp = self.speculator
-        dev = sp.req_nodes.device
-        one64 = torch.zeros(1, dtype=torch.int64, device=dev)
-        one32 = torch.zeros(1, dtype=torch.int32, device=dev)
-        cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)
-        pos = one64.clone()
-        untree_positions(pos, one64, tree_positions(pos, one64, one32, one32,
-                                                    sp.req_depth))
-        out = accept_rows(cu, one64, one32, one64, one64 - 1, one32,
-                          sp.req_parents, sp.req_nodes, self.root_only_dev,
-                          max_depth=self.depth, num_tokens=1, max_rows=1)
-        move_kv_slots(self._table, out["src"], out["dst"])
-        rows = tuple(torch.zeros_like(t[:1]) for t in (
-            sp.req_parents, sp.req_depth, sp.req_masks, sp.req_nodes))
-        store_trees(one32, rows, tuple(t.clone() for t in rows))
-        tree_step_metadata(sp.req_masks, one32, one32 + 1, cu,
-                           torch.zeros_like(sp.req_masks[:1]), one32.clone(),
-                           cu.clone())
-
     def add_request(self, req_index: int, params, warn: bool = True) -> None:
         """``warn=False``: vLLM's own warm-up requests (every sampling
         feature at once, ``SamplingParams.for_sampler_warmup``), which no
         user sent: no warning, and the once-only warning stays for the
         first user request that needs it."""
         why = root_only_reason(params) if params is not None else None
-        if self.root_only[req_index] != (why is not None):
-            self.root_only[req_index] = why is not None
-            self.root_only_dev[req_index] = why is not None
+        self.root_only[req_index] = why is not None
+        # every time (one small launch a request, not a step): the device
+        # copy never drifts from the host's, whatever happened to its
+        # memory (vLLM's sleep mode)
+        self.root_only_dev[req_index] = why is not None
         if why and warn:
             logger.warning_once(
                 "jetspec: requests with %s keep one token per round (their "
