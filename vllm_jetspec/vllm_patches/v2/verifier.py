@@ -59,7 +59,6 @@ from .speculator import JetSpecSpeculator, VerifyStep
 logger = init_logger("vllm.jetspec.v2")
 
 
-
 def accept_and_compact(kv_caches, tokens, parents, depth, num_nodes, tgt,
                        slots, *, max_depth: int, table=None):
     """Acceptance of a step's trees and the K/V moves that put each kept
