@@ -124,17 +124,6 @@ def summary_line(report: dict) -> str:
     return "serve_bench: " + "; ".join(parts)
 
 
-def _device() -> str:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 -- a label only
-        pass
-    import platform
-    return f"CPU ({platform.processor() or platform.machine()})"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m vllm_jetspec.tools.serve_bench",
@@ -186,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import assets
     from ..heads import shipped_head_dir
-    from .soak import Server
+    from .soak import Server, device_info, gpu_memory
 
     args.model = args.model or str(assets.default_model_dir())
     head = str(args.head or shipped_head_dir())
@@ -206,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    on_gpu = not _device().startswith("CPU")
+    # as the soak decides it: no CUDA context in this client process
+    on_gpu = bool(gpu_memory())
     together = args.servers == "together" or (args.servers == "auto"
                                               and on_gpu)
     server_args = args.server_args
@@ -231,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             del s.cmd[i:i + 2]
 
     report = dict(meta=dict(
-        device=_device(), date=time.strftime("%Y-%m-%d"),
+        device=device_info(), date=time.strftime("%Y-%m-%d"),
         command="python -m vllm_jetspec.tools.serve_bench " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         model=args.model, head=head, input_len=args.input_len,
