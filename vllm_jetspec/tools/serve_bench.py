@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -93,6 +94,10 @@ def client_cmd(args, server, label: str, out: Path) -> list[str]:
         cmd += ["--temperature", str(args.temperature)]
     cmd += shlex.split(args.client_args)
     return cmd
+
+
+def file_name(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label)
 
 
 def ratios(plain: dict, spec: dict) -> dict:
@@ -202,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     server_args = args.server_args
     if together and on_gpu and "--gpu-memory-utilization" not in server_args:
         server_args += f" --gpu-memory-utilization {args.gpu_util_each}"
-    if args.max_num_seqs:
-        server_args += f" --max-num-seqs {args.max_num_seqs}"
     sargs = SimpleNamespace(
         port=None, host=args.host, model=args.model, tokenizer=args.tokenizer,
         dtype=args.dtype, max_model_len=args.max_model_len,
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {"plain": Server("plain", sargs, None, out / "server_plain.log")}
     for label, spec in specs.items():
         servers[label] = Server(label, sargs, spec,
-                                out / f"server_{label.replace(' ', '_')}.log")
+                                out / f"server_{file_name(label)}.log")
     if not args.max_num_seqs:
         # vLLM's default, not soak's: drop the flag Server added
         for s in servers.values():
@@ -230,6 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, servers="together" if together else "sequential"),
         servers={})
     ok = True
+    failed_start: dict[str, str] = {}
+
+    def ready(s, start: bool) -> bool:
+        """Starts (or waits for) one server; a server that does not come
+        up is reported, not fatal to the others' measurements."""
+        try:
+            if start:
+                s.start(args.startup_timeout)
+            else:
+                s.wait_ready(args.startup_timeout)
+        except RuntimeError as e:
+            failed_start[s.label] = str(e)[-2000:]
+            print(f"[serve_bench] {s.label} did not start: "
+                  f"{str(e)[-500:]}", flush=True)
+            return False
+        print(f"[serve_bench] {s.label} up in {s.start_s:.0f} s", flush=True)
+        return True
+
     try:
         if together:
             for s in servers.values():
@@ -237,17 +258,18 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 s.launch()
             for s in servers.values():
-                s.wait_ready(args.startup_timeout)
-                print(f"[serve_bench] {s.label} up in {s.start_s:.0f} s",
-                      flush=True)
+                ready(s, start=False)
         for label, s in servers.items():
             if not together:
                 print(f"[serve_bench] starting {label}: {shlex.join(s.cmd)}",
                       flush=True)
-                s.start(args.startup_timeout)
-                print(f"[serve_bench] {label} up in {s.start_s:.0f} s",
-                      flush=True)
-            name = label.replace(" ", "_")
+                ready(s, start=True)
+            if label in failed_start:
+                ok = False
+                report["servers"][label] = dict(
+                    spec=s.spec, start_error=failed_start[label], result={})
+                continue
+            name = file_name(label)
             cmd = client_cmd(args, s, name, out)
             print(f"[serve_bench] vllm bench serve against {label}",
                   flush=True)
@@ -284,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:24} " + " ".join(
             f"{r[k]:14.2f}" if isinstance(r.get(k), float) else
             f"{str(r.get(k, '-')):>14}" for k in FIELDS))
-    if len(report["servers"]) == len(servers):
+    if not failed_start and all(e["result"] for e in
+                                report["servers"].values()):
         print(summary_line(report))
     print(f"wrote {out}/serve_bench.json")
     return 0 if ok else 1
