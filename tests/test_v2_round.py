@@ -929,3 +929,121 @@ def test_verify_rows_setting():
     assert verify_rows_setting({"JETSPEC_VERIFY_ROWS": " torch "}) == "torch"
     with pytest.raises(ValueError, match="JETSPEC_VERIFY_ROWS must be"):
         verify_rows_setting({"JETSPEC_VERIFY_ROWS": "1"})
+
+
+@pytest.mark.parametrize("R", [1, 8])
+def test_verify_step_launch_counts(monkeypatch, R):
+    """What a verify step dispatches around vLLM's sampler (``begin_step``,
+    the verifier after sampling, the drafter's undo of the positions),
+    counted with a torch dispatch mode (each aten op a CUDA launch on a
+    GPU; views and metadata ops aside) and by wrapping the Triton kernels:
+    the kernel path 3 aten ops (the sampler's two input gathers, the
+    gather's identity) + 4 Triton launches; the torch path (its
+    acceptance graph run eagerly here) 29 ops outside that graph, 61
+    inside it, + the K/V move. Budget 16, depth 15: the shipped head's
+    round. The figures of docs/design/async-rounds.md §5.3."""
+    import collections
+    from types import SimpleNamespace as NS
+
+    from torch.utils._python_dispatch import (TorchDispatchMode,
+                                              _disable_current_modes)
+
+    from vllm_jetspec.graphed import GraphedFn
+    from vllm_jetspec.kernels import kv_move, tree_verify
+    from vllm_jetspec.kernels.kv_move import KVTable
+    from vllm_jetspec.kernels.test_tree_verify import _step
+    from vllm_jetspec.vllm_patches.v2 import verifier
+
+    views = {"empty", "view", "_to_copy", "slice", "select", "detach",
+             "alias", "lift_fresh", "_unsafe_view", "expand", "unsqueeze",
+             "t", "as_strided", "scalar_tensor"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in views:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    triton_calls = collections.Counter()
+    for name in ("_accept_rows_kernel", "_tree_positions_kernel"):
+        k = getattr(tree_verify, name)
+        monkeypatch.setattr(tree_verify, name, _Launches(k, name,
+                                                         triton_calls))
+    monkeypatch.setattr(kv_move, "_move_kv_kernel",
+                        _Launches(kv_move._move_kv_kernel, "move",
+                                  triton_calls))
+    inside = Count()
+    monkeypatch.setattr(verifier, "accept_and_compact",
+                        _counted(verifier.accept_and_compact, inside,
+                                 _disable_current_modes))
+    monkeypatch.setattr(verifier, "get_num_sampled_and_rejected",
+                        lambda n, *a: (n, n))
+    s = _step(1, R=R, B=16, D=15, max_reqs=R + 3)
+    M, T = s["li"].shape[0], s["T"]
+    cu_np = s["cu"].numpy()
+    sampler = NS(compute_nans=False, returns_logprobs=lambda i: False,
+                 req_states=NS(prefill_len=NS(gpu=None)),
+                 sample=lambda lg, *a, **k: (s["tgt"], None))
+    counts = {}
+    for kernel in (False, True):
+        triton_calls.clear()
+        inside.n = 0
+        sp = NS(req_parents=s["req_parents"], req_depth=s["req_depth"],
+                req_nodes=s["req_nodes"], req_masks=None, verify_step=None)
+        v = object.__new__(verifier.TreeVerifier)
+        kv = [torch.zeros(64, 2, 16, 2, 8) for _ in range(2)]
+        v.sampler, v.speculator, v.depth = sampler, sp, 15
+        v.root_only = np.zeros(R + 3, dtype=bool)
+        v.root_only_dev = torch.zeros(R + 3, dtype=torch.bool)
+        v._kv, v._group, v._table, v.kernel = kv, 0, KVTable(kv), kernel
+        v.accept = GraphedFn(v._accept, "acceptance", enabled=False)
+        batch = NS(
+            num_reqs=R, num_tokens=T, num_draft_tokens=M - R,
+            num_draft_tokens_per_req=np.diff(cu_np) - 1,
+            logits_indices=s["li"], cu_num_logits=s["cu"],
+            cu_num_logits_np=cu_np, idx_mapping=s["idx"],
+            idx_mapping_np=s["idx"].numpy(),
+            expanded_idx_mapping=s["exp_idx"], expanded_local_pos=s["local"],
+            positions=torch.zeros(T + 7, dtype=torch.long),
+            input_ids=s["input_ids"], seq_lens=None)
+        logits = torch.zeros(M, 50)
+        with Count() as c:
+            v.begin_step(batch, s["slot_mapping"][None])
+            v(logits, batch)
+            sp.verify_step.linear_positions(batch.positions)
+        counts[kernel] = (c.n, inside.n, dict(triton_calls))
+    assert counts[True] == (3, 0, {"_tree_positions_kernel": 2,
+                                   "_accept_rows_kernel": 1, "move": 1})
+    assert counts[False] == (29, 61, {"move": 1})
+
+
+class _Launches:
+    """A Triton kernel whose launches are counted (run outside any torch
+    dispatch mode: the interpreter's own tensor work is not a launch)."""
+
+    def __init__(self, kernel, name, counter):
+        self.kernel, self.name, self.counter = kernel, name, counter
+
+    def __getitem__(self, grid):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        self.counter[self.name] += 1
+        launch = self.kernel[grid]
+
+        def run(*a, **k):
+            with _disable_current_modes():
+                return launch(*a, **k)
+        return run
+
+
+def _counted(fn, mode, disable):
+    """``fn`` with the ops it dispatches counted by ``mode`` alone."""
+    def wrapped(*a, **k):
+        with disable():
+            with mode:
+                return fn(*a, **k)
+    return wrapped

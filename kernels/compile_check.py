@@ -1,0 +1,110 @@
+"""Compiles the V2 round's small kernels (``tree_verify.py``) for a CUDA
+architecture without a GPU: ``python -m vllm_jetspec.kernels.compile_check``.
+
+Triton's interpreter (how the tests run these kernels on CPU) executes
+what a compiled kernel may refuse -- type promotions across loop
+iterations, reductions over some dtypes -- so a machine without a GPU
+still compiles every variant the V2 runner launches (the dtypes it passes,
+the constexprs of each budget and depth) to a cubin with Triton's own
+toolchain, and prints registers and spills where ``cuobjdump`` says them.
+Exit status 1 if any variant fails. Needs ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# Argument types as the V2 verifier, speculator and attention builder pass
+# them (vLLM's int32 index tensors, int64 positions, slots and trees).
+POS = dict(POS="*i64", LI="*i64", EXP_IDX="*i32", LOCAL="*i32", DEP="*i64",
+           OFF="*i64", M="i32", B="i32", UNDO="constexpr", BLOCK="constexpr")
+ACCEPT = dict(CU="*i32", LI="*i64", IDS="*i32", TGT="*i64", SLOTS="*i64",
+              IDX="*i32", PAR="*i64", NODES="*i64", ROOT_ONLY="*i1",
+              EMIT="*i64", NSAMP="*i32", SRC="*i64", DST="*i64",
+              PERM="*i64", REORDER="*i64", N="i32", B="i32",
+              HAS_ROOT_ONLY="constexpr", D="constexpr", BN="constexpr",
+              LP="constexpr")
+STORE = dict(IDX="*i32", SP="*i64", SD="*i64", SM="*i64", SN="*i64",
+             DP="*i64", DD="*i64", DM="*i64", DN="*i64", B="i32", BW="i32",
+             BP="constexpr", BM="constexpr")
+META = dict(MASKS="*i64", IDX="*i32", SEQ="*i32", QSL="*i32",
+            MASKS_OUT="*i64", PREFIX_OUT="*i32", QSL_OUT="*i32", R="i32",
+            NM="i32", NW="i32", BM="constexpr")
+
+
+def variants(budgets, depths):
+    """(name, kernel, signature, constexprs, num_warps) of every variant."""
+    import triton
+
+    from . import tree_verify as tv
+    p2 = triton.next_power_of_2
+    out = [("positions", tv._tree_positions_kernel, POS,
+            dict(UNDO=False, BLOCK=tv.POS_BLOCK), 4),
+           ("positions_undo", tv._tree_positions_kernel,
+            dict(POS, EXP_IDX="*i64", LOCAL="*i64"),
+            dict(UNDO=True, BLOCK=tv.POS_BLOCK), 4)]
+    for B in budgets:
+        W = (B + 63) // 64
+        for D in depths:
+            out.append((f"accept_b{B}_d{D}", tv._accept_rows_kernel, ACCEPT,
+                        dict(HAS_ROOT_ONLY=True, D=D, BN=p2(B),
+                             LP=p2(D + 1)), 4))
+        out.append((f"store_b{B}", tv._store_trees_kernel, STORE,
+                    dict(BP=p2(B), BM=p2(B * W)), 1))
+        out.append((f"metadata_b{B}", tv._tree_step_metadata_kernel, META,
+                    dict(BM=p2(B * W)), 1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vllm_jetspec.kernels.compile_check",
+        description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90,
+                    help="CUDA compute capability (90: H100/H200)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--depths", type=int, nargs="+", default=[7, 15, 31])
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("TRITON_INTERPRET=1 is set: compiled kernels need it unset")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__),
+                             "backends", "nvidia", "bin", "cuobjdump")
+    failed = 0
+    for name, fn, sig, consts, warps in variants(args.budgets, args.depths):
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig,
+                                         constexprs=consts),
+                               target=target, options={"num_warps": warps})
+        except Exception as e:  # noqa: BLE001 -- reported, counted
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        res = ""
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                out = subprocess.run([cuobjdump, "-res-usage", f.name],
+                                     capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
+            if m:
+                res = f" registers {m.group(1)}, local (spill) bytes " \
+                      f"{m.group(2)}"
+        print(f"ok   {name}: cubin {len(k.asm['cubin'])} bytes{res}")
+    print(f"sm_{args.arch}: {failed} of the variants failed" if failed
+          else f"sm_{args.arch}: every variant compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
