@@ -265,3 +265,134 @@ def test_tile_override_matches_reference(tile):
     check(args, dtype, tile=tile, num_splits=2)
     with pytest.raises(ValueError, match="tile"):
         tree_attention(*args, tile=(4, 48, 4, 2))
+
+
+def _spec(name, value, dns):
+    """What Triton keys a compiled variant on for one argument (Triton 3.6:
+    a tensor's dtype and 16-byte alignment; an int's type, == 1 and
+    divisibility by 16; nothing for unspecialised ones)."""
+    if name in dns:
+        return name, "*"
+    if isinstance(value, torch.Tensor):
+        return name, str(value.dtype), value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return name, "i1", value
+    if isinstance(value, int):
+        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return name, kind, value == 1, value % 16 == 0
+    if isinstance(value, float):
+        return name, "fp32"
+    return name, repr(value)
+
+
+class _Recorder:
+    """Stands for one of the module's Triton kernels: records the
+    specialisation key of every launch and every ``warmup``."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.log = name, log
+        self.names = list(kernel.arg_names)
+        from vllm_jetspec.kernels.tree_attention import DO_NOT_SPECIALIZE
+        self.dns = set(DO_NOT_SPECIALIZE[name])
+
+    def key(self, args, kwargs):
+        bound = dict(zip(self.names, args))
+        bound.update((n, v) for n, v in kwargs.items() if n in self.names)
+        specs = tuple(_spec(n, bound[n], self.dns) for n in self.names)
+        options = tuple(sorted((n, v) for n, v in kwargs.items()
+                               if n not in self.names))
+        return self.name, specs, options
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.log["launch"].append(self.key(a, k))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.log["warm"].append(self.key(args, kwargs))
+
+
+def _engine_like_steps(hq, hkv, D, dtype):
+    """Tensors laid out as the engine's are, step after step: one KV cache
+    ([blocks, 2, page, H, D], per-layer views), persistent query/output,
+    block-table and metadata buffers used through leading slices, fresh
+    packed masks of the step's width. Steps: vLLM's warm-up (a 17-token
+    prefill per request), a budget-16 verify, a 200-token prefill, a
+    100-token chunk after a 300-token prefix, four trees over long
+    prefixes, decode steps, single trees over a 700-token prefix."""
+    g = torch.Generator().manual_seed(3)
+    to = dict(device=DEV)
+    page, pages = 16, 48
+    kv = torch.randn(pages * 8 + 1, 2, page, hkv, D, generator=g).to(
+        dtype=dtype, **to)
+    bt_buf = torch.stack([torch.randperm(pages * 8, generator=g)[:pages]
+                          for _ in range(8)]).int().to(**to)
+    q_buf = torch.randn(1024, hq, D, generator=g).to(dtype=dtype, **to)
+    out_buf = torch.empty_like(q_buf)
+    pre_buf = torch.zeros(8, dtype=torch.int32, **to)
+    qsl_buf = torch.zeros(9, dtype=torch.int32, **to)
+    steps = [([17] * 4, [0] * 4), ([16], [17]), ([200], [0]),
+             ([100], [300]), ([16] * 4, [500, 20, 300, 600]),
+             ([1] * 6, [40, 1, 700, 3, 90, 16]),
+             # one request over a long prefix: a small grid, so "auto"
+             # splits it, with either tile
+             ([16], [700]), ([32], [700]), ([43], [700])]
+    for nodes, prefixes in steps:
+        R, T, N = len(nodes), sum(nodes), max(nodes)
+        W = (N + 63) // 64
+        pre_buf[:R] = torch.tensor(prefixes, dtype=torch.int32)
+        qsl_buf[:R + 1] = torch.tensor([0, *nodes], dtype=torch.int32
+                                       ).cumsum(0)
+        masks = torch.full((R, N, W), -1, dtype=torch.long, **to)
+        yield dict(q=q_buf[:T], k_cache=kv[:, 0], v_cache=kv[:, 1],
+                   block_table=bt_buf[:R], prefix_lens=pre_buf[:R],
+                   query_start_loc=qsl_buf[:R + 1], tree_mask=masks,
+                   scale=D ** -0.5, out=out_buf[:T]), N, max(prefixes)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_splits="auto", large_tiles=True),
+    dict(num_splits=4, large_tiles=True),
+    dict(num_splits=1, large_tiles=False)])
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (32, 8, 128)])
+def test_precompile_covers_every_launch(monkeypatch, settings, hq, hkv, D):
+    """``precompile`` on the tensors of the engine's first attention call
+    (vLLM's warm-up step) compiles every variant the engine's later steps
+    launch -- prefills past the small tile, split prefixes, decode steps
+    -- so none compiles inside a served step (vLLM's JIT monitor, H200
+    2026-12-05: the first prompt compiled the large tile). Checked on
+    Triton's specialisation keys (kernels replaced by recorders; any
+    device) and, on a GPU, on Triton's own cache: no entry added by the
+    launches after ``precompile``."""
+    import vllm_jetspec.kernels.tree_attention as ta
+
+    dtype = DTYPES[-1]
+    log = {"launch": [], "warm": []}
+    real = {n: getattr(ta, n) for n in ta.DO_NOT_SPECIALIZE}
+    for n, k in real.items():
+        monkeypatch.setattr(ta, n, _Recorder(n, k, log))
+    steps = list(_engine_like_steps(hq, hkv, D, dtype))
+    first = steps[0][0]
+    looked_up = ta.precompile(**first, **settings)
+    split = settings["num_splits"] != 1
+    tiles = len(ta.tile_variants(hq // hkv, D, settings["large_tiles"]))
+    assert looked_up == tiles * (2 if split else 1) + split
+    assert len(log["warm"]) == looked_up
+    for args, n, p in steps:
+        tree_attention(**args, max_nodes=n, max_prefix=p, **settings)
+    launched = set(log["launch"])
+    assert launched <= set(log["warm"]), launched - set(log["warm"])
+    # The steps above do reach every variant (the check is not vacuous).
+    assert len(launched) == looked_up
+
+    if DEV != "cuda":
+        return
+    monkeypatch.undo()
+    dev = torch.cuda.current_device()
+
+    def cached():
+        return sum(len(k.device_caches[dev][0]) for k in real.values())
+    ta.precompile(**first, **settings)
+    before = cached()
+    for args, n, p in steps:
+        tree_attention(**args, max_nodes=n, max_prefix=p, **settings)
+    torch.cuda.synchronize()
+    assert cached() == before

@@ -125,9 +125,16 @@ def _attend(
 # step costs seconds (H100, 2026-11-24: a 5 s verify step in the first
 # prefill of a SmolLM2 run, reported by vLLM's JIT monitor).
 _PER_STEP = ["s_mr", "s_mn", "s_mw"]
+# Each kernel's arguments left unspecialised (read by the test that checks
+# ``precompile`` against the launches).
+DO_NOT_SPECIALIZE = {
+    "_tree_attn_kernel": _PER_STEP,
+    "_tree_attn_split_kernel": ["min_split", "T", "HQ", "SPLITS"] + _PER_STEP,
+    "_tree_attn_combine_kernel": ["T", "HQ", "SPLITS"],
+}
 
 
-@triton.jit(do_not_specialize=_PER_STEP)
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_kernel"])
 def _tree_attn_kernel(
     Q, K, V, O, BT, PREFIX, QSL, MASK,
     scale,
@@ -174,7 +181,7 @@ def _tree_attn_kernel(
              mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["min_split", "T", "HQ", "SPLITS"] + _PER_STEP)
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_split_kernel"])
 def _tree_attn_split_kernel(
     Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
     scale, min_split, T, HQ,
@@ -243,7 +250,7 @@ def _tree_attn_split_kernel(
     tl.store(AW + w[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["T", "HQ", "SPLITS"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_combine_kernel"])
 def _tree_attn_combine_kernel(
     MW, LW, AW, O, T, HQ, s_ot, s_oh, s_od, SPLITS,
     D: tl.constexpr,
@@ -428,28 +435,121 @@ def tree_attention(
         splits = min(splits, max(1, triton.cdiv(max_prefix, block_n)),
                      max(1, WORKSPACE_BYTES // (T * Hq * (D + 2) * 4)))
     if splits > 1:
-        mw = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
-        lw = torch.empty_like(mw)
-        aw = torch.empty(splits, T, Hq, D, dtype=torch.float32,
-                         device=q.device)
-        _tree_attn_split_kernel[(R, tiles, Hkv * splits)](
-            q, k_cache, v_cache, mw, lw, aw, block_table, prefix_lens,
-            query_start_loc, tree_mask, scale, split_blocks * block_n,
-            T, Hq,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(),
-            *block_table.stride(), *tree_mask.stride(),
-            BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-            D=D, BLOCK_N=block_n, PREC=prec, SPLITS=splits,
-            num_warps=warps, **stages)
-        _tree_attn_combine_kernel[(T, Hq)](
-            mw, lw, aw, out, T, Hq, *out.stride(), splits, D=D)
+        ws = _workspaces(splits, T, Hq, D, q.device)
+        _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
+                      query_start_loc, tree_mask, scale,
+                      split_blocks * block_n, (nodes, rows, block_n, warps),
+                      prec, splits, (R, tiles, Hkv * splits), stages)
+        _launch_combine(ws, out, splits, (T, Hq))
         return out
-    grid = (R, tiles, Hkv)
-    _tree_attn_kernel[grid](
+    _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
+                   query_start_loc, tree_mask, scale,
+                   (nodes, rows, block_n, warps), prec, (R, tiles, Hkv),
+                   stages)
+    return out
+
+
+# The launches, shared by ``tree_attention`` and ``precompile`` (a
+# precompiled variant must be the launch's own: same arguments, so the same
+# Triton specialisation). ``warmup``: compile without launching.
+def _go(kernel, grid, args, kwargs, warmup):
+    if warmup:
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def _workspaces(splits, T, Hq, D, device):
+    mw = torch.empty(splits, T, Hq, dtype=torch.float32, device=device)
+    return mw, torch.empty_like(mw), torch.empty(
+        splits, T, Hq, D, dtype=torch.float32, device=device)
+
+
+def _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
+                   query_start_loc, tree_mask, scale, tile, prec, grid,
+                   stages, warmup=False):
+    nodes, rows, block_n, warps = tile
+    Hq, D = q.shape[1:]
+    return _go(_tree_attn_kernel, grid, (
         q, k_cache, v_cache, out, block_table, prefix_lens,
         query_start_loc, tree_mask, scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *block_table.stride(), *tree_mask.stride(),
-        BLOCK_SIZE=k_cache.shape[1], GROUP=group, NODES=nodes, ROWS=rows,
-        D=D, BLOCK_N=block_n, PREC=prec, num_warps=warps, **stages)
+        *block_table.stride(), *tree_mask.stride()), dict(
+        BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],
+        NODES=nodes, ROWS=rows, D=D, BLOCK_N=block_n, PREC=prec,
+        num_warps=warps, **stages), warmup)
+
+
+def _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
+                  query_start_loc, tree_mask, scale, min_split, tile, prec,
+                  splits, grid, stages, warmup=False):
+    nodes, rows, block_n, warps = tile
+    T, Hq, D = q.shape
+    return _go(_tree_attn_split_kernel, grid, (
+        q, k_cache, v_cache, *ws, block_table, prefix_lens,
+        query_start_loc, tree_mask, scale, min_split, T, Hq,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *block_table.stride(), *tree_mask.stride()), dict(
+        BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],
+        NODES=nodes, ROWS=rows, D=D, BLOCK_N=block_n, PREC=prec,
+        SPLITS=splits, num_warps=warps, **stages), warmup)
+
+
+def _launch_combine(ws, out, splits, grid, warmup=False):
+    T, Hq, D = out.shape
+    return _go(_tree_attn_combine_kernel, grid,
+               (*ws, out, T, Hq, *out.stride(), splits), dict(D=D), warmup)
+
+
+def tile_variants(group: int, D: int,
+                  large: bool = True) -> list[tuple[int, int, int, int]]:
+    """Every tile ``tile_config`` may return for a head layout: the small
+    one, and the large one when ``large``."""
+    out = [tile_config(1, group, D, large=False)]
+    if large:
+        big = tile_config(1 << 30, group, D, large=True)
+        if big not in out:
+            out.append(big)
     return out
+
+
+def precompile(q: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, block_table: torch.Tensor,
+               prefix_lens: torch.Tensor, query_start_loc: torch.Tensor,
+               tree_mask: torch.Tensor, scale: float,
+               out: torch.Tensor | None = None, num_splits: int | str = 1,
+               large_tiles: bool = True,
+               precision: str | None = None) -> int:
+    """Compile, without launching (Triton's ``warmup``), every kernel
+    variant that ``tree_attention`` may launch on tensors laid out as
+    these (the same arguments, whatever the step: tiles small and large,
+    single pass and split, the combine pass): each variant is its own
+    Triton compilation, and one inside a served step is a latency spike
+    (vLLM's JIT monitor warns of it, or fails the step with
+    ``--jit-monitor-mode=error``). vLLM's start-up warm-up prefills
+    ``1 + drafts`` tokens per request, so before this the large tile was
+    first compiled by the first real prompt (H200, 2026-12-05). Returns the
+    number of variants looked up (compiled, or found in Triton's cache)."""
+    T, Hq, D = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"precision {precision!r}: 'ieee' or 'tf32'")
+    prec = (precision or "ieee") if q.dtype == torch.float32 else "tf32"
+    splits = num_splits == "auto" or int(num_splits) > 1
+    ws = _workspaces(2, 1, Hq, D, q.device) if splits else None
+    n = 0
+    for tile in tile_variants(Hq // k_cache.shape[2], D, large=large_tiles):
+        _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
+                       query_start_loc, tree_mask, scale, tile, prec,
+                       (1, 1, 1), {}, warmup=True)
+        n += 1
+        if splits:
+            _launch_split(q, k_cache, v_cache, ws, block_table,
+                          prefix_lens, query_start_loc, tree_mask, scale,
+                          MIN_SPLIT_BLOCKS * tile[2], tile, prec, 2,
+                          (1, 1, 1), {}, warmup=True)
+            n += 1
+    if splits:
+        _launch_combine(ws, out, 2, (1, 1), warmup=True)
+        n += 1
+    return n

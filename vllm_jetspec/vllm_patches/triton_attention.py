@@ -366,6 +366,7 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         self.splits = splits_setting(cuda=current_platform.is_cuda())
         self.large_tiles = tiles_setting()
         self.precision = precision_setting()
+        self.compiled = False
 
     def do_kv_cache_update(self, layer, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
@@ -398,6 +399,9 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
         n_tok = m.num_actual_tokens
         q = query.view(-1, self.num_heads, self.head_size)[:n_tok]
         out = output.view(-1, self.num_heads, self.head_size)[:n_tok]
+        if not self.compiled:
+            self.compiled = True
+            self.precompile(q, kv_cache, m, out)
         tree_attention(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
                        m.prefix_lens, m.query_start_loc, m.masks,
                        self.scale, max_nodes=m.max_nodes, out=out,
@@ -405,6 +409,30 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        large_tiles=self.large_tiles,
                        precision=self.precision)
         return output
+
+
+    def precompile(self, q, kv_cache, m, out) -> None:
+        """At the layer's first call (vLLM's profile or warm-up step, before
+        its JIT monitor starts), every tree-kernel variant a later step may
+        launch on these tensors (``kernels.tree_attention.precompile``): the
+        warm-up's 17-token prefills leave the large tile to the first real
+        prompt otherwise. A GPU only (Triton's interpreter compiles
+        nothing); layers after the first find Triton's cache."""
+        if not q.is_cuda:
+            return
+        import time
+
+        from ..kernels.tree_attention import precompile
+        t0 = time.perf_counter()
+        n = precompile(q, kv_cache[:, 0], kv_cache[:, 1], m.block_table,
+                       m.prefix_lens, m.query_start_loc, m.masks,
+                       self.scale, out=out, num_splits=self.splits,
+                       large_tiles=self.large_tiles,
+                       precision=self.precision)
+        logger.info_once("jetspec: %d tree-attention kernel variants "
+                         "compiled (or in Triton's cache) before serving "
+                         "(%.1f s)", n,
+                         time.perf_counter() - t0)
 
 
 class TritonTreeAttentionBackend(TorchTreeAttentionBackend):
