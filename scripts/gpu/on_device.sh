@@ -134,10 +134,17 @@ kernels)  # the Triton kernel's tests on CUDA, then its timing vs HBM copy
 treebuild)  # the fused tree-build, K/V move and verify-rows kernels' tests on
     # CUDA, then the tree build's device time against the torch tree core
     # (CUDA graphs; kernels/bench_tree_build.py)
-    timeout "${KTEST_SECS:-300}" python3 -m pytest -q -p no:cacheprovider \
-        kernels/test_tree_build.py kernels/test_kv_move.py \
-        kernels/test_tree_verify.py ${KTEST_ARGS:-} \
+    # -v: a run cut by its time limit names the tests that finished (dots
+    # do not). The newest kernels first (2026-12-05: two runs cut at 280
+    # and 170 s in the tree build's tests never reached them); KTEST_FILES
+    # to choose, KTEST_MARK a marker expression (e.g. "not slow").
+    PYTHONUNBUFFERED=1 timeout "${KTEST_SECS:-300}" python3 -m pytest -v \
+        -p no:cacheprovider ${KTEST_FILES:-kernels/test_tree_verify.py \
+        kernels/test_kv_move.py kernels/test_tree_build.py} ${KTEST_ARGS:-} \
+        ${KTEST_MARK:+-m "$KTEST_MARK"} \
         > "$OUT/tree_build_tests.log" 2>&1 || echo "tree build tests rc $?"
+    grep -cE " PASSED" "$OUT/tree_build_tests.log" | sed 's/^/passed: /'
+    grep -E " (FAILED|ERROR)" "$OUT/tree_build_tests.log" | head -20
     tail -3 "$OUT/tree_build_tests.log"
     [ "${KBENCH:-1}" = 1 ] || exit 0
     timeout 150 python3 -m vllm_jetspec.kernels.bench_tree_build \
@@ -153,7 +160,11 @@ engine-tests)  # SECS [pytest args]: engine tests on CUDA (TESTS: files)
     # Each engine in its own process (vLLM's default), whatever the caller
     # exported: in-process engines keep their memory in the test process,
     # and the fourth of a batch found 13 of 140 GiB free (2026-12-03).
-    VLLM_ENABLE_V1_MULTIPROCESSING=1 timeout "$secs" python3 -m pytest -q -rA --basetemp "$W/pt" \
+    # -v: a call cut by its time limit names the tests that passed. (A
+    # GREEDY batch's engines all start before its first test ends: batch
+    # "a" is 4 engines + no-spec, > 310 s with graphs on 2026-12-05.)
+    PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=1 timeout "$secs" \
+        python3 -m pytest -v -rA --basetemp "$W/pt" \
         -p no:cacheprovider ${TESTS:-tests/test_jetspec_engine.py} "$@" \
         > "$OUT/${LOG:-engine_tests}.log" 2>&1 || echo "engine tests rc $?"
     (cd "$W/pt" && find . -name "*.log" | tar czf "$OUT/${LOG:-engine_tests}_engines.tgz" -T -) || true
