@@ -188,11 +188,28 @@ BATCH = {g: "a" if g[0] == "accum_logp" else "b" for g in GREEDY}
 IN_BATCH = {b: pytest.mark.xdist_group(f"jetspec-greedy-{b}") for b in "ab"}
 
 
+def selected_runs(items) -> set[str]:
+    """The keys of the GREEDY / budget-1 runs whose tests this session
+    runs (after ``-k``): a GPU call that picks one test starts one engine,
+    not its batch's four (≈ 100 s each with graphs there)."""
+    keys = set()
+    for item in items:
+        name = getattr(item, "originalname", "")
+        if name == "test_greedy_equals_no_spec":
+            p = item.callspec.params
+            keys.add(f"{p['algo']}-{p['budget']}-{p['graphs']}")
+        elif name == "test_budget_one_engine_equals_no_spec":
+            keys.add("budget-1")
+    return keys
+
+
 @pytest.fixture(scope="module")
-def greedy_runs(tiny, tmp_path_factory):
-    """greedy_runs(batch): the runs of that batch's engines."""
+def greedy_runs(tiny, tmp_path_factory, request):
+    """greedy_runs(batch): the runs of that batch's engines (those of the
+    session's selected tests)."""
     target, head = tiny
     done = {}
+    wanted = selected_runs(request.session.items)
 
     def runs_of(batch):
         if batch not in done:
@@ -202,8 +219,9 @@ def greedy_runs(tiny, tmp_path_factory):
                                      g and {"JETSPEC_TREE_GRAPHS": g,
                                             "JETSPEC_DRAFT_GRAPHS": g},
                                      GPU_GRAPHS)
-                    for a, b, g in GREEDY if BATCH[a, b, g] == batch}
-            if batch == "a":
+                    for a, b, g in GREEDY if BATCH[a, b, g] == batch
+                    and f"{a}-{b}-{g}" in wanted}
+            if batch == "a" and "budget-1" in wanted:
                 runs["budget-1"] = ({"method": "jetspec", "model": str(head),
                                      "tree_budget": 1}, None, False)
             done[batch] = run_many(
