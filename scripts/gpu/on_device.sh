@@ -239,7 +239,9 @@ sweep)  # "DATASETS" BUDGETS...: SmolLM2 + shipped head, AR / baseline / jetspec
         [ -f "$W/sweep_$ds/$f" ] && cp "$W/sweep_$ds/$f" "$OUT/sweep_$ds/"; done
     tail -40 "$OUT/sweep_$ds.log" ;;
 trace)  # BUDGETS...: host (cProfile) and device (torch.profiler) time of
-    # SmolLM2 rounds with graphs, batch 1; 0 = plain decoding
+    # SmolLM2 rounds with graphs, batch 1; 0 = plain decoding, dflash =
+    # vLLM's linear drafter with the shipped head; device busy / idle per
+    # step and the host frames of the idle time (scripts/gpu/trace.py)
     for b in "$@"; do
         timeout "${TRACE_SECS:-200}" python3 scripts/gpu/trace.py "$W/trace_$b" "$b" \
             "${NPROMPTS:-2}" "${MAX_NEW:-64}" > "$OUT/trace_$b.log" 2>&1 \

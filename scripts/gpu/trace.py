@@ -1,15 +1,22 @@
 """Where does a round's wall time go? SmolLM2 + the shipped head, one
-engine (jetspec at BUDGET, or plain decoding with budget 0) with
-torch.compile + CUDA graphs, batch 1, in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0, so the runner runs here).
+engine with torch.compile + CUDA graphs, batch 1, in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, so the runner runs here): jetspec at
+BUDGET, plain decoding (0), or ``dflash`` (vLLM's linear drafter with the
+same head, depth drafts a round: the round jetspec is compared with).
 
 A first generate (untimed) compiles and captures every shape; the same
-prompts are generated again three times: plain (timed), under cProfile
-(host time by Python function) and under torch.profiler (device time by
-kernel, and host time by op). Writes OUT/trace.json (timings) and the
-tables to OUT/tables.txt.
+prompts are generated again: timed, under cProfile (host time by Python
+function), and one prompt under torch.profiler with Python stacks: device
+time by kernel, the device's busy and idle time per step, and the Python
+frames the host was in while the device idled (``trace8b.py``'s analysis,
+here for the small target, whose rounds the host may bound). Writes
+OUT/trace.json (numbers) and OUT/tables.txt. Engine settings come from the
+environment as usual (e.g. ``JETSPEC_TREE_PRECISION=tf32``,
+``JETSPEC_VERIFY_ROWS=torch``); the engines' ``max_num_seqs`` is 8, as in
+``cuda-check`` with ``BATCHES="1 8"`` (an AR step's cost depends on it).
+Runs on CPU too (no device rows), for a smoke check.
 
-    python scripts/gpu/trace.py OUT [BUDGET] [NUM_PROMPTS] [MAX_NEW]
+    python scripts/gpu/trace.py OUT [BUDGET|dflash] [NUM_PROMPTS] [MAX_NEW]
 """
 
 from __future__ import annotations
@@ -22,10 +29,28 @@ import pstats
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace8b import idle_attribution, kernel_table  # noqa: E402
+
+
+def engine_spec(which: str, head: str) -> dict | None:
+    """The speculative config of ``which``: 0 plain, ``dflash``, or a
+    jetspec tree budget."""
+    if which == "dflash":
+        with open(os.path.join(head, "config.json")) as f:
+            depth = json.load(f)["block_size"] - 1
+        return {"method": "dflash", "model": head,
+                "num_speculative_tokens": depth}
+    budget = int(which)
+    if budget < 0:
+        raise ValueError(f"budget {budget}: 0 (plain) or more")
+    return {"method": "jetspec", "model": head,
+            "tree_budget": budget} if budget else None
+
 
 def main() -> None:
     out = sys.argv[1]
-    budget = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    which = sys.argv[2] if len(sys.argv) > 2 else "16"
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     max_new = int(sys.argv[4]) if len(sys.argv) > 4 else 64
     os.makedirs(out, exist_ok=True)
@@ -34,26 +59,24 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_jetspec.heads import shipped_head_dir
     from vllm_jetspec.tools import assets
     from vllm_jetspec.tools.eval_tau import encode_prompts
-    from vllm_jetspec.heads import shipped_head_dir
 
     target = str(assets.default_model_dir())
     src = os.environ.get("TRACE_PROMPTS", "gsm8k")
     prompts = encode_prompts(assets.load_prompts(src, limit=n),
                              AutoTokenizer.from_pretrained(target), chat=True)
-    spec = None
-    if budget:
-        spec = {"method": "jetspec", "model": str(shipped_head_dir()),
-                "tree_budget": budget}
+    spec = engine_spec(which, str(shipped_head_dir()))
+    cuda = torch.cuda.is_available()
     llm = LLM(target, speculative_config=spec, dtype="float32",
-              enforce_eager=False, gpu_memory_utilization=0.4,
-              max_model_len=2048, max_num_seqs=4, disable_log_stats=False)
+              enforce_eager=not cuda, gpu_memory_utilization=0.4,
+              max_model_len=2048, max_num_seqs=8, disable_log_stats=False)
     sp = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True)
     tp = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
-    def gen():
-        for p in tp:          # batch 1
+    def gen(ps=tp):
+        for p in ps:          # batch 1
             llm.generate([p], sp, use_tqdm=False)
 
     def drafts():
@@ -66,38 +89,58 @@ def main() -> None:
     gen()
     wall = time.perf_counter() - t
     rounds = drafts() - d0
-    steps = rounds if budget else n * max_new
-    res = dict(budget=budget, prompts=n, max_new=max_new, wall_s=wall,
+    steps = rounds if spec else n * max_new
+    res = dict(engine=which, prompts=n, max_new=max_new, wall_s=wall,
                rounds=rounds, ms_per_step=1e3 * wall / max(steps, 1),
                tokens=n * max_new, tok_s=n * max_new / wall,
-               device=torch.cuda.get_device_name(0))
-    print(json.dumps(res))
+               tau=n * max_new / rounds if rounds else None,
+               env={k: v for k, v in os.environ.items()
+                    if k.startswith("JETSPEC_")},
+               device=torch.cuda.get_device_name(0) if cuda else "cpu",
+               date=time.strftime("%Y-%m-%d"))
+    print(json.dumps(res), flush=True)
 
     prof = cProfile.Profile()
     prof.enable()
     gen()
     prof.disable()
     tables = open(os.path.join(out, "tables.txt"), "w")
+    tables.write(json.dumps(res) + "\n\n")
     for key in ("cumulative", "tottime"):
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(key).print_stats(70)
         tables.write(f"===== cProfile by {key}\n{s.getvalue()}\n")
 
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU,
-                             ProfilerActivity.CUDA]) as p:
-        gen()
-    ka = p.key_averages()
-    tables.write("===== torch ops by host time\n")
-    tables.write(ka.table(sort_by="self_cpu_time_total", row_limit=60))
-    tables.write("\n\n===== torch ops by device time\n")
-    tables.write(ka.table(sort_by="self_device_time_total", row_limit=40))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, with_stack=True) as p:
+        d0 = drafts()
+        gen(tp[:1])
+        profiled = drafts() - d0
+    raw = os.path.join(out, "trace_chrome.json")
+    p.export_chrome_trace(raw)
+    with open(raw) as f:
+        events = json.load(f)["traceEvents"]
+    os.remove(raw)
+    idle = idle_attribution(events)
+    psteps = (profiled if spec else max_new) or 1
+    res.update(profiled_steps=psteps,
+               busy_ms_per_step=idle["busy_us"] / 1e3 / psteps,
+               window_ms_per_step=idle["window_us"] / 1e3 / psteps,
+               idle_ms_per_step=idle["idle_us"] / 1e3 / psteps,
+               gaps_per_step=idle["gaps"] / psteps)
+    tables.write("===== device idle (us, one profiled prompt) by Python "
+                 "frame, inclusive\n")
+    for name, us in idle["inclusive"]:
+        tables.write(f"{us:12.0f}  {name}\n")
+    tables.write("\n===== ... exclusive (innermost frame)\n")
+    for name, us in idle["exclusive"]:
+        tables.write(f"{us:12.0f}  {name}\n")
+    tables.write("\n===== device time by kernel (us, count)\n")
+    for name, c, us in kernel_table(events):
+        tables.write(f"{us:12.1f} {c:6d}  {name}\n")
     tables.close()
-    dev_us = sum(e.self_device_time_total for e in ka)
-    launches = sum(e.count for e in ka if e.self_device_time_total > 0)
-    res.update(device_busy_ms_per_step=dev_us / 1e3 / max(steps, 1),
-               device_ops_per_step=launches / max(steps, 1))
-    print(json.dumps(res))
+    print(json.dumps(res), flush=True)
     with open(os.path.join(out, "trace.json"), "w") as f:
         json.dump(res, f, indent=1)
 
