@@ -268,21 +268,14 @@ def test_tile_override_matches_reference(tile):
 
 
 def _spec(name, value, dns):
-    """What Triton keys a compiled variant on for one argument (Triton 3.6:
-    a tensor's dtype and 16-byte alignment; an int's type, == 1 and
-    divisibility by 16; nothing for unspecialised ones)."""
-    if name in dns:
-        return name, "*"
-    if isinstance(value, torch.Tensor):
-        return name, str(value.dtype), value.data_ptr() % 16 == 0
-    if isinstance(value, bool):
-        return name, "i1", value
-    if isinstance(value, int):
-        kind = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-        return name, kind, value == 1, value % 16 == 0
-    if isinstance(value, float):
-        return name, "fp32"
-    return name, repr(value)
+    """What Triton keys a compiled variant on for one (non-constexpr)
+    argument: its own specialisation function, as its launcher's binder
+    calls it (type; a tensor's 16-byte alignment, an int's == 1 and
+    divisibility by 16; nothing where not specialised)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return name, native_specialize_impl(BaseBackend, value, False,
+                                        name not in dns, True)
 
 
 class _Recorder:
@@ -294,11 +287,16 @@ class _Recorder:
         self.names = list(kernel.arg_names)
         from vllm_jetspec.kernels.tree_attention import DO_NOT_SPECIALIZE
         self.dns = set(DO_NOT_SPECIALIZE[name])
+        import inspect
+        self.constexprs = {
+            n for n, p in inspect.signature(kernel.fn).parameters.items()
+            if "constexpr" in str(p.annotation)}
 
     def key(self, args, kwargs):
         bound = dict(zip(self.names, args))
         bound.update((n, v) for n, v in kwargs.items() if n in self.names)
-        specs = tuple(_spec(n, bound[n], self.dns) for n in self.names)
+        specs = tuple((n, bound[n]) if n in self.constexprs
+                      else _spec(n, bound[n], self.dns) for n in self.names)
         options = tuple(sorted((n, v) for n, v in kwargs.items()
                                if n not in self.names))
         return self.name, specs, options
