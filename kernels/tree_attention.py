@@ -413,9 +413,7 @@ def tree_attention(
         nodes, rows, block_n, warps = tile_config(max_nodes, group, D,
                                                   large=large_tiles)
     tiles = triton.cdiv(max_nodes, nodes)
-    if precision not in (None, "ieee", "tf32"):
-        raise ValueError(f"precision {precision!r}: 'ieee' or 'tf32'")
-    prec = (precision or "ieee") if q.dtype == torch.float32 else "tf32"
+    prec = _precision(q, precision)
     splits = num_splits
     if splits == "auto":
         if max_prefix is None:
@@ -447,6 +445,14 @@ def tree_attention(
                    (nodes, rows, block_n, warps), prec, (R, tiles, Hkv),
                    stages)
     return out
+
+
+def _precision(q: torch.Tensor, precision: str | None) -> str:
+    """``tl.dot``'s input precision for ``q``'s dtype: ``precision`` (IEEE
+    by default) for fp32, TF32 (ignored by the dot) for bf16/fp16."""
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"precision {precision!r}: 'ieee' or 'tf32'")
+    return (precision or "ieee") if q.dtype == torch.float32 else "tf32"
 
 
 # The launches, shared by ``tree_attention`` and ``precompile`` (a
@@ -532,9 +538,7 @@ def precompile(q: torch.Tensor, k_cache: torch.Tensor,
     T, Hq, D = q.shape
     if out is None:
         out = torch.empty_like(q)
-    if precision not in (None, "ieee", "tf32"):
-        raise ValueError(f"precision {precision!r}: 'ieee' or 'tf32'")
-    prec = (precision or "ieee") if q.dtype == torch.float32 else "tf32"
+    prec = _precision(q, precision)
     splits = num_splits == "auto" or int(num_splits) > 1
     ws = _workspaces(2, 1, Hq, D, q.device) if splits else None
     n = 0
