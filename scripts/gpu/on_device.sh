@@ -184,8 +184,8 @@ diverge)  # [N] [MAX_NEW]: where plain decoding and jetspec part, SmolLM2
         "${1:-8}" "${2:-128}" > "$OUT/diverge.log" 2>&1 || echo "diverge rc $?"
     cp "$W/diverge/report.json" "$OUT/diverge_report.json" 2>/dev/null || true
     grep -E '^\{|failed' "$OUT/diverge.log" | grep -v '"first_diff": null' | cut -c1-400 || true ;;
-cuda-check)  # jetspec on CUDA, SmolLM2 fp32: tokens vs AR, tau, split
-    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype float32 \
+cuda-check)  # jetspec on CUDA, SmolLM2 (DTYPE, fp32 default): tokens vs AR, tau, split
+    timeout "${BENCH_SECS:-540}" python3 -m vllm_jetspec.tools.bench --dtype "${DTYPE:-float32}" \
         --prompts "$W/prompts/gsm8k.jsonl" --num-prompts "${NPROMPTS:-4}" \
         --max-new-tokens 128 --budgets ${CHECK_BUDGETS:-16 64} \
         --batch-sizes ${BATCHES:-1 4} --gpu-memory-utilization 0.5 \
