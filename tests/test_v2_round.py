@@ -1047,3 +1047,71 @@ def _counted(fn, mode, disable):
             with mode:
                 return fn(*a, **k)
     return wrapped
+
+
+def test_dflash_input_kernel_compiles_every_block_size_at_first_launch(
+        monkeypatch):
+    """vLLM's ``prepare_dflash_inputs`` (the draft pass's input kernel,
+    stock code) picks its kernel's BLOCK_SIZE from the step's longest
+    query: through the wrapper, the first launch (vLLM's warm-up) also
+    compiles every other block size with the same arguments, and no later
+    step -- decode, verify, prefills up to the batch's token limit --
+    launches a block size not compiled then. Before, the first real
+    prompts compiled theirs inside served steps (H200, 2026-12-05)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.worker.gpu.spec_decode.dflash import speculator as m
+
+    from vllm_jetspec.vllm_patches.v2.precompile import (
+        PrecompileOnFirstLaunch, dflash_block_sizes)
+
+    log = []
+
+    class Kernel:
+        __name__ = "_prepare_dflash_inputs_kernel"
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: log.append(("launch", grid, a, k))
+
+        def warmup(self, *a, grid, **k):
+            log.append(("warmup", grid, a, k))
+
+    nq = 16                                  # 1 + depth 15
+    wrapper = PrecompileOnFirstLaunch(Kernel(), "BLOCK_SIZE")
+    wrapper.values = dflash_block_sizes(nq)
+    assert wrapper.values == (32, 64, 128, 256)
+    monkeypatch.setattr(m, "_prepare_dflash_inputs_kernel", wrapper)
+    # vLLM's CPU build imports a placeholder for Triton; the launch code
+    # only needs its helpers
+    import triton
+    monkeypatch.setattr(m, "triton", triton)
+    t = torch.zeros(8, dtype=torch.int64)
+    bufs = NS(input_ids=t, positions=t, query_start_loc=t, seq_lens=t)
+
+    def step(longest):
+        batch = NS(num_reqs=2, num_scheduled_tokens=np.array([1, longest]),
+                   positions=t, query_start_loc=t, idx_mapping=t)
+        m.prepare_dflash_inputs(
+            bufs, t, t, t, t, t, t, batch, t, t, t, t,
+            torch.zeros(2, 4, dtype=torch.int32), 16, 0, nq, nq - 1, 4,
+            64, 2048)
+
+    step(nq + 1)                    # vLLM's warm-up prefill: 1 + drafts
+    first = log[0]
+    assert first[0] == "launch" and first[3]["BLOCK_SIZE"] == 64
+    warm = log[1:]
+    assert sorted(w[3]["BLOCK_SIZE"] for w in warm) == [32, 128, 256]
+    for w in warm:                  # the launch's own arguments
+        assert w[2] == first[2]
+        assert {k: v for k, v in w[3].items() if k != "BLOCK_SIZE"} == \
+            {k: v for k, v in first[3].items() if k != "BLOCK_SIZE"}
+    del log[:]
+    for longest in (1, nq, 17, 100, 113, 240, 241, 512, 2048):
+        step(longest)
+    assert all(e[0] == "launch" for e in log)
+    assert {e[3]["BLOCK_SIZE"] for e in log} <= set(wrapper.values)
+    # Without block sizes (no jetspec engine): a pass-through.
+    plain = PrecompileOnFirstLaunch(Kernel(), "BLOCK_SIZE")
+    del log[:]
+    plain[(1,)](1, BLOCK_SIZE=64)
+    assert [e[0] for e in log] == ["launch"]

@@ -227,6 +227,22 @@ PATCHES += [
               "draft passes run whole; its requests (every sampling "
               "feature) do not use up the once-only fallback warning",
           when="jetspec engines on the V2 runner (CUDA)"),
+    Patch(replaces="vllm.v1.worker.gpu.spec_decode.dflash.speculator:"
+                   "_prepare_dflash_inputs_kernel (the module's kernel "
+                   "object)",
+          by="vllm_jetspec.vllm_patches.v2.precompile:"
+             "PrecompileOnFirstLaunch",
+          why="the kernel's BLOCK_SIZE constexpr follows the step's "
+              "longest query (32/64 in decode and vLLM's warm-up, 128 "
+              "and 256 for real prompts), so the first prompts compiled "
+              "it inside served steps (vLLM's JIT monitor, H200, "
+              "2026-12-05; a failed step with --jit-monitor-mode=error); "
+              "the wrapper launches it unchanged and at its first launch "
+              "(the warm-up) compiles every other block size with the "
+              "same arguments",
+          when="installed with the V2 patches; compiles only once a "
+               "jetspec speculator on CUDA has set its block sizes "
+               "(a pass-through otherwise)"),
     Patch(replaces="vllm.v1.core.sched.scheduler:Scheduler.__init__ / "
                    "update_from_output",
           by="vllm_jetspec.vllm_patches.v2.auto:wrap_scheduler_init, "

@@ -253,8 +253,9 @@ def apply() -> None:
     from vllm.v1.worker import gpu_worker
     from vllm.v1.worker.gpu import model_runner as mr
 
-    from . import auto
+    from . import auto, precompile
     auto.apply()
+    precompile.install()
 
     if not getattr(gpu_worker.warmup_kernels, "_jetspec_wrapped", False):
         gpu_worker.warmup_kernels = wrap_warmup_kernels(

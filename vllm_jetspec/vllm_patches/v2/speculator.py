@@ -110,6 +110,11 @@ class JetSpecSpeculator(DFlashSpeculator):
         finally:
             object.__setattr__(spec, "num_speculative_tokens", slots)
         self.settings = s
+        if torch.device(device).type == "cuda":
+            # vLLM's draft-input kernel compiles a variant per step length
+            # class: all of them at its first launch (v2/precompile.py)
+            from .precompile import want_dflash_block_sizes
+            want_dflash_block_sizes(self.num_query_per_req)
         # Trees are built from the head's top-K, never from sampled drafts.
         self.draft_logits = None
         R, B = self.max_num_reqs, s.budget
