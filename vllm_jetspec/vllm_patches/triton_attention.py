@@ -410,7 +410,6 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        precision=self.precision)
         return output
 
-
     def precompile(self, q, kv_cache, m, out) -> None:
         """At the layer's first call (vLLM's profile or warm-up step, before
         its JIT monitor starts), every tree-kernel variant a later step may
