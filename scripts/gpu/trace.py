@@ -30,7 +30,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trace8b import idle_attribution, kernel_table  # noqa: E402
+from trace8b import (idle_attribution, kernel_table,  # noqa: E402
+                     write_tables)
 
 
 def engine_spec(which: str, head: str) -> dict | None:
@@ -129,16 +130,7 @@ def main() -> None:
                window_ms_per_step=idle["window_us"] / 1e3 / psteps,
                idle_ms_per_step=idle["idle_us"] / 1e3 / psteps,
                gaps_per_step=idle["gaps"] / psteps)
-    tables.write("===== device idle (us, one profiled prompt) by Python "
-                 "frame, inclusive\n")
-    for name, us in idle["inclusive"]:
-        tables.write(f"{us:12.0f}  {name}\n")
-    tables.write("\n===== ... exclusive (innermost frame)\n")
-    for name, us in idle["exclusive"]:
-        tables.write(f"{us:12.0f}  {name}\n")
-    tables.write("\n===== device time by kernel (us, count)\n")
-    for name, c, us in kernel_table(events):
-        tables.write(f"{us:12.1f} {c:6d}  {name}\n")
+    write_tables(tables, idle, kernel_table(events), "one profiled prompt")
     tables.close()
     print(json.dumps(res), flush=True)
     with open(os.path.join(out, "trace.json"), "w") as f:

@@ -83,6 +83,20 @@ def idle_attribution(events: list[dict], min_gap_us: float = 5.0) -> dict:
                 exclusive=excl.most_common(30))
 
 
+def write_tables(f, idle: dict, kern: list[tuple], what: str) -> None:
+    """The idle attribution (inclusive, exclusive) and the kernel table as
+    text (``what``: the profiled span)."""
+    f.write(f"===== device idle (us, {what}) by Python frame, inclusive\n")
+    for name, us in idle["inclusive"]:
+        f.write(f"{us:12.0f}  {name}\n")
+    f.write("\n===== ... exclusive (innermost frame)\n")
+    for name, us in idle["exclusive"]:
+        f.write(f"{us:12.0f}  {name}\n")
+    f.write("\n===== device time by kernel (us, count)\n")
+    for name, c, us in kern:
+        f.write(f"{us:12.1f} {c:6d}  {name}\n")
+
+
 def kernel_table(events: list[dict], n: int = 40) -> list[tuple]:
     tot, cnt = collections.Counter(), collections.Counter()
     for e in events:
@@ -205,16 +219,7 @@ def main() -> None:
                gaps_per_step=idle["gaps"] / steps)
     with open(os.path.join(out, f"trace8b_{which}.txt"), "w") as f:
         f.write(json.dumps(res) + "\n\n")
-        f.write("===== device idle (us, whole profiled generate) by Python "
-                "frame, inclusive\n")
-        for name, us in idle["inclusive"]:
-            f.write(f"{us:12.0f}  {name}\n")
-        f.write("\n===== ... exclusive (innermost frame)\n")
-        for name, us in idle["exclusive"]:
-            f.write(f"{us:12.0f}  {name}\n")
-        f.write("\n===== device time by kernel (us, count)\n")
-        for name, c, us in kern:
-            f.write(f"{us:12.1f} {c:6d}  {name}\n")
+        write_tables(f, idle, kern, "whole profiled generate")
     os.remove(raw)
     with open(raw, "w") as f:
         json.dump(res, f, indent=1)
