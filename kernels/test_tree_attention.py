@@ -315,7 +315,8 @@ def _engine_like_steps(hq, hkv, D, dtype):
     packed masks of the step's width. Steps: vLLM's warm-up (a 17-token
     prefill per request), a budget-16 verify, a 200-token prefill, a
     100-token chunk after a 300-token prefix, four trees over long
-    prefixes, decode steps, single trees over a 700-token prefix."""
+    prefixes, decode steps, single trees over a 700-token prefix. A
+    generator: a step's metadata is valid until the next step is made."""
     g = torch.Generator().manual_seed(3)
     to = dict(device=DEV)
     page, pages = 16, 48
@@ -367,13 +368,17 @@ def test_precompile_covers_every_launch(monkeypatch, settings, hq, hkv, D):
     real = {n: getattr(ta, n) for n in ta.DO_NOT_SPECIALIZE}
     for n, k in real.items():
         monkeypatch.setattr(ta, n, _Recorder(n, k, log))
-    steps = list(_engine_like_steps(hq, hkv, D, dtype))
-    first = steps[0][0]
+    # The steps share their metadata buffers, as the engine's do: each is
+    # launched before the next one is made (a list of them would hold the
+    # last step's lengths in every step).
+    steps = _engine_like_steps(hq, hkv, D, dtype)
+    first, n, p = next(steps)
     looked_up = ta.precompile(**first, **settings)
     split = settings["num_splits"] != 1
     tiles = len(ta.tile_variants(hq // hkv, D, settings["large_tiles"]))
     assert looked_up == tiles * (2 if split else 1) + split
     assert len(log["warm"]) == looked_up
+    tree_attention(**first, max_nodes=n, max_prefix=p, **settings)
     for args, n, p in steps:
         tree_attention(**args, max_nodes=n, max_prefix=p, **settings)
     launched = set(log["launch"])
@@ -388,8 +393,11 @@ def test_precompile_covers_every_launch(monkeypatch, settings, hq, hkv, D):
 
     def cached():
         return sum(len(k.device_caches[dev][0]) for k in real.values())
+    steps = _engine_like_steps(hq, hkv, D, dtype)
+    first, n, p = next(steps)
     ta.precompile(**first, **settings)
     before = cached()
+    tree_attention(**first, max_nodes=n, max_prefix=p, **settings)
     for args, n, p in steps:
         tree_attention(**args, max_nodes=n, max_prefix=p, **settings)
     torch.cuda.synchronize()

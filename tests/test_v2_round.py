@@ -94,10 +94,15 @@ def test_accept_and_compact_moves_each_kept_path_and_reorders(kernel,
     slots = to_padded(slot_of_token[li], rows, local, R, B, fill=0)
     before = kv.clone()
     tokens = to_padded(tree.tokens[rows, local], rows, local, R, B)
-    emitted, num_acc, perm = accept_and_compact(
-        [kv], tokens, tree.parents, tree.depth.clamp(min=0), nodes, tgt,
-        slots, max_depth=tree.max_depth,
-        table=KVTable([kv]) if kernel else None)
+    # the kernel compiled on a GPU (Triton's interpreter runs host tensors)
+    dev = "cuda" if kernel and torch.cuda.is_available() else "cpu"
+    kv_dev = kv.to(dev)
+    emitted, num_acc, perm = (t.cpu() for t in accept_and_compact(
+        [kv_dev], tokens.to(dev), tree.parents.to(dev),
+        tree.depth.clamp(min=0).to(dev), nodes.to(dev), tgt.to(dev),
+        slots.to(dev), max_depth=tree.max_depth,
+        table=KVTable([kv_dev]) if kernel else None))
+    kv = kv_dev.cpu()
     # the oracle: the tree core's acceptance of the same (truncated) trees
     cut = tree.valid() & (torch.arange(B)[None] < nodes[:, None])
     oracle = accept(type(tree)(
@@ -984,7 +989,10 @@ def test_verify_step_launch_counts(monkeypatch, R):
                         lambda n, *a: (n, n))
     s = _step(1, R=R, B=16, D=15, max_reqs=R + 3)
     M, T = s["li"].shape[0], s["T"]
-    cu_np = s["cu"].numpy()
+    cu_np, idx_np = s["cu"].numpy(), s["idx"].numpy()
+    # CPU: the kernels in Triton's interpreter; CUDA: compiled
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in s.items()}
     sampler = NS(compute_nans=False, returns_logprobs=lambda i: False,
                  req_states=NS(prefill_len=NS(gpu=None)),
                  sample=lambda lg, *a, **k: (s["tgt"], None))
@@ -995,10 +1003,10 @@ def test_verify_step_launch_counts(monkeypatch, R):
         sp = NS(req_parents=s["req_parents"], req_depth=s["req_depth"],
                 req_nodes=s["req_nodes"], req_masks=None, verify_step=None)
         v = object.__new__(verifier.TreeVerifier)
-        kv = [torch.zeros(64, 2, 16, 2, 8) for _ in range(2)]
+        kv = [torch.zeros(64, 2, 16, 2, 8, device=dev) for _ in range(2)]
         v.sampler, v.speculator, v.depth = sampler, sp, 15
         v.root_only = np.zeros(R + 3, dtype=bool)
-        v.root_only_dev = torch.zeros(R + 3, dtype=torch.bool)
+        v.root_only_dev = torch.zeros(R + 3, dtype=torch.bool, device=dev)
         v._kv, v._group, v._table, v.kernel = kv, 0, KVTable(kv), kernel
         v.accept = GraphedFn(v._accept, "acceptance", enabled=False)
         batch = NS(
@@ -1006,11 +1014,11 @@ def test_verify_step_launch_counts(monkeypatch, R):
             num_draft_tokens_per_req=np.diff(cu_np) - 1,
             logits_indices=s["li"], cu_num_logits=s["cu"],
             cu_num_logits_np=cu_np, idx_mapping=s["idx"],
-            idx_mapping_np=s["idx"].numpy(),
+            idx_mapping_np=idx_np,
             expanded_idx_mapping=s["exp_idx"], expanded_local_pos=s["local"],
-            positions=torch.zeros(T + 7, dtype=torch.long),
+            positions=torch.zeros(T + 7, dtype=torch.long, device=dev),
             input_ids=s["input_ids"], seq_lens=None)
-        logits = torch.zeros(M, 50)
+        logits = torch.zeros(M, 50, device=dev)
         with Count() as c:
             v.begin_step(batch, s["slot_mapping"][None])
             v(logits, batch)
