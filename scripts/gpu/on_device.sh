@@ -243,7 +243,8 @@ trace)  # BUDGETS...: host (cProfile) and device (torch.profiler) time of
     # vLLM's linear drafter with the shipped head; device busy / idle per
     # step and the host frames of the idle time (scripts/gpu/trace.py)
     for b in "$@"; do
-        timeout "${TRACE_SECS:-200}" python3 scripts/gpu/trace.py "$W/trace_$b" "$b" \
+        TRACE_PROMPTS=${TRACE_PROMPTS:-$W/prompts/gsm8k.jsonl} \
+            timeout "${TRACE_SECS:-200}" python3 scripts/gpu/trace.py "$W/trace_$b" "$b" \
             "${NPROMPTS:-2}" "${MAX_NEW:-64}" > "$OUT/trace_$b.log" 2>&1 \
             || echo "trace $b rc $?"
         cp "$W/trace_$b/tables.txt" "$OUT/trace_$b.txt" 2>/dev/null || true

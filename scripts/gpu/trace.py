@@ -33,6 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trace8b import (idle_attribution, kernel_table,  # noqa: E402
                      write_tables)
 
+# (trace8b sets it too.) The engine in this process, whatever the caller exported: with vLLM's
+# default (its own process) the profilers here see no step at all (H100,
+# 2026-12-05: a trace of 0.0 ms device time a step).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
 
 def engine_spec(which: str, head: str) -> dict | None:
     """The speculative config of ``which``: 0 plain, ``dflash``, or a
@@ -124,6 +129,9 @@ def main() -> None:
         events = json.load(f)["traceEvents"]
     os.remove(raw)
     idle = idle_attribution(events)
+    if cuda and not idle["busy_us"]:
+        raise SystemExit("trace: the profiler saw no kernel on the device "
+                         "(did the engine run in another process?)")
     psteps = (profiled if spec else max_new) or 1
     res.update(profiled_steps=psteps,
                busy_ms_per_step=idle["busy_us"] / 1e3 / psteps,

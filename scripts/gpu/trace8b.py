@@ -35,6 +35,11 @@ import shutil
 import sys
 import time
 
+# The engine in this process, whatever the caller exported: with vLLM's
+# default (its own process) the profilers here see no step at all (H100,
+# 2026-12-05: a trace of 0.0 ms device time a step).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
 
 def idle_attribution(events: list[dict], min_gap_us: float = 5.0) -> dict:
     """Device idle gaps of a Chrome trace and the host Python frames
