@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -172,3 +173,40 @@ def test_variants_are_parsed_or_refused():
             parse_variants([bad])
     with pytest.raises(ValueError, match="LABEL"):
         parse_variants(["x:A=1", "x:B=2"])
+
+
+def test_a_round_the_runner_did_not_split_prints_dashes_not_zeros(tmp_path):
+    """vLLM's V2 runner (and stock engines) give the round's wall time
+    only: the bench's table says so instead of printing 0.00 ms for
+    prepare, verify, accept, draft and tree (as the H100 run of 2026-12-05
+    printed), and the V1 runner's split rows keep their numbers."""
+    from vllm_jetspec.tools.bench import SEGMENTS, format_table, plot, rows_of
+
+    ids = [[1, 2, 3], [4, 5, 6]]
+    ar = {"batches": {"1": dict(tokens=6, seconds=0.06, ids=ids, drafts=0,
+                                accepted=0)}}
+    v2 = {"batches": {"1": dict(tokens=6, seconds=0.03, ids=ids, drafts=2,
+                                accepted=2)}}
+    v1 = {"batches": {"1": dict(
+        tokens=6, seconds=0.03, ids=ids, drafts=2, accepted=2,
+        profile=dict(steps=3, seconds=dict(prepare=0.003, verify=0.012,
+                                           accept=0.003, draft=0.006,
+                                           tree=0.003)))}}
+    (untimed,) = rows_of("jetspec", 4, False, v2, ar)
+    (timed,) = rows_of("jetspec", 4, False, v1, ar)
+    assert untimed["segments_timed"] is False and untimed["round_ms"] > 0
+    assert timed["segments_timed"] is True
+    assert timed["verify_ms"] == pytest.approx(4.0)
+    assert timed["other_ms"] == pytest.approx(1.0)
+    head, v2_line, v1_line, foot = format_table([untimed, timed]).split("\n")
+    assert all(s in head for s in SEGMENTS)
+    cells = v2_line.split()
+    assert cells[-1] == "True" and cells[-1 - len(SEGMENTS):-1] == \
+        ["-"] * len(SEGMENTS)
+    assert "4.00" in v1_line.split() and "-" not in v1_line.split()
+    assert "not split" in foot
+    assert "not split" not in format_table([timed])
+    # the plot draws the unsplit round as one bar of its own
+    ar_row = dict(untimed, method="ar", budget=0, segments_timed=False)
+    assert os.path.getsize(plot([ar_row, untimed, timed],
+                                str(tmp_path / "b.png"), title="t")) > 0

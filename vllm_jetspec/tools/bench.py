@@ -17,7 +17,9 @@ included), whether the tokens equal AR's, and the round time split
 measured inside the model runner (``vllm_patches/profile.py``): prepare,
 verify (the target's forward), accept (sampling, acceptance, KV
 compaction), draft (the head's forward), tree (construction and masks),
-other (scheduler, output processing: the rest of the wall time per step).
+other (scheduler, output processing: the rest of the wall time per step)
+-- on the V1 runner; vLLM's V2 runner and stock engines give the round
+only (its segment columns print "-"; ``scripts/gpu/trace.py`` splits one).
 
 ``--replay``: the AR engine's outputs are written to ``replay.json`` and the
 drafters of the speculative engines put the target's recorded continuation
@@ -93,7 +95,7 @@ from .engine_job import (auto_graph_sizes, batched_tokens, graph_sizes,
 SEGMENTS = ("prepare", "verify", "accept", "draft", "tree", "other")
 FIELDS = ["method", "budget", "batch", "replay", "tau", "tok_s", "speedup",
           "identical_to_ar", "steps", "round_ms"] + \
-    [f"{s}_ms" for s in SEGMENTS] + ["tokens", "seconds"]
+    [f"{s}_ms" for s in SEGMENTS] + ["segments_timed", "tokens", "seconds"]
 
 
 def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
@@ -110,6 +112,28 @@ def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
                 "with a new word for LABEL and variable names for KEY")
         out[label] = env
     return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as the bench prints them. A round the runner did not split
+    (vLLM's V2 runner, stock engines) shows "-" in the segment columns,
+    not zeros."""
+    lines = [f"{'method':8} {'budget':>6} {'batch':>5} {'tau':>6} "
+             f"{'tok/s':>8} {'speedup':>7} {'round':>8} " + " ".join(
+                 f"{s:>7}" for s in SEGMENTS)
+             + "  same-as-AR   (ms per step)"]
+    for r in rows:
+        timed = r.get("segments_timed", True)
+        lines.append(
+            f"{r['method']:8} {r['budget']:6d} {r['batch']:5d} "
+            f"{r['tau']:6.2f} {r['tok_s']:8.1f} {r['speedup']:7.2f} "
+            f"{r['round_ms']:8.2f} " + " ".join(
+                f"{r[f'{s}_ms']:7.2f}" if timed else f"{'-':>7}"
+                for s in SEGMENTS) + f"  {r['identical_to_ar']}")
+    if not all(r.get("segments_timed", True) for r in rows):
+        lines.append("(-: a round not split into segments: vLLM's V2 runner "
+                     "and stock engines; scripts/gpu/trace.py splits one)")
+    return "\n".join(lines)
 
 
 def rows_of(method: str, budget: int, replay: bool, res: dict,
@@ -132,6 +156,9 @@ def rows_of(method: str, budget: int, replay: bool, res: dict,
         row.update(replay=replay, steps=steps,
                    round_ms=1e3 * r["seconds"] / steps if steps else 0.0)
         secs = prof.get("seconds") or {}
+        # Whether the runner timed its segments (V1 hooks); V2 and stock
+        # engines give the round only: its columns print "-", not 0.
+        row["segments_timed"] = bool(secs)
         for s in SEGMENTS[:-1]:
             row[f"{s}_ms"] = 1e3 * secs.get(s, 0.0) / steps if steps else 0.0
         row["other_ms"] = max(0.0, row["round_ms"] - sum(
@@ -183,10 +210,15 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
     labels = [f"{r['method']}{r['budget'] or ''}\nB{r['batch']}"
               for r in rows]
     bottom = [0.0] * len(rows)
+    timed = [r.get("segments_timed", True) for r in rows]
     for s in SEGMENTS:
-        vals = [r[f"{s}_ms"] for r in rows]
+        vals = [r[f"{s}_ms"] if t else 0.0 for r, t in zip(rows, timed)]
         b.bar(range(len(rows)), vals, bottom=bottom, label=s)
         bottom = [x + y for x, y in zip(bottom, vals)]
+    if not all(timed):
+        b.bar(range(len(rows)), [0.0 if t else r["round_ms"]
+                                 for r, t in zip(rows, timed)],
+              bottom=bottom, color="0.6", label="round (not split)")
     b.set_xticks(range(len(rows)), labels, fontsize=6)
     b.set_ylabel("ms per engine step (round)")
     b.legend(fontsize=7)
@@ -538,15 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'replay, ' if args.replay else ''}{args.tree_algo}, "
         f"{meta['device']}, {meta['date']}"))
 
-    print(f"{'method':8} {'budget':>6} {'batch':>5} {'tau':>6} {'tok/s':>8} "
-          f"{'speedup':>7} {'round':>8} " + " ".join(
-              f"{s:>7}" for s in SEGMENTS) + "  same-as-AR   (ms per step)")
-    for r in rows:
-        print(f"{r['method']:8} {r['budget']:6d} {r['batch']:5d} "
-              f"{r['tau']:6.2f} {r['tok_s']:8.1f} {r['speedup']:7.2f} "
-              f"{r['round_ms']:8.2f} " + " ".join(
-                  f"{r[f'{s}_ms']:7.2f}" for s in SEGMENTS)
-              + f"  {r['identical_to_ar']}")
+    print(format_table(rows))
     modes = [r for r in rows if r.get("graph_modes")]
     if modes:
         print("CUDA-graph mode of the target's forwards: " + "; ".join(
