@@ -35,6 +35,9 @@ STORE = dict(IDX="*i32", SP="*i64", SD="*i64", SM="*i64", SN="*i64",
 META = dict(MASKS="*i64", IDX="*i32", SEQ="*i32", QSL="*i32",
             MASKS_OUT="*i64", PREFIX_OUT="*i32", QSL_OUT="*i32", R="i32",
             NM="i32", NW="i32", BM="constexpr")
+CHAIN = dict(QSL="*i32", SEQ="*i32", MASKS_OUT="*i64", PREFIX_OUT="*i32",
+             QSL_OUT="*i32", R="i32", NN="i32", WW="i32", S0="i32", S1="i32",
+             CAUSAL="i32", BR="constexpr", BW="constexpr")
 
 
 def variants(budgets, depths):
@@ -47,7 +50,10 @@ def variants(budgets, depths):
             dict(UNDO=False, BLOCK=tv.POS_BLOCK), 4),
            ("positions_undo", tv._tree_positions_kernel,
             dict(POS, EXP_IDX="*i64", LOCAL="*i64"),
-            dict(UNDO=True, BLOCK=tv.POS_BLOCK), 4)]
+            dict(UNDO=True, BLOCK=tv.POS_BLOCK), 4),
+           # one variant for every step without trees, whatever its shape
+           ("chain_metadata", tv._chain_step_metadata_kernel, CHAIN,
+            dict(BR=tv._CHAIN_ROWS, BW=tv._CHAIN_WORDS), 1)]
     for B in budgets:
         W = (B + 63) // 64
         for D in depths:

@@ -233,6 +233,53 @@ def test_tree_step_metadata_matches_reference(R, N, W, pad):
     assert int(want[1][0]) == 0
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("queries,N,W", [
+    ([1], 17, 1),                       # a decode step
+    ([16, 16, 16], 17, 1),              # a draft pass: 16 slots a request
+    ([1, 130, 0, 7], 130, 3),           # a prefill chunk past two words
+    ([200], 256, 4),                    # into a view of a wider buffer
+])
+def test_chain_step_metadata_matches_reference(causal, queries, N, W):
+    """Steps without trees: the kernel writes what the builder's torch path
+    wrote (the reference), into a strided view of a persistent buffer
+    (``masks_buf[:R, :n, :words]``), leaving the rest of it alone; padded
+    requests (no new tokens) keep their chains; a sequence shorter than
+    its query gets prefix 0."""
+    from vllm_jetspec.kernels.tree_verify import chain_step_metadata
+    from vllm_jetspec.kernels.tree_verify_ref import chain_step_metadata_ref
+
+    R = len(queries)
+    q = torch.tensor(queries)
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int32), q.cumsum(0).int()])
+    seq = (q + torch.arange(R) * 37).int()
+    seq[0] = max(0, int(q[0]) - 3)
+    n = max(max(queries), 1)
+    words = (n + 63) // 64
+
+    def bufs():
+        return (torch.full((R + 2, N, W), 7), torch.full((R + 2,), -5,
+                                                         dtype=torch.int32),
+                torch.full((R + 3,), -9, dtype=torch.int32))
+
+    want = bufs()
+    chain_step_metadata_ref(qsl, seq, causal, want[0][:R, :n, :words],
+                            want[1], want[2])
+    got = tuple(map(_dev, bufs()))
+    chain_step_metadata(_dev(qsl), _dev(seq), causal,
+                        got[0][:R, :n, :words], got[1], got[2])
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    assert int(want[1][0]) == 0
+    # the words themselves: row i of a causal step has bits 0..i, each
+    # row of a non-causal one the request's k new tokens (first word)
+    k0 = queries[0]
+    for i in range(min(n, 64)):
+        bits = min(i + 1 if causal else k0, 64)
+        assert int(want[0][0, i, 0]) == (-1 if bits == 64 else
+                                         (1 << bits) - 1)
+
+
 def test_every_variant_compiles_for_sm90():
     """The interpreter runs what a compiled kernel may refuse: each kernel
     of this module compiles for an H100/H200 (Triton's own toolchain, no
@@ -247,4 +294,4 @@ def test_every_variant_compiles_for_sm90():
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sm_90: every variant compiled" in proc.stdout
-    assert proc.stdout.count("ok   ") == 5
+    assert proc.stdout.count("ok   ") == 6

@@ -19,6 +19,11 @@ docs/design/async-rounds.md §4.3). Here:
   ``kernels.kv_move``), the node order with the kept path first and that
   order's gather over the step's tokens.
 
+Beside them, the small launches of the draft pass's store and of the tree
+attention's metadata: ``store_trees``, ``tree_step_metadata`` (a step in
+which every request verifies a tree) and ``chain_step_metadata`` (a step
+without trees: prefill, plain decoding, the draft pass).
+
 Nothing here waits for the device: every size is a Python int the runner
 knows on the host.
 """
@@ -265,3 +270,73 @@ def tree_step_metadata(masks: torch.Tensor, idx: torch.Tensor,
     _tree_step_metadata_kernel[(R,)](
         masks, idx, seq_lens, qsl, masks_out, prefix_out, qsl_out, R,
         idx.shape[0], NW, BM=triton.next_power_of_2(NW), num_warps=1)
+
+
+# Bits of one int64 word of a packed mask row.
+_BITS = tl.constexpr(64)
+# Rows and words one iteration of the chain kernel writes (fixed, so every
+# step shape launches the one compiled variant: a decode step, a draft
+# pass and a 2048-token prefill chunk alike).
+_CHAIN_ROWS = 16
+_CHAIN_WORDS = 8
+
+
+@triton.jit(do_not_specialize=["R", "NN", "WW", "S0", "S1", "CAUSAL"])
+def _chain_step_metadata_kernel(QSL, SEQ, MASKS_OUT, PREFIX_OUT, QSL_OUT, R,
+                                NN, WW, S0, S1, CAUSAL,
+                                BR: tl.constexpr, BW: tl.constexpr):
+    r = tl.program_id(0)
+    q0 = tl.load(QSL + r)
+    q1 = tl.load(QSL + r + 1)
+    tl.store(QSL_OUT + r, q0)
+    if r == R - 1:
+        tl.store(QSL_OUT + R, q1)
+    k = q1 - q0
+    tl.store(PREFIX_OUT + r, tl.maximum(tl.load(SEQ + r) - k, 0).to(
+        PREFIX_OUT.dtype.element_ty))
+    # Row i holds bits 0..lim: its own chain (causal, or a request without
+    # new tokens), else every new token of the request.
+    whole = (CAUSAL == 0) & (k > 0)
+    base = MASKS_OUT + r.to(tl.int64) * S0
+    for i0 in range(0, NN, BR):
+        i = i0 + tl.arange(0, BR)
+        lim = tl.where(whole, k - 1, i)
+        for w0 in range(0, WW, BW):
+            w = w0 + tl.arange(0, BW)
+            n = lim[:, None] - _BITS * w[None, :] + 1
+            n = tl.minimum(tl.maximum(n, 0), _BITS).to(tl.int64)
+            one = tl.full(n.shape, 1, tl.int64)
+            # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1
+            val = tl.where(n == _BITS, -one,
+                           (one << tl.minimum(n, 63)) - 1)
+            m = (i[:, None] < NN) & (w[None, :] < WW)
+            tl.store(base + i[:, None].to(tl.int64) * S1 + w[None, :], val,
+                     mask=m)
+
+
+def chain_step_metadata(qsl: torch.Tensor, seq_lens: torch.Tensor,
+                        causal: bool, masks_out: torch.Tensor,
+                        prefix_out: torch.Tensor,
+                        qsl_out: torch.Tensor) -> None:
+    """The tree attention's metadata of a step without trees (a prefill or
+    plain decoding step, a draft pass) in one launch
+    (``chain_step_metadata_ref``): for each of the ``R = len(qsl) - 1``
+    requests (a CUDA graph's padded ones included) the packed rows of
+    ``masks_out`` [R, n, words] (a view of the builder's buffer: row i
+    holds bits 0..i -- its chain -- or, not ``causal``, every new token of
+    the request), the cached prefix ``max(seq_len - new tokens, 0)`` into
+    ``prefix_out`` [>= R] and the query starts into ``qsl_out``
+    [>= R + 1]. What five torch launches did (the chain's copy, the
+    prefixes' three, the query starts' copy)."""
+    R = qsl.shape[0] - 1
+    if R <= 0:
+        return
+    if masks_out.dim() != 3 or masks_out.shape[0] < R or \
+            masks_out.stride(2) != 1:
+        raise ValueError("masks_out must be [>= R, n, words] with unit "
+                         "word stride")
+    _, NN, WW = masks_out.shape
+    _chain_step_metadata_kernel[(R,)](
+        qsl, seq_lens, masks_out, prefix_out, qsl_out, R, NN, WW,
+        masks_out.stride(0), masks_out.stride(1), int(causal),
+        BR=_CHAIN_ROWS, BW=_CHAIN_WORDS, num_warps=1)

@@ -110,3 +110,26 @@ def tree_step_metadata_ref(masks, idx, seq_lens, qsl, masks_out, prefix_out,
     torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
                 out=prefix_out[:R])
     qsl_out[:R + 1].copy_(qsl)
+
+
+def chain_step_metadata_ref(qsl, seq_lens, causal, masks_out, prefix_out,
+                            qsl_out) -> None:
+    """What the Triton backend's metadata builder did in torch for a step
+    without trees (``chain_step_metadata``): row i of a request's masks
+    holds bits 0..i (its chain) or, not ``causal``, bits 0..k-1 for a
+    request of k > 0 new tokens; prefixes clamped at 0; the query starts
+    copied."""
+    R = qsl.shape[0] - 1
+    _, n, words = masks_out.shape
+    k = (qsl[1:] - qsl[:-1]).long()
+    i = torch.arange(n, device=qsl.device)
+    lim = i[None, :].expand(R, n)
+    if not causal:
+        lim = torch.where((k > 0)[:, None], (k - 1)[:, None], lim)
+    w = torch.arange(words, device=qsl.device)
+    b = (lim[..., None] - 64 * w + 1).clamp(0, 64)
+    one = torch.ones((), dtype=torch.long, device=qsl.device)
+    masks_out[:R] = torch.where(b == 64, -one, (one << b.clamp(max=63)) - 1)
+    torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
+                out=prefix_out[:R])
+    qsl_out[:R + 1].copy_(qsl)

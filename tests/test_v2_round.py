@@ -1123,3 +1123,93 @@ def test_dflash_input_kernel_compiles_every_block_size_at_first_launch(
     del log[:]
     plain[(1,)](1, BLOCK_SIZE=64)
     assert [e[0] for e in log] == ["launch"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
+    """A step without trees (prefill chunks, plain decoding, the draft
+    pass; padded requests of a CUDA graph among them) gets from the chain
+    kernel (one launch, here in Triton's interpreter) the metadata the
+    builder's torch path made in five: masks, prefixes, query starts, in
+    the builder's persistent buffers; and beside a V2 tree, the tree's rows
+    over the chains as before."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from vllm_jetspec.kernels import tree_verify
+    from vllm_jetspec.tree import packed_ancestor_mask
+    from vllm_jetspec.vllm_patches import tree_state
+    from vllm_jetspec.vllm_patches.triton_attention import \
+        TritonTreeAttentionMetadataBuilder
+
+    B = 17
+    cfg = NS(speculative_config=NS(num_speculative_tokens=B - 1),
+             scheduler_config=NS(max_num_seqs=6),
+             model_config=NS(max_model_len=1000))
+
+    def common(n, prefix):
+        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
+        seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
+        return NS(num_reqs=len(n), causal=causal, query_start_loc_cpu=qsl,
+                  query_start_loc=qsl.clone(), seq_lens=seq,
+                  block_table_tensor=torch.zeros(len(n), 8,
+                                                 dtype=torch.int32),
+                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
+                  num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
+
+    launches = []
+    real = tree_verify.chain_step_metadata
+
+    def counted(*a, **k):
+        launches.append(1)
+        return real(*a, **k)
+
+    tree, *_ = _step(seed=5, R=4, B=B - 1)
+    req_masks = packed_ancestor_mask(tree)
+    steps = [([1], [40]), ([16, 16, 16], [5, 90, 0]),     # decode, drafts
+             ([3, 17, 1, 0, 0], [0, 2, 30, 0, 0]),        # padded requests
+             ([1, 1, 1, 1], [0, 3, 9, 4])]                # a dummy length
+    b_torch = TritonTreeAttentionMetadataBuilder(None, [], cfg,
+                                                 torch.device("cpu"))
+    b_kernel = TritonTreeAttentionMetadataBuilder(None, [], cfg,
+                                                  torch.device("cpu"))
+    assert not b_kernel.chain_kernel      # on CUDA only, unless told
+    b_kernel.chain_kernel = True
+    orig = tree_verify.chain_step_metadata
+    tree_verify.chain_step_metadata = counted
+    try:
+        for i, (n, prefix) in enumerate(steps + steps[:2]):
+            # the last two steps: a request state with a tree beside them
+            dev = None
+            if i >= len(steps) and causal:
+                dev = tree_state.DeviceTrees(
+                    torch.tensor([2] * len(n), dtype=torch.int32),
+                    np.array([True] + [False] * (len(n) - 1)), req_masks)
+            c = common(n, prefix)
+            if i == 3:
+                c.seq_lens[0] = 0       # shorter than its query (warm-up)
+            got = []
+            for b in (b_torch, b_kernel):
+                b.masks_buf.fill_(5)
+                b.prefix_buf.fill_(-3)
+                b.qsl_buf.fill_(-7)
+                tree_state.set_device_trees(dev)
+                m = b.build(0, c)
+                got.append((m, b.masks_buf.clone(), b.prefix_buf.clone(),
+                            b.qsl_buf.clone()))
+            (mt, *bt), (mk, *bk) = got
+            R, nn = len(n), max(max(n), 1)
+            assert mk.graph_safe and mt.graph_safe
+            assert mk.masks.data_ptr() == b_kernel.masks_buf.data_ptr()
+            assert mk.prefix_lens.data_ptr() == b_kernel.prefix_buf.data_ptr()
+            assert torch.equal(mk.prefix_lens, mt.prefix_lens)
+            assert torch.equal(mk.query_start_loc, mt.query_start_loc)
+            assert torch.equal(mk.masks[:, :nn], mt.masks[:, :nn])
+            assert torch.equal(bk[1][:R], bt[1][:R])
+            assert torch.equal(bk[2][:R + 1], bt[2][:R + 1])
+            assert (mk.max_nodes, mk.causal) == (mt.max_nodes, mt.causal)
+    finally:
+        tree_verify.chain_step_metadata = orig
+        tree_state.set_device_trees(None)
+    assert len(launches) == len(steps) + 2

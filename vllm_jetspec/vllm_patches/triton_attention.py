@@ -197,6 +197,10 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         # an all-tree V2 step's metadata in one launch (CUDA); the switch
         # of the V2 verify step's kernels
         self.metadata_kernel = verify_rows_setting() == "kernel"
+        # a step without trees likewise (tests set it on the host: the
+        # kernel in Triton's interpreter)
+        self.chain_kernel = self.metadata_kernel and \
+            torch.device(device).type == "cuda"
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -253,6 +257,19 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
                 _device_tree_rows(masks, dev)
             else:
                 nn, ww = self._chain_shape(max_nodes)
+                if self.chain_kernel:
+                    # A step without trees (prefill, plain decoding, the
+                    # draft pass): chains, prefixes and query starts in
+                    # one launch instead of five.
+                    from vllm_jetspec.kernels.tree_verify import \
+                        chain_step_metadata
+                    chain_step_metadata(qsl, m.seq_lens[:R], causal,
+                                        masks[:, :nn, :ww], self.prefix_buf,
+                                        self.qsl_buf)
+                    _device_tree_rows(masks, dev)
+                    return self._metadata(m, self.qsl_buf[:R + 1],
+                                          self.prefix_buf[:R], masks,
+                                          max_nodes, True, causal)
                 step_masks_device(self.chain, qsl, causal, nn, ww,
                                   out=masks[:, :nn, :ww])
                 _device_tree_rows(masks, dev)
