@@ -67,6 +67,51 @@ def variants(budgets, depths):
     return out
 
 
+# The tree-attention kernels (compiled to check how they address the K/V
+# caches).
+ATTN_PTRS = dict(Q="*bf16", K="*fp16", V="*fp16", O="*bf16", BT="*i32",
+                 PREFIX="*i32", QSL="*i32", MASK="*i64", MW="*fp32",
+                 LW="*fp32", AW="*fp32")
+
+
+def attention_variants():
+    """(name, kernel, signature, constexprs, num_warps) of the tree
+    attention's launches (the small tile, bf16 queries, fp16 caches)."""
+    from . import tree_attention as ta
+
+    consts = dict(BLOCK_SIZE=16, GROUP=4, NODES=16, ROWS=64, D=128,
+                  BLOCK_N=64, PREC="ieee")
+    out = []
+    for name, fn in (("attention_single", ta._tree_attn_kernel),
+                     ("attention_split", ta._tree_attn_split_kernel)):
+        sig = {a: "constexpr" if a in consts else ATTN_PTRS.get(
+            a, "fp32" if a == "scale" else "i32") for a in fn.arg_names}
+        out.append((name, fn, sig, {k: v for k, v in consts.items()
+                                    if k in sig}, 4))
+    return out
+
+
+def narrow_page_ids(ttir: str) -> list[str]:
+    """Page ids read from the block table (tensor loads of int32) that are
+    used without being widened to int64 first. A page id times the cache's
+    block stride passes 2^31 once one layer's cache holds 2^31 elements (4
+    GiB of bf16), so each must be widened before that product (vLLM's own
+    Triton attention does the same). Empty when every one is."""
+    loads = re.findall(r"(%[\w.]+) = tt\.load [^\n]*tensor<[^>]*!tt\.ptr<i32>>",
+                       ttir)
+    bad = []
+    for name in loads:
+        uses = [line.strip() for line in ttir.splitlines()
+                if re.search(re.escape(name) + r"\b", line)
+                and not line.strip().startswith(name + " ")]
+        if not uses or any(not re.match(r"%[\w.]+ = arith\.extsi "
+                                        + re.escape(name) + r"\b.*to "
+                                        r"tensor<[^>]*xi64>", u)
+                           for u in uses):
+            bad.append(name)
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m vllm_jetspec.kernels.compile_check",
@@ -75,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="CUDA compute capability (90: H100/H200)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--depths", type=int, nargs="+", default=[7, 15, 31])
+    ap.add_argument("--attention", action="store_true",
+                    help="the tree-attention kernels instead, each checked "
+                         "for page ids widened to 64 bits")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("TRITON_INTERPRET=1 is set: compiled kernels need it unset")
@@ -86,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__),
                              "backends", "nvidia", "bin", "cuobjdump")
     failed = 0
-    for name, fn, sig, consts, warps in variants(args.budgets, args.depths):
+    todo = attention_variants() if args.attention else \
+        variants(args.budgets, args.depths)
+    for name, fn, sig, consts, warps in todo:
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig,
                                          constexprs=consts),
@@ -94,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 -- reported, counted
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        narrow = narrow_page_ids(k.asm["ttir"]) if args.attention else []
+        if narrow:
+            failed += 1
+            print(f"FAIL {name}: page ids used as int32 (K/V offsets can "
+                  f"pass 2^31): {', '.join(narrow)}")
             continue
         res = ""
         if os.path.exists(cuobjdump):

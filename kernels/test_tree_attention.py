@@ -402,3 +402,24 @@ def test_precompile_covers_every_launch(monkeypatch, settings, hq, hkv, D):
         tree_attention(**args, max_nodes=n, max_prefix=p, **settings)
     torch.cuda.synchronize()
     assert cached() == before
+
+
+def test_page_ids_are_widened_before_addressing_the_caches():
+    """A page id times the cache's block stride passes 2^31 once one
+    layer's K/V cache holds 2^31 elements (4 GiB of bf16: e.g. a 1B model
+    at vLLM's default memory share of an H100): the compiled kernels widen
+    every page id read from the block table to int64 first, as vLLM's own
+    Triton attention does (found in review, 2026-12-05: the int32 product
+    wrapped; in Triton's interpreter a 2.25e9-element cache read past its
+    end). Checked on the IR of the kernels compiled for sm_90 (Triton's
+    own toolchain, no GPU needed): without the widening this fails."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_jetspec.kernels.compile_check",
+         "--attention"], capture_output=True, text=True, env=env,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ok   attention_") == 2

@@ -64,7 +64,7 @@ def _attend(
         pos = start + cols
         ok = pos < hi
         page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
-                       mask=ok, other=0)
+                       mask=ok, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
                     + kvh * s_kh + d[:, None] * s_kd,
@@ -94,7 +94,7 @@ def _attend(
         allowed = (bit != 0) & ok[None, :] & row_ok[:, None]
         pos = prefix + t
         page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
-                       mask=ok, other=0)
+                       mask=ok, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         k = tl.load(K + page[None, :] * s_kb + slot[None, :] * s_ks
                     + kvh * s_kh + d[:, None] * s_kd,
