@@ -1213,3 +1213,63 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
         tree_verify.chain_step_metadata = orig
         tree_state.set_device_trees(None)
     assert len(launches) == len(steps) + 2
+
+
+def test_draft_builders_hold_a_bidirectional_heads_draft_pass(monkeypatch):
+    """A bidirectional head keeps its block size's depth below a smaller
+    budget (16 slots a request at budget 8): the draft layers' builders are
+    widened when vLLM sets the drafter's attention up, so a draft step's
+    prefixes and masks land in persistent buffers (graph_safe) that a FULL
+    draft graph can replay -- before, they were fresh tensors, freed after
+    capture (found in review, 2026-12-05). The target's builder keeps rows
+    of the budget (its all-tree path)."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.worker.gpu.spec_decode.dflash.speculator import \
+        DFlashSpeculator
+
+    from vllm_jetspec.vllm_patches.triton_attention import \
+        TritonTreeAttentionMetadataBuilder
+    from vllm_jetspec.vllm_patches.v2.speculator import JetSpecSpeculator
+
+    budget, slots = 8, 16
+    cfg = NS(speculative_config=NS(num_speculative_tokens=budget - 1),
+             scheduler_config=NS(max_num_seqs=4),
+             model_config=NS(max_model_len=1000))
+
+    def builder():
+        return TritonTreeAttentionMetadataBuilder(None, [], cfg,
+                                                  torch.device("cpu"))
+
+    def draft_step(b):
+        n = [slots, slots]
+        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
+        seq = (torch.tensor([30, 50]) + torch.tensor(n)).to(torch.int32)
+        return b.build(0, NS(
+            num_reqs=2, causal=False, query_start_loc_cpu=qsl,
+            query_start_loc=qsl.clone(), seq_lens=seq,
+            block_table_tensor=torch.zeros(2, 8, dtype=torch.int32),
+            slot_mapping=torch.zeros(2 * slots, dtype=torch.long),
+            num_actual_tokens=2 * slots, max_seq_len=int(seq.max())))
+
+    assert not draft_step(builder()).graph_safe       # what went wrong
+    draft, target = builder(), builder()
+    monkeypatch.setattr(DFlashSpeculator, "set_attn",
+                        lambda self, *a, **k: setattr(
+                            self, "attn_groups",
+                            [[NS(metadata_builders=[draft, object()])], []]))
+    sp = JetSpecSpeculator.__new__(JetSpecSpeculator)
+    sp.num_query_per_req = slots
+    sp.set_attn(None, None, None, None, [[NS(metadata_builders=[target])]])
+    assert draft.masks_buf.shape[1] == slots
+    assert target.masks_buf.shape[1] == budget
+    m = draft_step(draft)
+    assert m.graph_safe
+    assert m.masks.data_ptr() == draft.masks_buf.data_ptr()
+    assert m.prefix_lens.data_ptr() == draft.prefix_buf.data_ptr()
+    assert m.prefix_lens.tolist() == [30, 50]
+    # every slot of a request sees all its slots (not causal)
+    assert int(m.masks[0, 0, 0]) == (1 << slots) - 1
+    # a budget's worth (or a causal head's depth) leaves them as they are
+    draft.reserve_nodes(budget)
+    assert draft.masks_buf.shape[1] == slots

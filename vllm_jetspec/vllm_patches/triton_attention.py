@@ -202,6 +202,25 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         self.chain_kernel = self.metadata_kernel and \
             torch.device(device).type == "cuda"
 
+    def reserve_nodes(self, n: int) -> None:
+        """Persistent buffers for steps of up to ``n`` new tokens a request
+        (before any CUDA graph is captured). The draft pass of a
+        bidirectional head runs ``1 + depth`` query slots a request, more
+        than the budget the buffers are sized from when ``tree_budget`` is
+        below the head's block size; vLLM captures FULL draft graphs
+        whatever the builder says, so a draft step that did not fit built
+        its prefixes and masks in fresh tensors, which a replay then read
+        freed (found in review, 2026-12-05). Only the drafter's builders
+        are widened: the target's all-tree path wants rows of the budget."""
+        rows, N, _ = self.masks_buf.shape
+        if n <= N:
+            return
+        words = (n + BITS - 1) // BITS
+        self.masks_buf = torch.zeros(rows, n, words, dtype=torch.long,
+                                     device=self.masks_buf.device)
+        if n > self.chain.shape[0]:
+            self.chain = chain_words(n, words, self.chain.device)
+
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
         from vllm.platforms import current_platform

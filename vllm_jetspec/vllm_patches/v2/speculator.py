@@ -174,6 +174,18 @@ class JetSpecSpeculator(DFlashSpeculator):
         # The runner's StepProfiler (counts skipped passes), set by it.
         self.profiler = None
 
+    def set_attn(self, *args, **kwargs) -> None:
+        """vLLM's, then the draft layers' tree-attention builders sized for
+        the draft pass's ``1 + depth`` slots a request (a bidirectional
+        head's may exceed the budget: ``reserve_nodes``)."""
+        super().set_attn(*args, **kwargs)
+        from ..triton_attention import TritonTreeAttentionMetadataBuilder
+        for groups in self.attn_groups:
+            for g in (groups if isinstance(groups, list) else [groups]):
+                for b in g.metadata_builders:
+                    if isinstance(b, TritonTreeAttentionMetadataBuilder):
+                        b.reserve_nodes(self.num_query_per_req)
+
     def init_cudagraph_manager(self, cudagraph_mode: CUDAGraphMode) -> None:
         """vLLM's graph manager reads a dynamic-SD schedule (``auto``) as
         the verify step's query lengths; the draft pass always runs 1 +

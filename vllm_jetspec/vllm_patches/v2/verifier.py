@@ -113,8 +113,9 @@ class TreeVerifier:
                                   max_depth=max_depth, table=self._table)
 
     def _target_kv(self) -> list[torch.Tensor]:
-        """The K/V caches of the target's layers (those on our tree
-        backend; the head's layers keep vLLM's backend and cache layout)."""
+        """The K/V caches of the target's layers (the runner's attention
+        groups on our tree backend; the head's layers, on it too, are the
+        speculator's groups, not the runner's)."""
         if self._kv is None:
             from ..triton_attention import TritonTreeAttentionBackend
             ctx = self.runner.compilation_config.static_forward_context
