@@ -142,6 +142,39 @@ def test_accept_rows_budget_and_depth_edges():
             assert torch.equal(got[name].cpu(), want[name]), (B, name)
 
 
+def test_a_malformed_tree_cannot_walk_past_its_rows():
+    """A root stored as its own parent (no writer does this: trees store
+    the root's parent as -1) would let the walk stay at the root while the
+    target repeats its token, to depth D past a request of fewer rows, and
+    move K/V into other requests' slots: the walk is bounded by the
+    request's node count (found in review, 2026-12-05)."""
+    s = _step(4, R=4, B=16, D=6)
+    # what the kernel relies on: a child after its parent, in both layouts
+    for layout in ("depth", "best_first"):
+        t = _step(5, R=4, B=16, D=6, layout=layout)["req_parents"]
+        k = torch.arange(t.shape[1])
+        assert bool(((t < k) | (t == -1)).all())
+    cu = s["cu"]
+    for r in range(4):
+        req = int(s["idx"][r])
+        s["req_parents"][req, 0] = 0            # the root its own parent
+        row = int(cu[r])
+        s["tgt"][row] = s["input_ids"][int(s["li"][row])]   # matches root
+    got = accept_rows(*[_dev(s[k]) for k in (
+        "cu", "li", "input_ids", "tgt", "slot_mapping", "idx",
+        "req_parents", "req_nodes")], None, max_depth=s["D"],
+        num_tokens=s["T"], max_rows=s["N"])
+    counts = (cu[1:] - cu[:-1]).tolist()
+    for r in range(4):
+        n = min(counts[r], int(s["req_nodes"][int(s["idx"][r])]))
+        assert 1 <= int(got["num_sampled"][r]) <= n
+        # every K/V move stays among the request's own slots
+        own = set(s["slot_mapping"][s["li"][int(cu[r]):int(cu[r + 1])]]
+                  .tolist())
+        for t in got["src"][r].tolist() + got["dst"][r].tolist():
+            assert t == -1 or t in own
+
+
 def test_rows_beyond_the_stored_tree_are_refused():
     s = _step(0, R=2, B=4)
     with pytest.raises(ValueError, match="rows"):

@@ -113,7 +113,11 @@ def _accept_rows_kernel(
     alive = nodes > 0
     for d in tl.static_range(1, D + 1):
         want = tl.load(TGT + start + cur).to(tl.int64)
-        cand = valid & (par == cur) & (tok == want)
+        # (k > cur: a child comes after its parent in every layout, so the
+        # path's nodes are distinct and below the request's node count even
+        # should a stored tree ever be malformed, e.g. a root as its own
+        # parent: its node order and gathers stay inside its rows)
+        cand = valid & (par == cur) & (tok == want) & (k > cur)
         c = tl.min(tl.where(cand, k, BN), axis=0).to(tl.int64)
         go = alive & (c < BN)
         cur = tl.where(go, c, cur)

@@ -125,7 +125,9 @@ class JetSpecSpeculator(DFlashSpeculator):
         self.draft_tokens = torch.zeros(R, slots, dtype=torch.int64,
                                         device=device)
         # The draft pass's trees by batch row (graph outputs) ...
-        self.row_parents = torch.zeros(R, B, dtype=torch.int64, device=device)
+        # (-1: a root's parent, as every tree stores it)
+        self.row_parents = torch.full((R, B), -1, dtype=torch.int64,
+                                      device=device)
         self.row_depth = torch.zeros(R, B, dtype=torch.int64, device=device)
         self.row_masks = torch.zeros(R, B, W, dtype=torch.int64,
                                      device=device)
