@@ -423,3 +423,39 @@ def test_page_ids_are_widened_before_addressing_the_caches():
         timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok   attention_") == 2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_non_causal_steps_see_every_new_token(splits):
+    """A non-causal step (a bidirectional head's draft pass): every node
+    sees all of its request's new tokens, later slots included. Each
+    program used to stop at its own last node (right for ancestor rows)
+    and, past one 64-key step, a node of an early tile missed later slots
+    (requests of 100 new tokens, 8-node tiles: an error of order 1)."""
+    g = torch.Generator().manual_seed(11)
+    hq, hkv, D, bs = 16, 2, 32, 16
+    n, prefixes = [100, 70, 1], [20, 5, 0]
+    R, N = len(n), max(n)
+    W = (N + 63) // 64
+    mask = torch.zeros(R, N, W, dtype=torch.long)
+    for r, k in enumerate(n):
+        for w in range(W):
+            b = min(max(k - 64 * w, 0), 64)
+            mask[r, :, w] = -1 if b == 64 else (1 << b) - 1
+    lengths = [p + k for p, k in zip(prefixes, n)]
+    max_blocks = (max(lengths) + bs - 1) // bs
+    blocks = R * max_blocks + 2
+    bt = torch.randperm(blocks, generator=g)[:R * max_blocks].view(
+        R, max_blocks).int()
+    k = torch.randn(blocks, bs, hkv, D, generator=g)
+    v = torch.randn(blocks, bs, hkv, D, generator=g)
+    q = torch.randn(sum(n), hq, D, generator=g)
+    qsl = torch.tensor([0, *n]).cumsum(0).int()
+    pre = torch.tensor(prefixes).int()
+    want = tree_attention_ref(q, k, v, bt.long(), pre.long(), qsl.long(),
+                              mask, D ** -0.5)
+    got = tree_attention(*(t.to(DEV) for t in (q, k, v, bt, pre, qsl, mask)),
+                         D ** -0.5, max_nodes=N, large_tiles=False,
+                         num_splits=splits, max_prefix=max(prefixes),
+                         causal=False)
+    assert (got.cpu() - want).abs().max().item() < 2e-4

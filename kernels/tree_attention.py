@@ -124,7 +124,7 @@ def _attend(
 # multiple of 16, other) of each stride, and a compilation inside a served
 # step costs seconds (H100, 2026-11-24: a 5 s verify step in the first
 # prefill of a SmolLM2 run, reported by vLLM's JIT monitor).
-_PER_STEP = ["s_mr", "s_mn", "s_mw"]
+_PER_STEP = ["s_mr", "s_mn", "s_mw", "later"]
 # Each kernel's arguments left unspecialised (read by the test that checks
 # ``precompile`` against the launches).
 DO_NOT_SPECIALIZE = {
@@ -137,7 +137,7 @@ DO_NOT_SPECIALIZE = {
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_kernel"])
 def _tree_attn_kernel(
     Q, K, V, O, BT, PREFIX, QSL, MASK,
-    scale,
+    scale, later,
     s_qt, s_qh, s_qd,
     s_kb, s_ks, s_kh, s_kd,
     s_vb, s_vs, s_vh, s_vd,
@@ -168,10 +168,12 @@ def _tree_attn_kernel(
     d = tl.arange(0, D)
 
     # The whole prefix, then the tree slots up to the tile's last node
-    # (no later slot can be an ancestor).
+    # (no later slot can be an ancestor), or all of them (``later``: a
+    # non-causal step, where a node may see later slots).
     m_i, l_i, acc = _attend(
         q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, 0, prefix,
-        tl.minimum(node0 + NODES, n), scale * 1.4426950408889634,
+        tl.where(later != 0, n, tl.minimum(node0 + NODES, n)),
+        scale * 1.4426950408889634,
         s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
         s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
         BLOCK_N=BLOCK_N, PREC=PREC)
@@ -184,7 +186,7 @@ def _tree_attn_kernel(
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_split_kernel"])
 def _tree_attn_split_kernel(
     Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
-    scale, min_split, T, HQ,
+    scale, later, min_split, T, HQ,
     s_qt, s_qh, s_qd,
     s_kb, s_ks, s_kh, s_kd,
     s_vb, s_vs, s_vh, s_vd,
@@ -221,8 +223,9 @@ def _tree_attn_split_kernel(
         tl.cdiv(tl.cdiv(prefix, SPLITS), BLOCK_N) * BLOCK_N, min_split)
     lo = sp * split_len
     hi = tl.minimum(lo + split_len, prefix)     # SPLITS * L >= prefix
-    # The last split alone takes the tree.
-    last = tl.where(sp == SPLITS - 1, tl.minimum(node0 + NODES, n), 0)
+    # The last split alone takes the tree (as far as the single pass).
+    last = tl.where(sp == SPLITS - 1, tl.where(
+        later != 0, n, tl.minimum(node0 + NODES, n)), 0)
     rows = tl.arange(0, ROWS)
     # int64: SPLITS * T * HQ * D can pass 2^31.
     w = (sp * T + q0 + node0 + rows // GROUP).to(tl.int64) * HQ \
@@ -364,8 +367,14 @@ def tree_attention(
     tile: tuple[int, int, int, int] | None = None,
     precision: str | None = None,
     split_blocks: int = MIN_SPLIT_BLOCKS,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
+
+    ``causal``: the mask rows are ancestors (or causal chains), so no
+    node sees a later slot and each program reads the tree's slots up to
+    its own last node; False (a non-causal step: every new token of a
+    request for each of them) reads all of them.
 
     ``max_nodes`` bounds the nodes of any request (default: read from
     ``query_start_loc``, which synchronises with the device); ``out`` may be
@@ -437,13 +446,14 @@ def tree_attention(
         _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
                       query_start_loc, tree_mask, scale,
                       split_blocks * block_n, (nodes, rows, block_n, warps),
-                      prec, splits, (R, tiles, Hkv * splits), stages)
+                      prec, splits, (R, tiles, Hkv * splits), stages,
+                      later=int(not causal))
         _launch_combine(ws, out, splits, (T, Hq))
         return out
     _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
                    query_start_loc, tree_mask, scale,
                    (nodes, rows, block_n, warps), prec, (R, tiles, Hkv),
-                   stages)
+                   stages, later=int(not causal))
     return out
 
 
@@ -472,12 +482,12 @@ def _workspaces(splits, T, Hq, D, device):
 
 def _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
                    query_start_loc, tree_mask, scale, tile, prec, grid,
-                   stages, warmup=False):
+                   stages, warmup=False, later=0):
     nodes, rows, block_n, warps = tile
     Hq, D = q.shape[1:]
     return _go(_tree_attn_kernel, grid, (
         q, k_cache, v_cache, out, block_table, prefix_lens,
-        query_start_loc, tree_mask, scale,
+        query_start_loc, tree_mask, scale, later,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), *tree_mask.stride()), dict(
         BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],
@@ -487,12 +497,12 @@ def _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
 
 def _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
                   query_start_loc, tree_mask, scale, min_split, tile, prec,
-                  splits, grid, stages, warmup=False):
+                  splits, grid, stages, warmup=False, later=0):
     nodes, rows, block_n, warps = tile
     T, Hq, D = q.shape
     return _go(_tree_attn_split_kernel, grid, (
         q, k_cache, v_cache, *ws, block_table, prefix_lens,
-        query_start_loc, tree_mask, scale, min_split, T, Hq,
+        query_start_loc, tree_mask, scale, later, min_split, T, Hq,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *block_table.stride(), *tree_mask.stride()), dict(
         BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],

@@ -443,7 +443,7 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        self.scale, max_nodes=m.max_nodes, out=out,
                        num_splits=self.splits, max_prefix=m.max_seq_len,
                        large_tiles=self.large_tiles,
-                       precision=self.precision)
+                       precision=self.precision, causal=m.causal)
         return output
 
     def precompile(self, q, kv_cache, m, out) -> None:
