@@ -423,6 +423,28 @@ def test_page_ids_are_widened_before_addressing_the_caches():
         timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok   attention_") == 2
+    if DEV != "cuda":
+        return
+    # On a GPU, the kernel itself over a 4.5 GB bf16 cache, reading pages
+    # past 2^31 / block stride (single pass and split)
+    bs, D, P, pg = 16, 64, 40, 1_090_000
+    kv = torch.empty(pg + 4, 2, bs, 1, D, dtype=torch.bfloat16, device=DEV)
+    g = torch.Generator().manual_seed(0)
+    kv[pg:pg + 3] = torch.randn(3, 2, bs, 1, D, generator=g).to(kv)
+    q = torch.randn(1, 1, D, generator=g).to(kv)
+    bt = torch.arange(pg, pg + 3, dtype=torch.int32, device=DEV)[None]
+    pre = torch.tensor([P], dtype=torch.int32, device=DEV)
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    mask = torch.ones(1, 1, 1, dtype=torch.long, device=DEV)
+    k = kv[pg:pg + 3, 0].reshape(-1, D)[:P + 1].float()
+    v = kv[pg:pg + 3, 1].reshape(-1, D)[:P + 1].float()
+    want = torch.softmax(q[0].float() @ k.T * D ** -0.5, -1) @ v
+    for splits in (1, 2):
+        got = tree_attention(q, kv[:, 0], kv[:, 1], bt, pre, qsl, mask,
+                             D ** -0.5, max_nodes=1, num_splits=splits,
+                             max_prefix=P)
+        assert (got[0].float() - want).abs().max().item() < 2e-2
+    del kv
 
 
 @pytest.mark.parametrize("splits", [1, 3])
