@@ -207,6 +207,20 @@ def test_v2_graph_mode_counts_survive_profile_resets():
     assert runner._jetspec_prof.draft_modes == {"none": 2}
 
 
+def _common_metadata(n, prefix, causal=True):
+    """vLLM's CommonAttentionMetadata of a step (the fields the tree
+    builder reads): requests of ``n`` new tokens over ``prefix`` cached."""
+    from types import SimpleNamespace as NS
+
+    qsl = torch.tensor([0] + list(n)).cumsum(0).to(torch.int32)
+    seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
+    return NS(num_reqs=len(n), causal=causal, query_start_loc_cpu=qsl,
+              query_start_loc=qsl.clone(), seq_lens=seq,
+              block_table_tensor=torch.zeros(len(n), 8, dtype=torch.int32),
+              slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
+              num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
+
+
 def test_builder_takes_v2_tree_rows_from_the_device():
     """V2 rounds hand the tree backend's builder the drafter's device rows
     (``tree_state.DeviceTrees``, by request-state index): a step where every
@@ -231,16 +245,6 @@ def test_builder_takes_v2_tree_rows_from_the_device():
              model_config=NS(max_model_len=1000))
     b = TritonTreeAttentionMetadataBuilder(None, [], cfg, torch.device("cpu"))
 
-    def common(n, prefix):
-        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
-        seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
-        return NS(num_reqs=len(n), causal=True, query_start_loc_cpu=qsl,
-                  query_start_loc=qsl.clone(), seq_lens=seq,
-                  block_table_tensor=torch.zeros(len(n), 8,
-                                                 dtype=torch.int32),
-                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
-                  num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
-
     def tree_rows(req, n):
         return _unpack_rows(req_masks[req, :n], n)
 
@@ -249,7 +253,7 @@ def test_builder_takes_v2_tree_rows_from_the_device():
         tree_state.set_device_trees(tree_state.DeviceTrees(
             torch.tensor([3, 1], dtype=torch.int32), np.array([True, True]),
             req_masks))
-        m = b.build(0, common([B, B], [5, 8]))
+        m = b.build(0, _common_metadata([B, B], [5, 8]))
         assert m.masks.data_ptr() == b.masks_buf.data_ptr() and m.graph_safe
         for r, req in enumerate((3, 1)):
             assert torch.equal(_unpack_rows(m.masks[r, :B], B),
@@ -259,7 +263,7 @@ def test_builder_takes_v2_tree_rows_from_the_device():
             torch.tensor([2, 0], dtype=torch.int32), np.array([True, False]),
             req_masks))
         for n in ([6, 7], [6, 70]):          # fits the buffer / does not
-            m = b.build(0, common(n, [4, 0]))
+            m = b.build(0, _common_metadata(n, [4, 0]))
             assert m.graph_safe == (n[1] <= B)
             assert torch.equal(_unpack_rows(m.masks[0, :6], 6),
                                tree_rows(2, 6))
@@ -1148,16 +1152,6 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
              scheduler_config=NS(max_num_seqs=6),
              model_config=NS(max_model_len=1000))
 
-    def common(n, prefix):
-        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
-        seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
-        return NS(num_reqs=len(n), causal=causal, query_start_loc_cpu=qsl,
-                  query_start_loc=qsl.clone(), seq_lens=seq,
-                  block_table_tensor=torch.zeros(len(n), 8,
-                                                 dtype=torch.int32),
-                  slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
-                  num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
-
     launches = []
     real = tree_verify.chain_step_metadata
 
@@ -1186,7 +1180,7 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
                 dev = tree_state.DeviceTrees(
                     torch.tensor([2] * len(n), dtype=torch.int32),
                     np.array([True] + [False] * (len(n) - 1)), req_masks)
-            c = common(n, prefix)
+            c = _common_metadata(n, prefix, causal)
             if i == 3:
                 c.seq_lens[0] = 0       # shorter than its query (warm-up)
             got = []
@@ -1242,15 +1236,8 @@ def test_draft_builders_hold_a_bidirectional_heads_draft_pass(monkeypatch):
                                                   torch.device("cpu"))
 
     def draft_step(b):
-        n = [slots, slots]
-        qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
-        seq = (torch.tensor([30, 50]) + torch.tensor(n)).to(torch.int32)
-        return b.build(0, NS(
-            num_reqs=2, causal=False, query_start_loc_cpu=qsl,
-            query_start_loc=qsl.clone(), seq_lens=seq,
-            block_table_tensor=torch.zeros(2, 8, dtype=torch.int32),
-            slot_mapping=torch.zeros(2 * slots, dtype=torch.long),
-            num_actual_tokens=2 * slots, max_seq_len=int(seq.max())))
+        return b.build(0, _common_metadata([slots, slots], [30, 50],
+                                           causal=False))
 
     assert not draft_step(builder()).graph_safe       # what went wrong
     draft, target = builder(), builder()
