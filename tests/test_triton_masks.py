@@ -129,6 +129,9 @@ def _builder(budget=20, max_num_seqs=4):
 
 
 def _common(n, prefix, causal=True):
+    """vLLM's CommonAttentionMetadata of a step, the fields the tree
+    builder reads: requests of ``n`` new tokens over ``prefix`` cached
+    (also used by tests/test_v2_round.py)."""
     from types import SimpleNamespace as NS
     qsl = torch.tensor([0] + n).cumsum(0).to(torch.int32)
     seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_triton_masks import _common   # a step's common attention metadata
 from vllm_jetspec.tree import accept, build_tree
 from vllm_jetspec.tree.ragged import (path_first_gather, position_offsets,
                                       ragged_rows, to_padded)
@@ -207,20 +208,6 @@ def test_v2_graph_mode_counts_survive_profile_resets():
     assert runner._jetspec_prof.draft_modes == {"none": 2}
 
 
-def _common_metadata(n, prefix, causal=True):
-    """vLLM's CommonAttentionMetadata of a step (the fields the tree
-    builder reads): requests of ``n`` new tokens over ``prefix`` cached."""
-    from types import SimpleNamespace as NS
-
-    qsl = torch.tensor([0] + list(n)).cumsum(0).to(torch.int32)
-    seq = (torch.tensor(prefix) + torch.tensor(n)).to(torch.int32)
-    return NS(num_reqs=len(n), causal=causal, query_start_loc_cpu=qsl,
-              query_start_loc=qsl.clone(), seq_lens=seq,
-              block_table_tensor=torch.zeros(len(n), 8, dtype=torch.int32),
-              slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
-              num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
-
-
 def test_builder_takes_v2_tree_rows_from_the_device():
     """V2 rounds hand the tree backend's builder the drafter's device rows
     (``tree_state.DeviceTrees``, by request-state index): a step where every
@@ -253,7 +240,7 @@ def test_builder_takes_v2_tree_rows_from_the_device():
         tree_state.set_device_trees(tree_state.DeviceTrees(
             torch.tensor([3, 1], dtype=torch.int32), np.array([True, True]),
             req_masks))
-        m = b.build(0, _common_metadata([B, B], [5, 8]))
+        m = b.build(0, _common([B, B], [5, 8]))
         assert m.masks.data_ptr() == b.masks_buf.data_ptr() and m.graph_safe
         for r, req in enumerate((3, 1)):
             assert torch.equal(_unpack_rows(m.masks[r, :B], B),
@@ -263,7 +250,7 @@ def test_builder_takes_v2_tree_rows_from_the_device():
             torch.tensor([2, 0], dtype=torch.int32), np.array([True, False]),
             req_masks))
         for n in ([6, 7], [6, 70]):          # fits the buffer / does not
-            m = b.build(0, _common_metadata(n, [4, 0]))
+            m = b.build(0, _common(n, [4, 0]))
             assert m.graph_safe == (n[1] <= B)
             assert torch.equal(_unpack_rows(m.masks[0, :6], 6),
                                tree_rows(2, 6))
@@ -1180,7 +1167,7 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
                 dev = tree_state.DeviceTrees(
                     torch.tensor([2] * len(n), dtype=torch.int32),
                     np.array([True] + [False] * (len(n) - 1)), req_masks)
-            c = _common_metadata(n, prefix, causal)
+            c = _common(n, prefix, causal)
             if i == 3:
                 c.seq_lens[0] = 0       # shorter than its query (warm-up)
             got = []
@@ -1236,7 +1223,7 @@ def test_draft_builders_hold_a_bidirectional_heads_draft_pass(monkeypatch):
                                                   torch.device("cpu"))
 
     def draft_step(b):
-        return b.build(0, _common_metadata([slots, slots], [30, 50],
+        return b.build(0, _common([slots, slots], [30, 50],
                                            causal=False))
 
     assert not draft_step(builder()).graph_safe       # what went wrong
