@@ -112,6 +112,16 @@ def tree_step_metadata_ref(masks, idx, seq_lens, qsl, masks_out, prefix_out,
     qsl_out[:R + 1].copy_(qsl)
 
 
+def prefix_words(lim: torch.Tensor, words: int) -> torch.Tensor:
+    """[*lim.shape, words] int64 packed rows: bits 0..lim set in each
+    (bit j in word j // 64); a causal chain's row i is ``lim = i``."""
+    w = torch.arange(words, device=lim.device)
+    b = (lim[..., None] - 64 * w + 1).clamp(0, 64)
+    one = torch.ones((), dtype=torch.long, device=lim.device)
+    # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1.
+    return torch.where(b == 64, -one, (one << b.clamp(max=63)) - 1)
+
+
 def chain_step_metadata_ref(qsl, seq_lens, causal, masks_out, prefix_out,
                             qsl_out) -> None:
     """What the Triton backend's metadata builder did in torch for a step
@@ -126,10 +136,7 @@ def chain_step_metadata_ref(qsl, seq_lens, causal, masks_out, prefix_out,
     lim = i[None, :].expand(R, n)
     if not causal:
         lim = torch.where((k > 0)[:, None], (k - 1)[:, None], lim)
-    w = torch.arange(words, device=qsl.device)
-    b = (lim[..., None] - 64 * w + 1).clamp(0, 64)
-    one = torch.ones((), dtype=torch.long, device=qsl.device)
-    masks_out[:R] = torch.where(b == 64, -one, (one << b.clamp(max=63)) - 1)
+    masks_out[:R] = prefix_words(lim, words)
     torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
                 out=prefix_out[:R])
     qsl_out[:R + 1].copy_(qsl)

@@ -50,12 +50,8 @@ BITS = 64
 
 def chain_words(n: int, words: int, device) -> torch.Tensor:
     """[n, words] int64 packed causal rows: row i has bits 0..i set."""
-    i = torch.arange(n, device=device)[:, None]
-    w = torch.arange(words, device=device)[None, :]
-    b = (i - BITS * w + 1).clamp(0, BITS)
-    one = torch.ones((), dtype=torch.long, device=device)
-    # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1.
-    return torch.where(b == BITS, -one, (one << b.clamp(max=BITS - 1)) - 1)
+    from ..kernels.tree_verify_ref import prefix_words
+    return prefix_words(torch.arange(n, device=device), words)
 
 
 @functools.lru_cache(maxsize=64)
