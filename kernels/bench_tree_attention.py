@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                             mask[i, w] = bits - (1 << 64) if bits >= 1 << 63 \
                                 else bits
                 mask = mask.expand(B, N, W).contiguous().to(dev)
+                # read as tree rows (the verify step's case)
+                tree_rows = torch.ones(B, dtype=torch.int32, device=dev)
                 first = None
                 for tiles, sp in variants:
                     out = torch.empty_like(q)
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                         q, k, v, bt, prefix, qsl, mask, D ** -0.5,
                         max_nodes=N, out=out, num_splits=sp,
                         max_prefix=args.max_prefix or P,
+                        tree_rows=tree_rows,
                         **({} if args.split_blocks is None else
                            dict(split_blocks=args.split_blocks)),
                         large_tiles=tiles == "large",

@@ -33,11 +33,10 @@ STORE = dict(IDX="*i32", SP="*i64", SD="*i64", SM="*i64", SN="*i64",
              DP="*i64", DD="*i64", DM="*i64", DN="*i64", B="i32", BW="i32",
              BP="constexpr", BM="constexpr")
 META = dict(MASKS="*i64", IDX="*i32", SEQ="*i32", QSL="*i32",
-            MASKS_OUT="*i64", PREFIX_OUT="*i32", QSL_OUT="*i32", R="i32",
-            NM="i32", NW="i32", BM="constexpr")
-CHAIN = dict(QSL="*i32", SEQ="*i32", MASKS_OUT="*i64", PREFIX_OUT="*i32",
-             QSL_OUT="*i32", R="i32", NN="i32", WW="i32", S0="i32", S1="i32",
-             CAUSAL="i32", BR="constexpr", BW="constexpr")
+            MASKS_OUT="*i64", PREFIX_OUT="*i32", QSL_OUT="*i32",
+            TREE_OUT="*i32", R="i32", NM="i32", NW="i32", BM="constexpr")
+CHAIN = dict(QSL="*i32", SEQ="*i32", PREFIX_OUT="*i32", QSL_OUT="*i32",
+             TREE_OUT="*i32", R="i32")
 
 
 def variants(budgets, depths):
@@ -52,8 +51,8 @@ def variants(budgets, depths):
             dict(POS, EXP_IDX="*i64", LOCAL="*i64"),
             dict(UNDO=True, BLOCK=tv.POS_BLOCK), 4),
            # one variant for every step without trees, whatever its shape
-           ("chain_metadata", tv._chain_step_metadata_kernel, CHAIN,
-            dict(BR=tv._CHAIN_ROWS, BW=tv._CHAIN_WORDS), 1)]
+           ("chain_metadata", tv._chain_step_metadata_kernel, CHAIN, {},
+            1)]
     for B in budgets:
         W = (B + 63) // 64
         for D in depths:
@@ -70,7 +69,7 @@ def variants(budgets, depths):
 # The tree-attention kernels (compiled to check how they address the K/V
 # caches).
 ATTN_PTRS = dict(Q="*bf16", K="*fp16", V="*fp16", O="*bf16", BT="*i32",
-                 PREFIX="*i32", QSL="*i32", MASK="*i64", MW="*fp32",
+                 PREFIX="*i32", QSL="*i32", MASK="*i64", TREE="*i32", MW="*fp32",
                  LW="*fp32", AW="*fp32")
 
 

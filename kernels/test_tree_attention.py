@@ -311,8 +311,9 @@ class _Recorder:
 def _engine_like_steps(hq, hkv, D, dtype):
     """Tensors laid out as the engine's are, step after step: one KV cache
     ([blocks, 2, page, H, D], per-layer views), persistent query/output,
-    block-table and metadata buffers used through leading slices, fresh
-    packed masks of the step's width. Steps: vLLM's warm-up (a 17-token
+    block-table and metadata buffers used through leading slices, the
+    builder's mask and tree-flag buffers (chains flagged 0: the prefills
+    and decode steps). Steps: vLLM's warm-up (a 17-token
     prefill per request), a budget-16 verify, a 200-token prefill, a
     100-token chunk after a 300-token prefix, four trees over long
     prefixes, decode steps, single trees over a 700-token prefix. A
@@ -328,6 +329,8 @@ def _engine_like_steps(hq, hkv, D, dtype):
     out_buf = torch.empty_like(q_buf)
     pre_buf = torch.zeros(8, dtype=torch.int32, **to)
     qsl_buf = torch.zeros(9, dtype=torch.int32, **to)
+    masks_buf = torch.full((8, 64, 1), -1, dtype=torch.long, **to)
+    tree_buf = torch.zeros(8, dtype=torch.int32, **to)
     steps = [([17] * 4, [0] * 4), ([16], [17]), ([200], [0]),
              ([100], [300]), ([16] * 4, [500, 20, 300, 600]),
              ([1] * 6, [40, 1, 700, 3, 90, 16]),
@@ -336,14 +339,14 @@ def _engine_like_steps(hq, hkv, D, dtype):
              ([16], [700]), ([32], [700]), ([43], [700])]
     for nodes, prefixes in steps:
         R, T, N = len(nodes), sum(nodes), max(nodes)
-        W = (N + 63) // 64
         pre_buf[:R] = torch.tensor(prefixes, dtype=torch.int32)
         qsl_buf[:R + 1] = torch.tensor([0, *nodes], dtype=torch.int32
                                        ).cumsum(0)
-        masks = torch.full((R, N, W), -1, dtype=torch.long, **to)
+        tree_buf[:R] = int(1 < N <= 64 and 0 not in prefixes)
         yield dict(q=q_buf[:T], k_cache=kv[:, 0], v_cache=kv[:, 1],
                    block_table=bt_buf[:R], prefix_lens=pre_buf[:R],
-                   query_start_loc=qsl_buf[:R + 1], tree_mask=masks,
+                   query_start_loc=qsl_buf[:R + 1],
+                   tree_mask=masks_buf[:R], tree_rows=tree_buf[:R],
                    scale=D ** -0.5, out=out_buf[:T]), N, max(prefixes)
 
 
@@ -480,4 +483,63 @@ def test_non_causal_steps_see_every_new_token(splits):
                          D ** -0.5, max_nodes=N, large_tiles=False,
                          num_splits=splits, max_prefix=max(prefixes),
                          causal=False)
+    assert (got.cpu() - want).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_chain_requests_are_computed_not_read(splits, causal):
+    """Requests flagged 0 in ``tree_rows`` (prefill chunks, plain decoding,
+    the draft pass) attend among their new tokens causally (or, in a
+    non-causal step, to all of them) without mask rows: the masks are
+    narrower than their chunks (trees of at most 20 nodes beside chunks of
+    150 and 70 tokens) and hold zeros for them, which read would hide
+    every new token. A step like this built dense ``requests x chunk x
+    words`` masks before (≈ 0.5 GB at 256 requests beside a 4,000-token
+    chunk), which vLLM's memory profile never saw."""
+    g = torch.Generator().manual_seed(13 + splits + 2 * causal)
+    hq, hkv, D, bs = 8, 2, 32, 16
+    n, prefixes = [150, 20, 1, 70, 7], [0, 33, 90, 16, 5]
+    flags = [0, 1, 0, 0, 1]
+    R, N = len(n), 20
+    mask = torch.zeros(R, N, 1, dtype=torch.long)
+    for r in (1, 4):
+        logp = torch.randn(1, 8, 50, generator=g).log_softmax(-1)
+        v, i = logp.topk(5, dim=-1)
+        t = build_tree(v, i, torch.zeros(1, dtype=torch.long), n[r],
+                       algo="accum_logp", width=5)
+        rows = packed_ancestor_mask(t)[0]
+        mask[r, :rows.shape[0]] = rows
+    lengths = [p + k for p, k in zip(prefixes, n)]
+    max_blocks = (max(lengths) + bs - 1) // bs
+    blocks = R * max_blocks + 2
+    bt = torch.randperm(blocks, generator=g)[:R * max_blocks].view(
+        R, max_blocks).int()
+    k = torch.randn(blocks, bs, hkv, D, generator=g)
+    v = torch.randn(blocks, bs, hkv, D, generator=g)
+    q = torch.randn(sum(n), hq, D, generator=g)
+    qsl = torch.tensor([0, *n]).cumsum(0).int()
+    pre = torch.tensor(prefixes).int()
+    tree_rows = torch.tensor(flags, dtype=torch.int32)
+    want = tree_attention_ref(q, k, v, bt.long(), pre.long(), qsl.long(),
+                              mask, D ** -0.5, tree_rows=tree_rows,
+                              causal=causal)
+    # the reference's chains are the explicit masks of before
+    for r in (0, 2, 3):
+        s, e, p = int(qsl[r]), int(qsl[r + 1]), prefixes[r]
+        kk = k[bt[r].long()].reshape(-1, hkv, D)[:p + e - s]
+        vv = v[bt[r].long()].reshape(-1, hkv, D)[:p + e - s]
+        sc = torch.einsum("qhd,khd->hqk", q[s:e],
+                          kk.repeat_interleave(hq // hkv, 1)) * D ** -0.5
+        if causal:
+            i = torch.arange(e - s)[:, None]
+            sc = sc.masked_fill(torch.arange(p + e - s)[None] > p + i,
+                                float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", sc.softmax(-1),
+                           vv.repeat_interleave(hq // hkv, 1))
+        assert (want[s:e] - ref).abs().max().item() < 1e-4, r
+    got = tree_attention(*(t.to(DEV) for t in (q, k, v, bt, pre, qsl, mask)),
+                         D ** -0.5, max_nodes=max(n), large_tiles=False,
+                         num_splits=splits, max_prefix=max(prefixes),
+                         causal=causal, tree_rows=tree_rows.to(DEV))
     assert (got.cpu() - want).abs().max().item() < 2e-4

@@ -4,7 +4,10 @@ Same semantics and arguments as ``tree_attention_ref`` (the torch reference
 beside this file): request ``r`` has ``prefix_lens[r]`` cached tokens and
 ``n_r`` tree nodes whose K/V sit in the next ``n_r`` slots of its pages;
 node ``i`` attends to the whole prefix and to tree slot ``j`` iff bit ``j``
-of its packed ancestor-mask row is set.
+of its packed ancestor-mask row is set. A request whose ``tree_rows`` flag
+is 0 has no mask rows: its new tokens are a chain (slot ``j`` iff ``j <=
+i``, or every slot in a non-causal step), computed, never read -- so a
+prefill chunk of thousands of tokens needs no ``chunk x chunk`` bits.
 
 One program per (request, tile of nodes, KV head). The query heads that
 share a KV head (GQA) are packed into the rows of the tile, so every K/V
@@ -42,7 +45,7 @@ def _tile_queries(
 @triton.jit
 def _attend(
     q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, lo, hi, last,
-    qk_scale,
+    is_tree, later, qk_scale,
     s_kb, s_ks, s_kh, s_kd,
     s_vb, s_vs, s_vh, s_vd,
     s_btr, s_btb,
@@ -51,8 +54,10 @@ def _attend(
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """Online softmax of one program's rows (q: [ROWS, D]) over prefix keys
-    [lo, hi) and tree slots [0, last) of request r, KV head kvh; returns
-    the unnormalised (running max m in base 2, sum l, acc)."""
+    [lo, hi) and tree slots [0, last) of request r, KV head kvh (its mask
+    rows when ``is_tree``, else a chain: causal, or every slot when
+    ``later``); returns the unnormalised (running max m in base 2, sum l,
+    acc)."""
     d = tl.arange(0, D)
     cols = tl.arange(0, BLOCK_N)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -84,14 +89,17 @@ def _attend(
                                             input_precision=PREC)
         m_i = m_new
 
-    # The tree: slot j of the tree iff bit j of the node's mask row is set.
+    # The tree: slot j of the tree iff bit j of the node's mask row is set;
+    # a chain: j <= node (causal) or every slot (``later``), no mask read.
     for start in range(0, last, BLOCK_N):
         t = start + cols
         ok = t < n
         word = tl.load(MASK + r * s_mr + node * s_mn + (start // 64) * s_mw,
-                       mask=row_ok, other=0)           # [ROWS] int64
+                       mask=row_ok & is_tree, other=0)  # [ROWS] int64
         bit = (word[:, None] >> (t % 64)[None, :].to(tl.int64)) & 1
-        allowed = (bit != 0) & ok[None, :] & row_ok[:, None]
+        chain = (t[None, :] <= node[:, None]) | (later != 0)
+        allowed = tl.where(is_tree, bit != 0, chain) & ok[None, :] \
+            & row_ok[:, None]
         pos = prefix + t
         page = tl.load(BT + r * s_btr + (pos // BLOCK_SIZE) * s_btb,
                        mask=ok, other=0).to(tl.int64)
@@ -136,7 +144,7 @@ DO_NOT_SPECIALIZE = {
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_kernel"])
 def _tree_attn_kernel(
-    Q, K, V, O, BT, PREFIX, QSL, MASK,
+    Q, K, V, O, BT, PREFIX, QSL, MASK, TREE,
     scale, later,
     s_qt, s_qh, s_qd,
     s_kb, s_ks, s_kh, s_kd,
@@ -173,7 +181,7 @@ def _tree_attn_kernel(
     m_i, l_i, acc = _attend(
         q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, 0, prefix,
         tl.where(later != 0, n, tl.minimum(node0 + NODES, n)),
-        scale * 1.4426950408889634,
+        tl.load(TREE + r) != 0, later, scale * 1.4426950408889634,
         s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
         s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
         BLOCK_N=BLOCK_N, PREC=PREC)
@@ -185,7 +193,7 @@ def _tree_attn_kernel(
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["_tree_attn_split_kernel"])
 def _tree_attn_split_kernel(
-    Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK,
+    Q, K, V, MW, LW, AW, BT, PREFIX, QSL, MASK, TREE,
     scale, later, min_split, T, HQ,
     s_qt, s_qh, s_qd,
     s_kb, s_ks, s_kh, s_kd,
@@ -244,7 +252,7 @@ def _tree_attn_split_kernel(
     d = tl.arange(0, D)
     m_i, l_i, acc = _attend(
         q, K, V, BT, MASK, r, kvh, node, row_ok, prefix, n, lo, hi, last,
-        scale * 1.4426950408889634,
+        tl.load(TREE + r) != 0, later, scale * 1.4426950408889634,
         s_kb, s_ks, s_kh, s_kd, s_vb, s_vs, s_vh, s_vd, s_btr, s_btb,
         s_mr, s_mn, s_mw, ROWS=ROWS, D=D, BLOCK_SIZE=BLOCK_SIZE,
         BLOCK_N=BLOCK_N, PREC=PREC)
@@ -368,8 +376,16 @@ def tree_attention(
     precision: str | None = None,
     split_blocks: int = MIN_SPLIT_BLOCKS,
     causal: bool = True,
+    tree_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of ``tree_attention_ref`` (same arguments).
+
+    ``tree_rows`` [>= R] int32: nonzero for a request whose new tokens
+    have rows in ``tree_mask``; 0 for a chain, whose rows are computed
+    (``tree_mask`` is then never read for it, so it need not hold them:
+    a long prefill chunk beside trees needs no rows of its length). None:
+    every request has rows (allocates a flag tensor: tests and tools; the
+    engine passes its builder's buffer).
 
     ``causal``: the mask rows are ancestors (or causal chains), so no
     node sees a later slot and each program reads the tree's slots up to
@@ -410,6 +426,8 @@ def tree_attention(
             if R else 0
     if T == 0 or max_nodes == 0:
         return out
+    if tree_rows is None:
+        tree_rows = torch.ones(R, dtype=torch.int32, device=q.device)
     stages = {}
     if tile is not None:
         nodes, block_n, warps, st = (int(x) for x in tile)
@@ -444,14 +462,14 @@ def tree_attention(
     if splits > 1:
         ws = _workspaces(splits, T, Hq, D, q.device)
         _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
-                      query_start_loc, tree_mask, scale,
+                      query_start_loc, tree_mask, tree_rows, scale,
                       split_blocks * block_n, (nodes, rows, block_n, warps),
                       prec, splits, (R, tiles, Hkv * splits), stages,
                       later=int(not causal))
         _launch_combine(ws, out, splits, (T, Hq))
         return out
     _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
-                   query_start_loc, tree_mask, scale,
+                   query_start_loc, tree_mask, tree_rows, scale,
                    (nodes, rows, block_n, warps), prec, (R, tiles, Hkv),
                    stages, later=int(not causal))
     return out
@@ -481,13 +499,13 @@ def _workspaces(splits, T, Hq, D, device):
 
 
 def _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
-                   query_start_loc, tree_mask, scale, tile, prec, grid,
-                   stages, warmup=False, later=0):
+                   query_start_loc, tree_mask, tree_rows, scale, tile, prec,
+                   grid, stages, warmup=False, later=0):
     nodes, rows, block_n, warps = tile
     Hq, D = q.shape[1:]
     return _go(_tree_attn_kernel, grid, (
         q, k_cache, v_cache, out, block_table, prefix_lens,
-        query_start_loc, tree_mask, scale, later,
+        query_start_loc, tree_mask, tree_rows, scale, later,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), *tree_mask.stride()), dict(
         BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],
@@ -496,13 +514,14 @@ def _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
 
 
 def _launch_split(q, k_cache, v_cache, ws, block_table, prefix_lens,
-                  query_start_loc, tree_mask, scale, min_split, tile, prec,
-                  splits, grid, stages, warmup=False, later=0):
+                  query_start_loc, tree_mask, tree_rows, scale, min_split,
+                  tile, prec, splits, grid, stages, warmup=False, later=0):
     nodes, rows, block_n, warps = tile
     T, Hq, D = q.shape
     return _go(_tree_attn_split_kernel, grid, (
         q, k_cache, v_cache, *ws, block_table, prefix_lens,
-        query_start_loc, tree_mask, scale, later, min_split, T, Hq,
+        query_start_loc, tree_mask, tree_rows, scale, later, min_split, T,
+        Hq,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *block_table.stride(), *tree_mask.stride()), dict(
         BLOCK_SIZE=k_cache.shape[1], GROUP=Hq // k_cache.shape[2],
@@ -534,7 +553,8 @@ def precompile(q: torch.Tensor, k_cache: torch.Tensor,
                tree_mask: torch.Tensor, scale: float,
                out: torch.Tensor | None = None, num_splits: int | str = 1,
                large_tiles: bool = True,
-               precision: str | None = None) -> int:
+               precision: str | None = None,
+               tree_rows: torch.Tensor | None = None) -> int:
     """Compile, without launching (Triton's ``warmup``), every kernel
     variant that ``tree_attention`` may launch on tensors laid out as
     these (the same arguments, whatever the step: tiles small and large,
@@ -548,19 +568,23 @@ def precompile(q: torch.Tensor, k_cache: torch.Tensor,
     T, Hq, D = q.shape
     if out is None:
         out = torch.empty_like(q)
+    if tree_rows is None:
+        tree_rows = torch.ones(prefix_lens.shape[0], dtype=torch.int32,
+                               device=q.device)
     prec = _precision(q, precision)
     splits = num_splits == "auto" or int(num_splits) > 1
     ws = _workspaces(2, 1, Hq, D, q.device) if splits else None
     n = 0
     for tile in tile_variants(Hq // k_cache.shape[2], D, large=large_tiles):
         _launch_single(q, k_cache, v_cache, out, block_table, prefix_lens,
-                       query_start_loc, tree_mask, scale, tile, prec,
-                       (1, 1, 1), {}, warmup=True)
+                       query_start_loc, tree_mask, tree_rows, scale, tile,
+                       prec, (1, 1, 1), {}, warmup=True)
         n += 1
         if splits:
             _launch_split(q, k_cache, v_cache, ws, block_table,
-                          prefix_lens, query_start_loc, tree_mask, scale,
-                          MIN_SPLIT_BLOCKS * tile[2], tile, prec, 2,
+                          prefix_lens, query_start_loc, tree_mask,
+                          tree_rows, scale, MIN_SPLIT_BLOCKS * tile[2],
+                          tile, prec, 2,
                           (1, 1, 1), {}, warmup=True)
             n += 1
     if splits:

@@ -65,6 +65,8 @@ def tree_attention_ref(
     query_start_loc: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    tree_rows: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Attention output for every tree node of every request.
 
@@ -75,8 +77,13 @@ def tree_attention_ref(
         block_table: [R, max_blocks] int page ids per request.
         prefix_lens: [R] cached tokens before each request's tree.
         query_start_loc: [R + 1] offsets of each request's nodes in ``q``.
-        tree_mask: [R, N, W] int64 packed ancestor masks (``N`` >= nodes).
+        tree_mask: [R, N, W] int64 packed ancestor masks (``N`` >= nodes
+            of every request with rows).
         scale: softmax scale.
+        tree_rows: [R] flags, nonzero where a request's rows are in
+            ``tree_mask``; a request with 0 is a chain: causal among its
+            new tokens, or, not ``causal``, each sees all of them. None:
+            every request has rows.
 
     Returns: [T, Hq, D] in ``q``'s dtype.
     """
@@ -85,11 +92,13 @@ def tree_attention_ref(
         raise ValueError(f"{Hq} query heads not a multiple of {Hkv} KV heads")
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
+    flags = [1] * len(qsl) if tree_rows is None else tree_rows.tolist()
     for r, p in enumerate(prefix_lens.tolist()):
         s, e = qsl[r], qsl[r + 1]
         if e == s:
             continue
         k = paged_gather(k_cache, block_table, r, p + e - s)
         v = paged_gather(v_cache, block_table, r, p + e - s)
-        out[s:e] = attend_one(q[s:e], k, v, p, tree_mask[r, :e - s], scale)
+        rows = tree_mask[r, :e - s] if flags[r] else None
+        out[s:e] = attend_one(q[s:e], k, v, p, rows, scale, causal=causal)
     return out

@@ -231,7 +231,8 @@ def store_trees(idx: torch.Tensor, rows, states) -> None:
 
 @triton.jit(do_not_specialize=["R", "NM", "NW"])
 def _tree_step_metadata_kernel(MASKS, IDX, SEQ, QSL, MASKS_OUT, PREFIX_OUT,
-                               QSL_OUT, R, NM, NW, BM: tl.constexpr):
+                               QSL_OUT, TREE_OUT, R, NM, NW,
+                               BM: tl.constexpr):
     r = tl.program_id(0)
     q0 = tl.load(QSL + r)
     tl.store(QSL_OUT + r, q0)
@@ -241,6 +242,7 @@ def _tree_step_metadata_kernel(MASKS, IDX, SEQ, QSL, MASKS_OUT, PREFIX_OUT,
     tl.store(PREFIX_OUT + r,
              tl.maximum(tl.load(SEQ + r) - (q1 - q0), 0).to(
                  PREFIX_OUT.dtype.element_ty))
+    tl.store(TREE_OUT + r, (r < NM).to(TREE_OUT.dtype.element_ty))
     if r < NM:
         req = tl.load(IDX + r).to(tl.int64)
         w = tl.arange(0, BM)
@@ -252,16 +254,17 @@ def _tree_step_metadata_kernel(MASKS, IDX, SEQ, QSL, MASKS_OUT, PREFIX_OUT,
 def tree_step_metadata(masks: torch.Tensor, idx: torch.Tensor,
                        seq_lens: torch.Tensor, qsl: torch.Tensor,
                        masks_out: torch.Tensor, prefix_out: torch.Tensor,
-                       qsl_out: torch.Tensor) -> None:
+                       qsl_out: torch.Tensor, tree_out: torch.Tensor) -> None:
     """The tree attention's metadata of a step in which every request
     verifies a tree, in one launch (``tree_step_metadata_ref``): each
     request's packed ancestor rows from its request state (``masks``
     [max_reqs, N, W], ``idx`` [n] for the step's n requests), and for
     the ``R = len(qsl) - 1 >= n`` rows of the step (a CUDA graph's padded
-    requests included) the cached prefix ``max(seq_len - new tokens, 0)``
-    and the query start locations, into the builder's persistent buffers
-    (``masks_out`` [>= n, N, W], ``prefix_out`` [>= R], ``qsl_out``
-    [>= R + 1])."""
+    requests included) the cached prefix ``max(seq_len - new tokens, 0)``,
+    the query start locations and the tree flags (1 for the n requests, 0
+    for padded rows), into the builder's persistent buffers (``masks_out``
+    [>= n, N, W], ``prefix_out`` [>= R], ``qsl_out`` [>= R + 1],
+    ``tree_out`` [>= R])."""
     R = qsl.shape[0] - 1
     if R <= 0:
         return
@@ -272,75 +275,40 @@ def tree_step_metadata(masks: torch.Tensor, idx: torch.Tensor,
         raise ValueError("masks must be contiguous and of one row shape")
     NW = masks.shape[1] * masks.shape[2]
     _tree_step_metadata_kernel[(R,)](
-        masks, idx, seq_lens, qsl, masks_out, prefix_out, qsl_out, R,
-        idx.shape[0], NW, BM=triton.next_power_of_2(NW), num_warps=1)
+        masks, idx, seq_lens, qsl, masks_out, prefix_out, qsl_out, tree_out,
+        R, idx.shape[0], NW, BM=triton.next_power_of_2(NW), num_warps=1)
 
 
-# Bits of one int64 word of a packed mask row.
-_BITS = tl.constexpr(64)
-# Rows and words one iteration of the chain kernel writes (fixed, so every
-# step shape launches the one compiled variant: a decode step, a draft
-# pass and a 2048-token prefill chunk alike).
-_CHAIN_ROWS = 16
-_CHAIN_WORDS = 8
-
-
-@triton.jit(do_not_specialize=["R", "NN", "WW", "S0", "S1", "CAUSAL"])
-def _chain_step_metadata_kernel(QSL, SEQ, MASKS_OUT, PREFIX_OUT, QSL_OUT, R,
-                                NN, WW, S0, S1, CAUSAL,
-                                BR: tl.constexpr, BW: tl.constexpr):
+@triton.jit(do_not_specialize=["R"])
+def _chain_step_metadata_kernel(QSL, SEQ, PREFIX_OUT, QSL_OUT, TREE_OUT, R):
     r = tl.program_id(0)
     q0 = tl.load(QSL + r)
     q1 = tl.load(QSL + r + 1)
     tl.store(QSL_OUT + r, q0)
     if r == R - 1:
         tl.store(QSL_OUT + R, q1)
-    k = q1 - q0
-    tl.store(PREFIX_OUT + r, tl.maximum(tl.load(SEQ + r) - k, 0).to(
+    tl.store(PREFIX_OUT + r, tl.maximum(tl.load(SEQ + r) - (q1 - q0), 0).to(
         PREFIX_OUT.dtype.element_ty))
-    # Row i holds bits 0..lim: its own chain (causal, or a request without
-    # new tokens), else every new token of the request.
-    whole = (CAUSAL == 0) & (k > 0)
-    base = MASKS_OUT + r.to(tl.int64) * S0
-    for i0 in range(0, NN, BR):
-        i = i0 + tl.arange(0, BR)
-        lim = tl.where(whole, k - 1, i)
-        for w0 in range(0, WW, BW):
-            w = w0 + tl.arange(0, BW)
-            n = lim[:, None] - _BITS * w[None, :] + 1
-            n = tl.minimum(tl.maximum(n, 0), _BITS).to(tl.int64)
-            one = tl.full(n.shape, 1, tl.int64)
-            # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1
-            val = tl.where(n == _BITS, -one,
-                           (one << tl.minimum(n, 63)) - 1)
-            m = (i[:, None] < NN) & (w[None, :] < WW)
-            tl.store(base + i[:, None].to(tl.int64) * S1 + w[None, :], val,
-                     mask=m)
+    tl.store(TREE_OUT + r, tl.zeros([], TREE_OUT.dtype.element_ty))
 
 
 def chain_step_metadata(qsl: torch.Tensor, seq_lens: torch.Tensor,
-                        causal: bool, masks_out: torch.Tensor,
-                        prefix_out: torch.Tensor,
-                        qsl_out: torch.Tensor) -> None:
+                        prefix_out: torch.Tensor, qsl_out: torch.Tensor,
+                        tree_out: torch.Tensor) -> None:
     """The tree attention's metadata of a step without trees (a prefill or
     plain decoding step, a draft pass) in one launch
     (``chain_step_metadata_ref``): for each of the ``R = len(qsl) - 1``
-    requests (a CUDA graph's padded ones included) the packed rows of
-    ``masks_out`` [R, n, words] (a view of the builder's buffer: row i
-    holds bits 0..i -- its chain -- or, not ``causal``, every new token of
-    the request), the cached prefix ``max(seq_len - new tokens, 0)`` into
-    ``prefix_out`` [>= R] and the query starts into ``qsl_out``
-    [>= R + 1]. What five torch launches did (the chain's copy, the
-    prefixes' three, the query starts' copy)."""
+    requests (a CUDA graph's padded ones included) the cached prefix
+    ``max(seq_len - new tokens, 0)`` into ``prefix_out`` [>= R], the query
+    starts into ``qsl_out`` [>= R + 1] and a 0 tree flag into ``tree_out``
+    [>= R]: the kernel computes a chain's mask (causal, or every new token
+    in a non-causal step), so no rows are written. What five torch
+    launches did (the chain masks' copy, the prefixes' three, the query
+    starts' copy)."""
     R = qsl.shape[0] - 1
     if R <= 0:
         return
-    if masks_out.dim() != 3 or masks_out.shape[0] < R or \
-            masks_out.stride(2) != 1:
-        raise ValueError("masks_out must be [>= R, n, words] with unit "
-                         "word stride")
-    _, NN, WW = masks_out.shape
-    _chain_step_metadata_kernel[(R,)](
-        qsl, seq_lens, masks_out, prefix_out, qsl_out, R, NN, WW,
-        masks_out.stride(0), masks_out.stride(1), int(causal),
-        BR=_CHAIN_ROWS, BW=_CHAIN_WORDS, num_warps=1)
+    _chain_step_metadata_kernel[(R,)](qsl, seq_lens, prefix_out, qsl_out,
+                                      tree_out, R, num_warps=1)
+
+

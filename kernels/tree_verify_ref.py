@@ -102,41 +102,27 @@ def store_trees_ref(idx: torch.Tensor, rows, states) -> None:
 
 
 def tree_step_metadata_ref(masks, idx, seq_lens, qsl, masks_out, prefix_out,
-                           qsl_out) -> None:
-    """What the Triton backend's metadata builder did in torch for a step
+                           qsl_out, tree_out) -> None:
+    """What the Triton backend's metadata builder does in torch for a step
     in which every request verifies a tree (``tree_step_metadata``)."""
     R = qsl.shape[0] - 1
-    torch.index_select(masks, 0, idx.long(), out=masks_out[:idx.shape[0]])
+    n = idx.shape[0]
+    torch.index_select(masks, 0, idx.long(), out=masks_out[:n])
     torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
                 out=prefix_out[:R])
     qsl_out[:R + 1].copy_(qsl)
+    tree_out[:n] = 1
+    tree_out[n:R] = 0
 
 
-def prefix_words(lim: torch.Tensor, words: int) -> torch.Tensor:
-    """[*lim.shape, words] int64 packed rows: bits 0..lim set in each
-    (bit j in word j // 64); a causal chain's row i is ``lim = i``."""
-    w = torch.arange(words, device=lim.device)
-    b = (lim[..., None] - 64 * w + 1).clamp(0, 64)
-    one = torch.ones((), dtype=torch.long, device=lim.device)
-    # (1 << 63) - 1 wraps to bits 0..62; 64 bits is -1.
-    return torch.where(b == 64, -one, (one << b.clamp(max=63)) - 1)
-
-
-def chain_step_metadata_ref(qsl, seq_lens, causal, masks_out, prefix_out,
-                            qsl_out) -> None:
-    """What the Triton backend's metadata builder did in torch for a step
-    without trees (``chain_step_metadata``): row i of a request's masks
-    holds bits 0..i (its chain) or, not ``causal``, bits 0..k-1 for a
-    request of k > 0 new tokens; prefixes clamped at 0; the query starts
-    copied."""
+def chain_step_metadata_ref(qsl, seq_lens, prefix_out, qsl_out,
+                            tree_out) -> None:
+    """What the Triton backend's metadata builder does in torch for a step
+    without trees (``chain_step_metadata``): prefixes clamped at 0, the
+    query starts copied, every tree flag 0 (chains are computed in the
+    attention kernel)."""
     R = qsl.shape[0] - 1
-    _, n, words = masks_out.shape
-    k = (qsl[1:] - qsl[:-1]).long()
-    i = torch.arange(n, device=qsl.device)
-    lim = i[None, :].expand(R, n)
-    if not causal:
-        lim = torch.where((k > 0)[:, None], (k - 1)[:, None], lim)
-    masks_out[:R] = prefix_words(lim, words)
     torch.clamp(seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
                 out=prefix_out[:R])
     qsl_out[:R + 1].copy_(qsl)
+    tree_out[:R] = 0

@@ -1,6 +1,6 @@
-"""The packed masks the Triton attention backend builds per step
-(vllm_patches.triton_attention): causal chains, non-causal blocks and tree
-rows, against explicit boolean masks."""
+"""The masks the Triton attention backend's builder writes per step
+(vllm_patches.triton_attention): tree rows and tree flags (chains are
+computed by the kernel), against explicit boolean masks."""
 
 from __future__ import annotations
 
@@ -9,59 +9,35 @@ import torch
 
 from vllm_jetspec.kernels.tree_attention_ref import _unpack_rows
 from vllm_jetspec.tree import build_tree, packed_ancestor_mask
-from vllm_jetspec.vllm_patches.triton_attention import (chain_words,
-                                                        step_masks_device,
-                                                        step_masks_host)
+from vllm_jetspec.vllm_patches.triton_attention import step_masks_host
 
 
-def test_chain_words_are_causal_rows():
-    for n in (1, 5, 63, 64, 65, 128, 130, 300):
-        words = chain_words(n, (n + 63) // 64, "cpu")
-        assert torch.equal(_unpack_rows(words, n),
-                           torch.ones(n, n, dtype=torch.bool).tril())
+def effective_rows(m, r: int, n: int) -> torch.Tensor:
+    """[n, n] bool: what request r's n new tokens may see of each other
+    under the metadata ``m`` -- its tree rows where flagged, else the
+    chain the kernel computes (causal, or all of them when not causal)."""
+    if int(m.tree_rows[r]):
+        return _unpack_rows(m.masks[r, :n], n)
+    full = torch.ones(n, n, dtype=torch.bool)
+    return full.tril() if m.causal else full
 
 
-def test_step_masks_mix_chains_blocks_and_trees():
+def test_step_masks_host_hold_tree_rows_and_flags_only():
+    """The V1 hooks' host trees: each tree's rows at its request, flag 1;
+    the other requests (a 70-token prefill, a decode step) flag 0 and
+    zero rows -- the kernel computes their chains -- so the tensor is as
+    wide as the widest tree, not the step's longest chunk."""
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(1, 8, 50, generator=g).log_softmax(-1)
     v, i = logp.topk(5, dim=-1)
     tree = build_tree(v, i, torch.zeros(1, dtype=torch.long), 20,
                       algo="accum_logp", width=5)
     rows = packed_ancestor_mask(tree)[0]                 # [20, 1]
-    qsl = torch.tensor([0, 70, 71, 91, 94])              # n = 70, 1, 20, 3
-    m = step_masks_host(qsl, True, {2: rows})
-    assert m.shape == (4, 70, 2)
-    for r, n in enumerate((70, 1, 20, 3)):
-        want = torch.ones(n, n, dtype=torch.bool).tril() if r != 2 \
-            else _unpack_rows(rows, 20)
-        assert torch.equal(_unpack_rows(m[r, :n], n), want), r
-    # Not causal (the drafter's block): each row sees all of its request.
-    m = step_masks_host(qsl, False, {})
-    for r, n in enumerate((70, 1, 20, 3)):
-        assert _unpack_rows(m[r, :n], n).all(), r
-        assert not _unpack_rows(m[r, :n], 70)[:, n:].any(), r
-
-
-def test_step_masks_on_the_device_equal_the_hosts():
-    """Steps without host trees (V2; prefill and plain steps) make their
-    chain masks on the device from one stored chain: the same words as
-    the host's masks, causal or not, for prefill chunks longer than a
-    word, requests without tokens, from a chain wider than the step, and
-    into a view of a larger buffer (the builder's)."""
-    g = torch.Generator().manual_seed(1)
-    wide = chain_words(512, 8, "cpu")
-    for lens in ([70, 1, 20, 3], [1], [0, 5, 0], [300, 16, 16, 16, 129],
-                 [64, 65, 128], [0]):
-        qsl = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
-        for causal in (True, False):
-            want = step_masks_host(qsl, causal, {})
-            R, n, w = want.shape
-            got = step_masks_device(wide, qsl, causal, n, w)
-            assert torch.equal(got, want), (lens, causal)
-            buf = torch.randint(-9, 9, (R + 2, n + 5, w + 3), generator=g)
-            step_masks_device(wide, qsl, causal, n, w,
-                              out=buf[:R, :n, :w])
-            assert torch.equal(buf[:R, :n, :w], want), (lens, causal)
+    m, flags = step_masks_host(4, {2: rows})             # n = 70, 1, 20, 3
+    assert m.shape == (4, 20, 1) and flags.tolist() == [0, 0, 1, 0]
+    assert torch.equal(m[2], rows) and not m[[0, 1, 3]].any()
+    m, flags = step_masks_host(3, {})
+    assert m.shape == (3, 1, 1) and not m.any() and not flags.any()
 
 
 def test_tree_splits_setting():
@@ -142,37 +118,36 @@ def _common(n, prefix, causal=True):
               num_actual_tokens=int(qsl[-1]), max_seq_len=int(seq.max()))
 
 
-def test_builder_makes_chain_masks_on_the_device(monkeypatch):
-    """Without host trees (V2 steps, prefills, plain steps) the builder's
-    masks come from its stored chain, grown for a longer prefill chunk
-    (300 tokens over a budget of 20): the host's masks, causal or not,
-    none built on the host."""
-    from vllm_jetspec.vllm_patches import triton_attention
-
-    def no_host(*a):
-        raise AssertionError("masks built on the host")
-
+def test_builder_writes_no_chain_rows():
+    """Steps without trees (V2 steps beside no tree, prefills, plain steps,
+    the draft pass) write flags 0 and no mask row: the buffer keeps its
+    budget's shape and content whatever the chunk (300 tokens over a
+    budget of 20), and the kernel computes each chain, causal or not."""
     b = _builder()
-    cases = []
+    shape = b.masks_buf.shape
+    b.masks_buf.fill_(5)
     for n, causal in (([300, 1, 4], True), ([20, 3], True),
                       ([300, 2], False), ([5, 5, 1], False)):
-        c = _common(n, [4] * len(n), causal=causal)
-        cases.append((c, causal, step_masks_host(c.query_start_loc_cpu,
-                                                 causal, {})))
-    monkeypatch.setattr(triton_attention, "step_masks_host", no_host)
-    for c, causal, want in cases:
-        m = b.build(0, c)
-        R, nn, ww = want.shape
-        assert torch.equal(m.masks[:R, :nn, :ww], want), causal
-    assert b.chain.shape == (512, 8)
+        b.tree_buf.fill_(7)
+        m = b.build(0, _common(n, [4] * len(n), causal=causal))
+        assert m.tree_rows.tolist() == [0] * len(n)
+        assert m.tree_rows.data_ptr() == b.tree_buf.data_ptr()
+        assert m.masks.data_ptr() == b.masks_buf.data_ptr()
+        assert m.causal is causal and m.max_nodes == max(n)
+        for r, nr in enumerate(n):
+            full = torch.ones(nr, nr, dtype=torch.bool)
+            assert torch.equal(effective_rows(m, r, nr),
+                               full.tril() if causal else full)
+    assert b.masks_buf.shape == shape and (b.masks_buf == 5).all()
 
 
 def test_builder_writes_masks_and_prefixes_in_place():
     """Full CUDA graphs replay the kernel arguments of their capture: every
-    step that fits the builder's buffers ([max_num_seqs, budget, W]) gets
-    its masks and prefix lengths written in place (same storage each step,
-    the capture's strides), with the step's content; a step that does not
-    fit (here a 70-token prefill, budget 20) gets fresh tensors."""
+    step gets its tree rows, tree flags, prefix lengths and query starts
+    written in place (same storage each step, the capture's strides), with
+    the step's content -- a step longer than the budget too (a 70-token
+    prefill, budget 20), which has no rows to write; its launch is sized
+    from the step (``graph_safe`` False: no graph replays it)."""
     from vllm_jetspec.vllm_patches import tree_state
 
     g = torch.Generator().manual_seed(1)
@@ -185,49 +160,62 @@ def test_builder_writes_masks_and_prefixes_in_place():
     seen = set()
     for n, prefix, trees in (([20, 20], [7, 30], {1: rows}),
                              ([20, 20, 20], [9, 3, 40], {0: rows}),
-                             ([20, 1, 5], [0, 11, 2], {})):
+                             ([20, 1, 5], [0, 11, 2], {}),
+                             ([70, 20], [0, 5], {1: rows})):
         tree_state.set_step_masks(trees)
         try:
             m = b.build(0, _common(n, prefix))
         finally:
             tree_state.clear()
-        assert m.masks.data_ptr() == b.masks_buf.data_ptr()
-        assert m.masks.stride() == b.masks_buf.stride()
-        assert m.prefix_lens.data_ptr() == b.prefix_buf.data_ptr()
+        for t, buf in ((m.masks, b.masks_buf), (m.tree_rows, b.tree_buf),
+                       (m.prefix_lens, b.prefix_buf),
+                       (m.query_start_loc, b.qsl_buf)):
+            assert t.data_ptr() == buf.data_ptr()
+            assert t.stride() == buf.stride()
         assert m.prefix_lens.tolist() == prefix
         # The query offsets too (a DFlash draft pass makes a new tensor of
         # them each step): the draft pass's graphs rely on graph_safe.
-        assert m.query_start_loc.data_ptr() == b.qsl_buf.data_ptr()
         assert m.query_start_loc.tolist() == [0] + torch.tensor(
             n).cumsum(0).tolist()
-        assert m.graph_safe
+        assert m.tree_rows.tolist() == [int(r in trees)
+                                        for r in range(len(n))]
         assert m.max_nodes == max(n)
         # The prefix bound the kernel sizes its splits from: the model's
-        # length in a step a graph may replay.
-        assert m.max_seq_len == 1000
+        # length in a step a graph may replay, else vLLM's of the step.
+        assert m.graph_safe is (max(n) <= 20)
+        assert m.max_seq_len == (1000 if max(n) <= 20 else 70)
         for r, nr in enumerate(n):
             want = _unpack_rows(trees[r], nr) if r in trees else \
                 torch.ones(nr, nr, dtype=torch.bool).tril()
-            assert torch.equal(_unpack_rows(m.masks[r, :nr], nr), want)
+            assert torch.equal(effective_rows(m, r, nr), want)
         seen.add(m.masks.data_ptr())
     assert len(seen) == 1
     # vLLM's CUDA-graph memory profile warms up with sequence lengths
     # shorter than the queries: the prefix is 0, never negative.
-    short = _common([20, 20], [0, 0])
-    short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)
-    assert b.build(0, short).prefix_lens.tolist() == [0, 0]
-    m = b.build(0, _common([70, 3], [0, 5]))
-    assert m.masks.data_ptr() != b.masks_buf.data_ptr()
-    assert not m.graph_safe and m.causal
-    assert m.max_seq_len == 70        # vLLM's, of the step
+    for n in ([20, 20], [70, 3]):
+        short = _common(n, [0, 0])
+        short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)
+        assert b.build(0, short).prefix_lens.tolist() == [0, 0]
     # A non-causal DFlash head's draft pass: vLLM asserts causal is False.
     assert b.build(0, _common([4, 4], [3, 9], causal=False)).causal is False
-    assert m.prefix_lens.tolist() == [0, 5] and m.max_nodes == 70
-    short = _common([70, 3], [0, 0])
-    short.seq_lens = torch.tensor([16, 3], dtype=torch.int32)
-    assert b.build(0, short).prefix_lens.tolist() == [0, 0]
-    assert torch.equal(_unpack_rows(m.masks[0, :70], 70),
-                       torch.ones(70, 70, dtype=torch.bool).tril())
+    # More requests than max_num_seqs cannot come from vLLM: one error.
+    with pytest.raises(RuntimeError, match="max_num_seqs"):
+        b.build(0, _common([1] * 5, [3] * 5))
+
+
+def test_reserve_nodes_widens_the_graph_bound_only():
+    """A bidirectional head's draft pass (``1 + depth`` slots over a
+    smaller budget): its steps are graph-safe after ``reserve_nodes``
+    (launch sized from the model's length), and no buffer grows: chains
+    have no rows."""
+    b = _builder(budget=8)
+    shape = b.masks_buf.shape
+    c = _common([16, 16], [30, 2], causal=False)
+    assert not b.build(0, c).graph_safe
+    b.reserve_nodes(16)
+    m = b.build(0, c)
+    assert m.graph_safe and m.max_seq_len == 1000
+    assert b.masks_buf.shape == shape
 
 
 def test_full_graph_support_declared_only_where_it_holds(monkeypatch):

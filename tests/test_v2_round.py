@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_triton_masks import _common   # a step's common attention metadata
+from test_triton_masks import _common  # a step's common attention metadata
+from test_triton_masks import effective_rows  # what a request's tokens see
 from vllm_jetspec.tree import accept, build_tree
 from vllm_jetspec.tree.ragged import (path_first_gather, position_offsets,
                                       ragged_rows, to_padded)
@@ -212,8 +213,9 @@ def test_builder_takes_v2_tree_rows_from_the_device():
     """V2 rounds hand the tree backend's builder the drafter's device rows
     (``tree_state.DeviceTrees``, by request-state index): a step where every
     request verifies a tree gathers them into the builder's persistent
-    buffer; a step that also holds a prefill gets chains, then the tree rows
-    over them (in place, or in fresh tensors when the step does not fit)."""
+    buffer (flags 1); a step that also holds a prefill gets flags 0 (a
+    chain the kernel computes), then the tree rows and flag over them, in
+    place whether or not the chunk is longer than the budget."""
     from types import SimpleNamespace as NS
 
     import numpy as np
@@ -242,19 +244,20 @@ def test_builder_takes_v2_tree_rows_from_the_device():
             req_masks))
         m = b.build(0, _common([B, B], [5, 8]))
         assert m.masks.data_ptr() == b.masks_buf.data_ptr() and m.graph_safe
+        assert m.tree_rows.tolist() == [1, 1]
         for r, req in enumerate((3, 1)):
-            assert torch.equal(_unpack_rows(m.masks[r, :B], B),
-                               tree_rows(req, B))
+            assert torch.equal(effective_rows(m, r, B), tree_rows(req, B))
         # a prefill chunk (row 1) beside a tree cut to 6 nodes (row 0)
         tree_state.set_device_trees(tree_state.DeviceTrees(
             torch.tensor([2, 0], dtype=torch.int32), np.array([True, False]),
             req_masks))
-        for n in ([6, 7], [6, 70]):          # fits the buffer / does not
+        for n in ([6, 7], [6, 70]):          # within the budget / beyond
             m = b.build(0, _common(n, [4, 0]))
             assert m.graph_safe == (n[1] <= B)
-            assert torch.equal(_unpack_rows(m.masks[0, :6], 6),
-                               tree_rows(2, 6))
-            assert torch.equal(_unpack_rows(m.masks[1, :n[1]], n[1]),
+            assert m.masks.data_ptr() == b.masks_buf.data_ptr()
+            assert m.tree_rows.tolist() == [1, 0]
+            assert torch.equal(effective_rows(m, 0, 6), tree_rows(2, 6))
+            assert torch.equal(effective_rows(m, 1, n[1]),
                                torch.ones(n[1], n[1], dtype=torch.bool)
                                .tril())
     finally:
@@ -773,6 +776,42 @@ def test_the_runner_hands_the_next_draft_count_to_the_speculator():
     assert not hasattr(other.speculator, "next_num_drafts")
 
 
+def test_a_steps_tree_handover_ends_with_the_step():
+    """The trees handed to the target's attention metadata
+    (``tree_state.DeviceTrees``, set in the step's ``prepare_attn``) are
+    gone when ``execute_model`` returns or raises, so no later metadata --
+    the draft pass of vLLM's dummy run, which proposes without sampling,
+    or the step after a forward that raised -- reads a stale handover."""
+    from types import SimpleNamespace as NS
+
+    from vllm_jetspec.vllm_patches import tree_state
+    from vllm_jetspec.vllm_patches.v2 import wrap_execute_model
+
+    trees = tree_state.DeviceTrees(torch.zeros(1, dtype=torch.int32),
+                                   np.array([True]),
+                                   torch.zeros(1, 4, 1, dtype=torch.long))
+    seen = []
+
+    def forward(self, so, fail=False):
+        tree_state.set_device_trees(trees)
+        seen.append(tree_state.device_trees())
+        if fail:
+            raise RuntimeError("the forward failed")
+        return "out"
+
+    step = wrap_execute_model(forward)
+    runner = NS(speculator=NS())
+    try:
+        assert step(runner, NS()) == "out"
+        assert tree_state.device_trees() is None
+        with pytest.raises(RuntimeError, match="forward failed"):
+            step(runner, NS(), fail=True)
+        assert tree_state.device_trees() is None
+        assert seen == [trees, trees]
+    finally:
+        tree_state.set_device_trees(None)
+
+
 def test_plain_step_draft_setting():
     from vllm_jetspec.vllm_patches.v2.speculator import \
         plain_step_draft_setting
@@ -1121,9 +1160,9 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
     """A step without trees (prefill chunks, plain decoding, the draft
     pass; padded requests of a CUDA graph among them) gets from the chain
     kernel (one launch, here in Triton's interpreter) the metadata the
-    builder's torch path made in five: masks, prefixes, query starts, in
-    the builder's persistent buffers; and beside a V2 tree, the tree's rows
-    over the chains as before."""
+    builder's torch path makes: tree flags 0, prefixes, query starts, in
+    the builder's persistent buffers, no mask row; and beside a V2 tree,
+    the tree's rows and flag over them."""
     from types import SimpleNamespace as NS
 
     import numpy as np
@@ -1175,18 +1214,26 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
                 b.masks_buf.fill_(5)
                 b.prefix_buf.fill_(-3)
                 b.qsl_buf.fill_(-7)
+                b.tree_buf.fill_(9)
                 tree_state.set_device_trees(dev)
                 m = b.build(0, c)
                 got.append((m, b.masks_buf.clone(), b.prefix_buf.clone(),
-                            b.qsl_buf.clone()))
+                            b.qsl_buf.clone(), b.tree_buf.clone()))
             (mt, *bt), (mk, *bk) = got
-            R, nn = len(n), max(max(n), 1)
+            R = len(n)
             assert mk.graph_safe and mt.graph_safe
             assert mk.masks.data_ptr() == b_kernel.masks_buf.data_ptr()
             assert mk.prefix_lens.data_ptr() == b_kernel.prefix_buf.data_ptr()
+            assert mk.tree_rows.data_ptr() == b_kernel.tree_buf.data_ptr()
             assert torch.equal(mk.prefix_lens, mt.prefix_lens)
             assert torch.equal(mk.query_start_loc, mt.query_start_loc)
-            assert torch.equal(mk.masks[:, :nn], mt.masks[:, :nn])
+            assert torch.equal(mk.tree_rows, mt.tree_rows)
+            assert mk.tree_rows.tolist() == [int(dev is not None and r == 0)
+                                             for r in range(R)]
+            # the masks: the tree's rows where there is one, nothing else
+            assert torch.equal(bk[0], bt[0])
+            assert (bk[0][1:] == 5).all() and \
+                (dev is not None or (bk[0] == 5).all())
             assert torch.equal(bk[1][:R], bt[1][:R])
             assert torch.equal(bk[2][:R + 1], bt[2][:R + 1])
             assert (mk.max_nodes, mk.causal) == (mt.max_nodes, mt.causal)
@@ -1199,11 +1246,12 @@ def test_builder_chain_steps_in_one_launch_equal_the_torch_path(causal):
 def test_draft_builders_hold_a_bidirectional_heads_draft_pass(monkeypatch):
     """A bidirectional head keeps its block size's depth below a smaller
     budget (16 slots a request at budget 8): the draft layers' builders are
-    widened when vLLM sets the drafter's attention up, so a draft step's
-    prefixes and masks land in persistent buffers (graph_safe) that a FULL
-    draft graph can replay -- before, they were fresh tensors, freed after
-    capture (found in review, 2026-12-05). The target's builder keeps rows
-    of the budget (its all-tree path)."""
+    told when vLLM sets the drafter's attention up, so a draft step's
+    launch is sized from capture-time bounds (graph_safe) and a FULL draft
+    graph can replay it -- before, its prefixes and masks were fresh
+    tensors, freed after capture (found in review, 2026-12-05; since, no
+    step's tensors are: chains have no rows). The target's builder keeps
+    its bound at the budget."""
     from types import SimpleNamespace as NS
 
     from vllm.v1.worker.gpu.spec_decode.dflash.speculator import \
@@ -1235,15 +1283,16 @@ def test_draft_builders_hold_a_bidirectional_heads_draft_pass(monkeypatch):
     sp = JetSpecSpeculator.__new__(JetSpecSpeculator)
     sp.num_query_per_req = slots
     sp.set_attn(None, None, None, None, [[NS(metadata_builders=[target])]])
-    assert draft.masks_buf.shape[1] == slots
-    assert target.masks_buf.shape[1] == budget
+    assert draft.graph_nodes == slots
+    assert target.graph_nodes == budget
     m = draft_step(draft)
-    assert m.graph_safe
+    assert m.graph_safe and m.max_seq_len == 1000
     assert m.masks.data_ptr() == draft.masks_buf.data_ptr()
     assert m.prefix_lens.data_ptr() == draft.prefix_buf.data_ptr()
     assert m.prefix_lens.tolist() == [30, 50]
-    # every slot of a request sees all its slots (not causal)
-    assert int(m.masks[0, 0, 0]) == (1 << slots) - 1
-    # a budget's worth (or a causal head's depth) leaves them as they are
+    # every slot of a request sees all its slots (not causal): a chain
+    assert m.tree_rows.tolist() == [0, 0] and m.causal is False
+    assert effective_rows(m, 0, slots).all()
+    # a budget's worth (or a causal head's depth) leaves the bound as is
     draft.reserve_nodes(budget)
-    assert draft.masks_buf.shape[1] == slots
+    assert draft.graph_nodes == slots

@@ -195,6 +195,6 @@ class DraftPass:
                p._context_slot_mapping_buffer.data_ptr()]
         for m in mds:
             for t in (m.query_start_loc, m.prefix_lens, m.block_table,
-                      m.slot_mapping, m.masks):
+                      m.slot_mapping, m.masks, m.tree_rows):
                 out += [t.data_ptr(), *t.stride()]
         return tuple(out)

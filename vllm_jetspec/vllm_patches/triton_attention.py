@@ -5,11 +5,12 @@ but every request of a step goes through one launch of
 ``vllm_jetspec.kernels.tree_attention`` per layer: a request verifying a
 tree uses its packed ancestor rows from ``tree_state``; every other request
 (prefill, chunked prefill, plain decode, the DFlash draft pass) is a
-chain, i.e. the causal mask in the same packed form (all of a request's new
-tokens when the metadata is not causal). The masks are built once per step
-by the metadata builder, shared by all layers: on the device (chains sliced
-from one stored chain, V2 trees gathered from the drafter's buffers), and
-on the host only for the trees the V1 hooks built there. The DFlash draft layers run
+chain, flagged 0 in the step's ``tree_rows``, whose causal mask (all of a
+request's new tokens when the metadata is not causal) the kernel computes
+instead of reading rows. The tree rows and flags are written once per step
+by the metadata builder, shared by all layers: on the device (V2 trees
+gathered from the drafter's buffers), and on the host only for the trees
+the V1 hooks built there. The DFlash draft layers run
 on this backend too, with their own builder: on CPU because it replaces
 ``CPU_ATTN``, on CUDA through ``JetSpecProposer._create_draft_vllm_config``
 (vLLM would pick its own backend for the drafter).
@@ -25,7 +26,6 @@ not fast; long-prompt prefill would want a causal varlen kernel.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -48,62 +48,21 @@ logger = init_logger("vllm.jetspec.triton_attention")
 BITS = 64
 
 
-def chain_words(n: int, words: int, device) -> torch.Tensor:
-    """[n, words] int64 packed causal rows: row i has bits 0..i set."""
-    from ..kernels.tree_verify_ref import prefix_words
-    return prefix_words(torch.arange(n, device=device), words)
-
-
-@functools.lru_cache(maxsize=64)
-def _chain_host(n: int, words: int) -> torch.Tensor:
-    """``chain_words`` on the host, once per shape (read only)."""
-    return chain_words(n, words, "cpu")
-
-
-def step_masks_host(query_start_loc_cpu: torch.Tensor, causal: bool,
-                    trees: dict[int, torch.Tensor]) -> torch.Tensor:
-    """[R, N, W] int64 packed masks of one step on the host: tree rows
-    where given, else causal chains (or, not causal, every new token for
-    every row); ``trees`` are host tensors."""
-    n = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
-    R, N = len(n), max(n, default=0)
-    W = max(1, (N + BITS - 1) // BITS)
-    chain = _chain_host(max(N, 1), W)
-    masks = chain[None].repeat(R, 1, 1)
-    for r, nr in enumerate(n):
-        if r in trees:
-            t = trees[r].cpu()
-            masks[r] = 0
-            masks[r, :t.shape[0], :t.shape[1]] = t
-        elif not causal and nr:
-            masks[r] = chain[nr - 1]
-    return masks
-
-
-def step_masks_device(chain: torch.Tensor, qsl: torch.Tensor, causal: bool,
-                      n: int, words: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """``step_masks_host`` without trees, made where ``chain`` is (the
-    device) from it: ``chain`` holds ``chain_words`` of at least ``n``
-    rows and ``words`` words (row i of a wider chain has no bit past word
-    i // 64, so its corner is the narrower chain); ``qsl`` [R + 1] the
-    step's query start locations there. [R, n, words], into ``out`` when
-    given. No host work beyond the launch and nothing copied from the
-    host: a step with a long prefill chunk no longer builds and copies
-    megabytes of chain rows on the host (R x n x words int64: 16 MiB for
-    32 requests and a 2048-token chunk)."""
-    R = qsl.shape[0] - 1
-    c = chain[:n, :words]
-    src = c.unsqueeze(0).expand(R, n, words)
-    if not causal:
-        # every new token of the request for each of its rows (a request
-        # without tokens keeps the chain: never read)
-        k = (qsl[1:] - qsl[:-1]).long()
-        block = c[(k - 1).clamp(min=0)].unsqueeze(1).expand(R, n, words)
-        src = torch.where((k > 0)[:, None, None], block, src)
-    if out is None:
-        return src.contiguous()
-    return out.copy_(src)
+def step_masks_host(num_reqs: int, trees: dict[int, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree rows of one step on the host, from the host ``trees``
+    (batch row -> [n, W] packed ancestor rows): ([R, N, W] int64 with each
+    tree's rows at its request, zeros elsewhere; [R] int32 tree flags).
+    Every other request is a chain, which the kernel computes (causal, or
+    every new token in a non-causal step): no rows for it."""
+    N = max((t.shape[0] for t in trees.values()), default=1)
+    W = max((t.shape[1] for t in trees.values()), default=1)
+    masks = torch.zeros(num_reqs, N, W, dtype=torch.long)
+    flags = torch.zeros(num_reqs, dtype=torch.int32)
+    for r, t in trees.items():
+        masks[r, :t.shape[0], :t.shape[1]] = t.cpu()
+        flags[r] = 1
+    return masks, flags
 
 
 @dataclass
@@ -113,7 +72,11 @@ class TritonTreeAttentionMetadata:
     prefix_lens: torch.Tensor          # [R] int32, device
     block_table: torch.Tensor          # [R, max_blocks] int32
     slot_mapping: torch.Tensor         # [num_tokens] int64
-    masks: torch.Tensor                # [R, N, W] int64
+    masks: torch.Tensor                # [R, N, W] int64, tree rows only
+    # [R] int32: 1 where a request verifies a tree (its rows in masks),
+    # 0 for a chain (prefill, plain decoding, the draft pass), whose mask
+    # the kernel computes
+    tree_rows: torch.Tensor
     max_nodes: int                     # new tokens of the longest request
     # Bounds every prefix (host int): the step's longest sequence, or for
     # steps a full CUDA graph may replay the model's length (the tree
@@ -151,18 +114,23 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
     A graph replays the kernel arguments of its capture, so every tensor
     the kernel reads must keep its address: vLLM's query_start_loc,
     seq_lens, block table and slot mapping do (runner buffers), and the
-    step's masks, prefix lengths and query start offsets are written in
-    place into buffers this builder owns (``[max_num_seqs, N, W]``,
-    ``[max_num_seqs]`` and ``[max_num_seqs + 1]``; the metadata then says
-    ``graph_safe``) whenever the step fits them. The DFlash draft pass,
-    when it runs on this backend, uses the same buffers of its own builder
-    (``draft_pass.py``). Steps that do not fit (prefill chunks longer than
-    N, the draft pass when its 1 + depth slots exceed N) never run as a
-    full graph and get fresh tensors. The launch shape comes from
-    capture-time values only: the grid from the padded request count and
-    ``max_nodes`` (= N in every uniform step) and the prefix splits
-    (``JETSPEC_TREE_SPLITS``) from the model's length instead of the step's
-    longest prefix: each request divides its own prefix on the device.
+    step's tree rows, tree flags, prefix lengths and query start offsets
+    are written in place into buffers this builder owns (``[max_num_seqs,
+    N, W]``, ``[max_num_seqs]`` twice and ``[max_num_seqs + 1]``) in every
+    step. Only trees have rows (at most the budget's ``N`` each); every
+    other request -- a prefill chunk of any length, plain decoding, the
+    DFlash draft pass (which runs on this backend too, with its own
+    builder: ``draft_pass.py``) -- is a chain the kernel computes, so no
+    step builds masks of its chunk's length (before 2026-12-05 a step
+    holding a prefill chunk longer than N built ``requests x chunk x
+    words`` int64 masks: ≈ 0.5 GB at 256 requests beside a 4,000-token
+    chunk, outside vLLM's memory profile). The launch shape comes from
+    capture-time values in a step a graph may replay (``graph_safe``: its
+    longest request within ``N``, or the draft pass's ``1 + depth``
+    slots, ``reserve_nodes``): the grid from the padded request count and
+    ``max_nodes`` and the prefix splits (``JETSPEC_TREE_SPLITS``) from the
+    model's length instead of the step's longest prefix: each request
+    divides its own prefix on the device.
 
     Prefix lengths are clamped at 0: vLLM's CUDA-graph memory profile
     (``profile_cudagraph_memory``) warms full graphs up with dummy
@@ -178,17 +146,17 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         words = (n + BITS - 1) // BITS
         self.masks_buf = torch.zeros(rows, n, words, dtype=torch.long,
                                      device=device)
+        self.tree_buf = torch.zeros(rows, dtype=torch.int32, device=device)
         self.prefix_buf = torch.zeros(rows, dtype=torch.int32, device=device)
         # vLLM's query_start_loc is a runner buffer for target steps but a
         # new tensor in each DFlash draft pass (set_inputs_first_pass).
         self.qsl_buf = torch.zeros(rows + 1, dtype=torch.int32,
                                    device=device)
-        # The masks' host-to-device copy through a pinned buffer of our own
-        # (trees the V1 hooks built on the host)
+        # New tokens a request of a graph-replayable step may have
+        self.graph_nodes = n
+        # The tree rows' host-to-device copy through a pinned buffer of our
+        # own (trees the V1 hooks built on the host)
         self.staging = Staging(device)
-        # Causal rows for steps without host trees, made on the device
-        # once and grown when a step has more new tokens (a prefill chunk)
-        self.chain = chain_words(n, words, device)
         self.max_model_len = vllm_config.model_config.max_model_len
         # an all-tree V2 step's metadata in one launch (CUDA); the switch
         # of the V2 verify step's kernels
@@ -199,23 +167,16 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
             torch.device(device).type == "cuda"
 
     def reserve_nodes(self, n: int) -> None:
-        """Persistent buffers for steps of up to ``n`` new tokens a request
-        (before any CUDA graph is captured). The draft pass of a
-        bidirectional head runs ``1 + depth`` query slots a request, more
-        than the budget the buffers are sized from when ``tree_budget`` is
-        below the head's block size; vLLM captures FULL draft graphs
-        whatever the builder says, so a draft step that did not fit built
-        its prefixes and masks in fresh tensors, which a replay then read
-        freed (found in review, 2026-12-05). Only the drafter's builders
-        are widened: the target's all-tree path wants rows of the budget."""
-        rows, N, _ = self.masks_buf.shape
-        if n <= N:
-            return
-        words = (n + BITS - 1) // BITS
-        self.masks_buf = torch.zeros(rows, n, words, dtype=torch.long,
-                                     device=self.masks_buf.device)
-        if n > self.chain.shape[0]:
-            self.chain = chain_words(n, words, self.chain.device)
+        """Steps of up to ``n`` new tokens a request may be replayed by a
+        CUDA graph (before any is captured): their launch is sized from
+        capture-time bounds. The draft pass of a bidirectional head runs
+        ``1 + depth`` query slots a request, more than the budget when
+        ``tree_budget`` is below the head's block size, and vLLM captures
+        FULL draft graphs whatever the builder says (found in review,
+        2026-12-05: such a step then built fresh tensors, which a replay
+        read freed; since chains have no rows every step's tensors are the
+        builder's, and this keeps its launch bounds capture-proof)."""
+        self.graph_nodes = max(self.graph_nodes, n)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -234,114 +195,88 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         causal = m.causal if isinstance(m.causal, bool) else True
         qsl_cpu = m.query_start_loc_cpu[:R + 1]
         qsl = m.query_start_loc[:R + 1]
-        n = (qsl_cpu[1:] - qsl_cpu[:-1])
-        max_nodes = int(n.max()) if R else 0
+        max_nodes = int((qsl_cpu[1:] - qsl_cpu[:-1]).max()) if R else 0
         dev = tree_state.device_trees() if causal else None
         # Trees the V1 hooks built on the host (none on V2: ``dev``)
         host_trees = tree_state.masks_for_step(R) if causal else {}
         rows, N, W = self.masks_buf.shape
-        safe = R <= rows and max_nodes <= N
-        if safe:
-            masks = self.masks_buf[:R]
-            all_trees = dev is not None and dev.tree_rows.all() \
-                and dev.masks.shape[1:] == (N, W)
-            if all_trees and dev.masks.is_cuda and self.metadata_kernel:
-                # V2 rounds, every request verifying a tree: its rows are
-                # on the device already (the drafter's); they, the
-                # prefixes and the query starts in one launch, no host
-                # work.
-                from vllm_jetspec.kernels.tree_verify import \
-                    tree_step_metadata
-                tree_step_metadata(dev.masks, dev.idx_mapping,
-                                   m.seq_lens[:R], qsl, self.masks_buf,
-                                   self.prefix_buf, self.qsl_buf)
-                return self._metadata(m, self.qsl_buf[:R + 1],
-                                      self.prefix_buf[:R], masks,
-                                      max_nodes, True, causal)
-            if all_trees:
-                torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
-                                   out=self.masks_buf[:len(dev.tree_rows)])
-            elif host_trees:
-                host = step_masks_host(qsl_cpu, causal, host_trees)
-                # In place (stream-ordered after the previous step's
-                # reads); rows past a request's tokens and words past its
-                # tree are never read.
-                nn, ww = host.shape[1], host.shape[2]
-                self.staging.copy_into(masks if (nn, ww) == (N, W)
-                                       else masks[:, :nn, :ww], host)
-                _device_tree_rows(masks, dev)
-            else:
-                nn, ww = self._chain_shape(max_nodes)
-                if self.chain_kernel:
-                    # A step without trees (prefill, plain decoding, the
-                    # draft pass): chains, prefixes and query starts in
-                    # one launch instead of five.
-                    from vllm_jetspec.kernels.tree_verify import \
-                        chain_step_metadata
-                    chain_step_metadata(qsl, m.seq_lens[:R], causal,
-                                        masks[:, :nn, :ww], self.prefix_buf,
-                                        self.qsl_buf)
-                    _device_tree_rows(masks, dev)
-                    return self._metadata(m, self.qsl_buf[:R + 1],
-                                          self.prefix_buf[:R], masks,
-                                          max_nodes, True, causal)
-                step_masks_device(self.chain, qsl, causal, nn, ww,
-                                  out=masks[:, :nn, :ww])
-                _device_tree_rows(masks, dev)
-            prefix = torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]),
-                                 min=0, out=self.prefix_buf[:R])
-            qsl = self.qsl_buf[:R + 1].copy_(qsl)
+        if R > rows:
+            raise RuntimeError(f"jetspec: a step of {R} requests, more than "
+                               f"max_num_seqs ({rows})")
+        masks, flags = self.masks_buf[:R], self.tree_buf[:R]
+        safe = max_nodes <= self.graph_nodes
+        all_trees = dev is not None and dev.tree_rows.all() \
+            and dev.masks.shape[1:] == (N, W)
+        if all_trees and dev.masks.is_cuda and self.metadata_kernel:
+            # V2 rounds, every request verifying a tree: its rows are on
+            # the device already (the drafter's); they, the flags, the
+            # prefixes and the query starts in one launch, no host work.
+            from vllm_jetspec.kernels.tree_verify import tree_step_metadata
+            tree_step_metadata(dev.masks, dev.idx_mapping, m.seq_lens[:R],
+                               qsl, self.masks_buf, self.prefix_buf,
+                               self.qsl_buf, self.tree_buf)
+            return self._metadata(m, max_nodes, safe, causal)
+        if self.chain_kernel and not all_trees and not host_trees:
+            # A step without trees (prefill, plain decoding, the draft
+            # pass), or V2 trees beside a prefill: flags, prefixes and
+            # query starts in one launch, then the trees' rows.
+            from vllm_jetspec.kernels.tree_verify import chain_step_metadata
+            chain_step_metadata(qsl, m.seq_lens[:R], self.prefix_buf,
+                                self.qsl_buf, self.tree_buf)
+            _device_tree_rows(masks, flags, dev)
+            return self._metadata(m, max_nodes, safe, causal)
+        if all_trees:
+            nt = len(dev.tree_rows)
+            torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
+                               out=self.masks_buf[:nt])
+            flags[:nt].fill_(1)
+            flags[nt:].zero_()
+        elif host_trees:
+            # In place (stream-ordered after the previous step's reads);
+            # rows past a tree's nodes and words past its width are never
+            # read.
+            host, host_flags = step_masks_host(R, host_trees)
+            nn, ww = host.shape[1:]
+            d_masks, d_flags = self.staging.to_device(host, host_flags)
+            masks[:, :nn, :ww].copy_(d_masks)
+            flags.copy_(d_flags)
+            _device_tree_rows(masks, flags, dev)
         else:
-            if host_trees:
-                masks = async_tensor_h2d(step_masks_host(
-                    qsl_cpu, causal, host_trees), qsl.device)
-            else:
-                nn, ww = self._chain_shape(max_nodes)
-                masks = step_masks_device(self.chain, qsl, causal, nn, ww)
-            _device_tree_rows(masks, dev)
-            prefix = (m.seq_lens[:R] - (qsl[1:] - qsl[:-1])).clamp(
-                min=0).to(torch.int32)
-        return self._metadata(m, qsl, prefix, masks, max_nodes, safe,
-                              causal)
+            flags.zero_()
+            _device_tree_rows(masks, flags, dev)
+        torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
+                    out=self.prefix_buf[:R])
+        self.qsl_buf[:R + 1].copy_(qsl)
+        return self._metadata(m, max_nodes, safe, causal)
 
-    def _metadata(self, m, qsl, prefix, masks, max_nodes, safe, causal):
+    def _metadata(self, m, max_nodes, safe, causal):
         R = m.num_reqs
         return TritonTreeAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            query_start_loc=qsl,
-            prefix_lens=prefix,
+            query_start_loc=self.qsl_buf[:R + 1],
+            prefix_lens=self.prefix_buf[:R],
             block_table=m.block_table_tensor[:R],
             slot_mapping=m.slot_mapping,
-            masks=masks,
+            masks=self.masks_buf[:R],
+            tree_rows=self.tree_buf[:R],
             max_nodes=max_nodes,
             max_seq_len=self.max_model_len if safe else int(m.max_seq_len),
             graph_safe=safe,
             causal=causal)
 
-    def _chain_shape(self, max_nodes: int) -> tuple[int, int]:
-        """(rows, words) of a step's chain masks (as ``step_masks_host``
-        shapes them), growing ``self.chain`` to a power of two of rows when
-        a step has more new tokens than it holds."""
-        n = max(max_nodes, 1)
-        words = (n + BITS - 1) // BITS
-        if n > self.chain.shape[0]:
-            rows = 1 << (n - 1).bit_length()
-            self.chain = chain_words(rows, (rows + BITS - 1) // BITS,
-                                     self.chain.device)
-        return n, words
 
-
-def _device_tree_rows(masks: torch.Tensor,
+def _device_tree_rows(masks: torch.Tensor, flags: torch.Tensor,
                       dev: "tree_state.DeviceTrees | None") -> None:
     """V2 rounds in a step that also holds other requests (a prefill):
-    the tree rows from the drafter's device buffers over the chain rows
-    just copied from the host."""
+    the tree rows from the drafter's device buffers, and their flags, over
+    the chains' (flags 0) just written."""
     if dev is None or not dev.tree_rows.any():
         return
     t = async_tensor_h2d(np.flatnonzero(dev.tree_rows), masks.device)
     k = min(dev.masks.shape[1], masks.shape[1])
     w = min(dev.masks.shape[2], masks.shape[2])
     masks[t, :k, :w] = dev.masks[dev.idx_mapping.long()[t], :k, :w]
+    flags[t] = 1
 
 
 SPLITS_ENV = "JETSPEC_TREE_SPLITS"
@@ -439,7 +374,8 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        self.scale, max_nodes=m.max_nodes, out=out,
                        num_splits=self.splits, max_prefix=m.max_seq_len,
                        large_tiles=self.large_tiles,
-                       precision=self.precision, causal=m.causal)
+                       precision=self.precision, causal=m.causal,
+                       tree_rows=m.tree_rows)
         return output
 
     def precompile(self, q, kv_cache, m, out) -> None:
@@ -459,7 +395,7 @@ class TritonTreeAttentionImpl(TorchTreeAttentionImpl):
                        m.prefix_lens, m.query_start_loc, m.masks,
                        self.scale, out=out, num_splits=self.splits,
                        large_tiles=self.large_tiles,
-                       precision=self.precision)
+                       precision=self.precision, tree_rows=m.tree_rows)
         logger.info_once("jetspec: %d tree-attention kernel variants "
                          "compiled (or in Triton's cache) before serving "
                          "(%.1f s)", n,

@@ -24,6 +24,7 @@ import os
 
 from vllm.logger import init_logger
 
+from .. import tree_state
 from ..config import settings_of
 from ..profile import StepProfiler
 
@@ -180,13 +181,23 @@ def wrap_execute_model(orig):
     were 0), so the draft pass of a step whose count is 0 can skip the
     head's forward (``JetSpecSpeculator.propose``). The runner's
     ``sample_tokens`` (which proposes) follows each ``execute_model``
-    before the next one (``EngineCore.step_with_batch_queue``)."""
+    before the next one (``EngineCore.step_with_batch_queue``).
+
+    The step's tree handover (``tree_state.DeviceTrees``, set in
+    ``prepare_attn`` for the target's attention metadata) ends with the
+    step, whatever happens in it: the verifier clears it when it samples,
+    but a forward that raises, or vLLM's ``_dummy_run`` (which proposes
+    without sampling), would leave it for the next metadata built -- a
+    draft pass's -- to read."""
     def execute_model(self, scheduler_output, *args, **kwargs):
         sp = getattr(self, "speculator", None)
         if sp is not None and hasattr(sp, "next_num_drafts"):
             sp.next_num_drafts = getattr(scheduler_output,
                                          "num_spec_tokens_to_schedule", None)
-        return orig(self, scheduler_output, *args, **kwargs)
+        try:
+            return orig(self, scheduler_output, *args, **kwargs)
+        finally:
+            tree_state.set_device_trees(None)
     return execute_model
 
 
