@@ -543,3 +543,7 @@ def test_chain_requests_are_computed_not_read(splits, causal):
                          num_splits=splits, max_prefix=max(prefixes),
                          causal=causal, tree_rows=tree_rows.to(DEV))
     assert (got.cpu() - want).abs().max().item() < 2e-4
+    # a flag per request is read: fewer is one clear error
+    with pytest.raises(ValueError, match="tree_rows"):
+        tree_attention(*(t.to(DEV) for t in (q, k, v, bt, pre, qsl, mask)),
+                       D ** -0.5, tree_rows=tree_rows[:3].to(DEV))

@@ -126,8 +126,10 @@ def _attend(
     return m_i, l_i, acc
 
 
-# Arguments whose values change from step to step (the packed masks' shape
-# follows the step's longest request) are not specialised: Triton would
+# Arguments whose values may change from step to step (the engine's masks
+# keep one shape since chains are computed, but tools and tests pass masks
+# of each step's shape; ``later`` follows the step's causality) are not
+# specialised: Triton would
 # otherwise compile a new variant for each divisibility class (== 1,
 # multiple of 16, other) of each stride, and a compilation inside a served
 # step costs seconds (H100, 2026-11-24: a 5 s verify step in the first
@@ -428,6 +430,10 @@ def tree_attention(
         return out
     if tree_rows is None:
         tree_rows = torch.ones(R, dtype=torch.int32, device=q.device)
+    elif tree_rows.shape[0] < R or tree_rows.device != q.device:
+        # the kernel reads one flag per request, unmasked
+        raise ValueError(f"tree_rows: {R} flags on {q.device} needed, got "
+                         f"{tuple(tree_rows.shape)} on {tree_rows.device}")
     stages = {}
     if tile is not None:
         nodes, block_n, warps, st = (int(x) for x in tile)
