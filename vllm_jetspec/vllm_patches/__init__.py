@@ -204,7 +204,8 @@ PATCHES += [
               "only (penalties, bad words, structured output); the next "
               "step's draft count (num_spec_tokens_to_schedule) for the "
               "speculator, which skips the head's forward when the next "
-              "step is plain (tree_budget 'auto')",
+              "step is plain (tree_budget 'auto'); the step's tree "
+              "handover cleared when execute_model returns or raises",
           when="always (inert unless the engine's config is jetspec)"),
     Patch(replaces="vllm.v1.worker.gpu.model_runner:BlockTables (the name "
                    "the runner builds its block tables with)",
