@@ -450,6 +450,22 @@ def test_page_ids_are_widened_before_addressing_the_caches():
     del kv
 
 
+def _paged_step(g, n, prefixes, hq, hkv, D, bs):
+    """A step's queries, split K/V caches over scattered pages, block table,
+    prefixes and query starts: requests of ``n`` new tokens over
+    ``prefixes`` cached ones (fp32, on the host)."""
+    R = len(n)
+    max_blocks = (max(p + k for p, k in zip(prefixes, n)) + bs - 1) // bs
+    blocks = R * max_blocks + 2
+    bt = torch.randperm(blocks, generator=g)[:R * max_blocks].view(
+        R, max_blocks).int()
+    k = torch.randn(blocks, bs, hkv, D, generator=g)
+    v = torch.randn(blocks, bs, hkv, D, generator=g)
+    q = torch.randn(sum(n), hq, D, generator=g)
+    qsl = torch.tensor([0, *n]).cumsum(0).int()
+    return q, k, v, bt, torch.tensor(prefixes).int(), qsl
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_non_causal_steps_see_every_new_token(splits):
     """A non-causal step (a bidirectional head's draft pass): every node
@@ -467,16 +483,7 @@ def test_non_causal_steps_see_every_new_token(splits):
         for w in range(W):
             b = min(max(k - 64 * w, 0), 64)
             mask[r, :, w] = -1 if b == 64 else (1 << b) - 1
-    lengths = [p + k for p, k in zip(prefixes, n)]
-    max_blocks = (max(lengths) + bs - 1) // bs
-    blocks = R * max_blocks + 2
-    bt = torch.randperm(blocks, generator=g)[:R * max_blocks].view(
-        R, max_blocks).int()
-    k = torch.randn(blocks, bs, hkv, D, generator=g)
-    v = torch.randn(blocks, bs, hkv, D, generator=g)
-    q = torch.randn(sum(n), hq, D, generator=g)
-    qsl = torch.tensor([0, *n]).cumsum(0).int()
-    pre = torch.tensor(prefixes).int()
+    q, k, v, bt, pre, qsl = _paged_step(g, n, prefixes, hq, hkv, D, bs)
     want = tree_attention_ref(q, k, v, bt.long(), pre.long(), qsl.long(),
                               mask, D ** -0.5)
     got = tree_attention(*(t.to(DEV) for t in (q, k, v, bt, pre, qsl, mask)),
@@ -510,16 +517,7 @@ def test_chain_requests_are_computed_not_read(splits, causal):
                        algo="accum_logp", width=5)
         rows = packed_ancestor_mask(t)[0]
         mask[r, :rows.shape[0]] = rows
-    lengths = [p + k for p, k in zip(prefixes, n)]
-    max_blocks = (max(lengths) + bs - 1) // bs
-    blocks = R * max_blocks + 2
-    bt = torch.randperm(blocks, generator=g)[:R * max_blocks].view(
-        R, max_blocks).int()
-    k = torch.randn(blocks, bs, hkv, D, generator=g)
-    v = torch.randn(blocks, bs, hkv, D, generator=g)
-    q = torch.randn(sum(n), hq, D, generator=g)
-    qsl = torch.tensor([0, *n]).cumsum(0).int()
-    pre = torch.tensor(prefixes).int()
+    q, k, v, bt, pre, qsl = _paged_step(g, n, prefixes, hq, hkv, D, bs)
     tree_rows = torch.tensor(flags, dtype=torch.int32)
     want = tree_attention_ref(q, k, v, bt.long(), pre.long(), qsl.long(),
                               mask, D ** -0.5, tree_rows=tree_rows,
