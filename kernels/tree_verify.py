@@ -302,9 +302,8 @@ def chain_step_metadata(qsl: torch.Tensor, seq_lens: torch.Tensor,
     ``max(seq_len - new tokens, 0)`` into ``prefix_out`` [>= R], the query
     starts into ``qsl_out`` [>= R + 1] and a 0 tree flag into ``tree_out``
     [>= R]: the kernel computes a chain's mask (causal, or every new token
-    in a non-causal step), so no rows are written. What five torch
-    launches did (the chain masks' copy, the prefixes' three, the query
-    starts' copy)."""
+    in a non-causal step), so no rows are written. What the torch
+    reference (the builder's path off CUDA) does in five launches."""
     R = qsl.shape[0] - 1
     if R <= 0:
         return

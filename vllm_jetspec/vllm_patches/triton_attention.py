@@ -207,46 +207,33 @@ class TritonTreeAttentionMetadataBuilder(TorchTreeAttentionMetadataBuilder):
         safe = max_nodes <= self.graph_nodes
         all_trees = dev is not None and dev.tree_rows.all() \
             and dev.masks.shape[1:] == (N, W)
-        if all_trees and dev.masks.is_cuda and self.metadata_kernel:
+        from vllm_jetspec.kernels import tree_verify, tree_verify_ref
+        seq = m.seq_lens[:R]
+        if all_trees:
             # V2 rounds, every request verifying a tree: its rows are on
             # the device already (the drafter's); they, the flags, the
-            # prefixes and the query starts in one launch, no host work.
-            from vllm_jetspec.kernels.tree_verify import tree_step_metadata
-            tree_step_metadata(dev.masks, dev.idx_mapping, m.seq_lens[:R],
-                               qsl, self.masks_buf, self.prefix_buf,
-                               self.qsl_buf, self.tree_buf)
+            # prefixes and the query starts in one launch on CUDA, no host
+            # work (the torch reference otherwise: JETSPEC_VERIFY_ROWS=torch)
+            fn = tree_verify.tree_step_metadata if dev.masks.is_cuda and \
+                self.metadata_kernel else tree_verify_ref.tree_step_metadata_ref
+            fn(dev.masks, dev.idx_mapping, seq, qsl, self.masks_buf,
+               self.prefix_buf, self.qsl_buf, self.tree_buf)
             return self._metadata(m, max_nodes, safe, causal)
-        if self.chain_kernel and not all_trees and not host_trees:
-            # A step without trees (prefill, plain decoding, the draft
-            # pass), or V2 trees beside a prefill: flags, prefixes and
-            # query starts in one launch, then the trees' rows.
-            from vllm_jetspec.kernels.tree_verify import chain_step_metadata
-            chain_step_metadata(qsl, m.seq_lens[:R], self.prefix_buf,
-                                self.qsl_buf, self.tree_buf)
-            _device_tree_rows(masks, flags, dev)
-            return self._metadata(m, max_nodes, safe, causal)
-        if all_trees:
-            nt = len(dev.tree_rows)
-            torch.index_select(dev.masks, 0, dev.idx_mapping.long(),
-                               out=self.masks_buf[:nt])
-            flags[:nt].fill_(1)
-            flags[nt:].zero_()
-        elif host_trees:
-            # In place (stream-ordered after the previous step's reads);
-            # rows past a tree's nodes and words past its width are never
-            # read.
+        # Chains everywhere (flags 0), prefixes and query starts: one launch
+        # on CUDA; then the rows and flags of the step's trees, if any.
+        fn = tree_verify.chain_step_metadata if self.chain_kernel else \
+            tree_verify_ref.chain_step_metadata_ref
+        fn(qsl, seq, self.prefix_buf, self.qsl_buf, self.tree_buf)
+        if host_trees:
+            # Trees the V1 hooks built on the host, in place
+            # (stream-ordered after the previous step's reads); rows past a
+            # tree's nodes and words past its width are never read.
             host, host_flags = step_masks_host(R, host_trees)
             nn, ww = host.shape[1:]
             d_masks, d_flags = self.staging.to_device(host, host_flags)
             masks[:, :nn, :ww].copy_(d_masks)
             flags.copy_(d_flags)
-            _device_tree_rows(masks, flags, dev)
-        else:
-            flags.zero_()
-            _device_tree_rows(masks, flags, dev)
-        torch.clamp(m.seq_lens[:R] - (qsl[1:] - qsl[:-1]), min=0,
-                    out=self.prefix_buf[:R])
-        self.qsl_buf[:R + 1].copy_(qsl)
+        _device_tree_rows(masks, flags, dev)
         return self._metadata(m, max_nodes, safe, causal)
 
     def _metadata(self, m, max_nodes, safe, causal):
